@@ -1,0 +1,149 @@
+"""Reading and writing MALoRA adapter directories, with full validation.
+
+Only safetensors is ever read: pickle-based files are refused, never opened.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import (
+    AdapterNotFoundError,
+    CorruptFileError,
+    MissingTensorError,
+    NonFiniteTensorError,
+    ShapeMismatchError,
+    UnexpectedTensorError,
+    UnknownModuleError,
+    UnsafeFormatError,
+)
+from .format import CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, MaloraAdapter, ModuleWeights, expected_shapes
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# (d_in, d_out) of every linear module of the base model, by module path.
+ModuleShapes = Mapping[str, tuple[int, int]]
+
+
+def refuse_pickles(directory: Path) -> None:
+    """Raise if the directory offers weights only in a pickle-based format."""
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFormatError(
+            f"{directory / pickles[0]}: pickle-based weight files are refused (they can run code when "
+            "loaded); convert the adapter to safetensors"
+        )
+
+
+def save_adapter(adapter: MaloraAdapter, directory: str | Path) -> Path:
+    """Write `adapter` as a MALoRA directory (config + one safetensors file), in the config's dtype."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = adapter.config.torch_dtype
+    tensors = {
+        f"{path}.{name}": tensor.detach().to(dtype=dtype, device="cpu").contiguous()
+        for path, weights in adapter.modules.items()
+        for name, tensor in weights.tensors().items()
+    }
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "malora"})
+    adapter.config.save(out)
+    return out
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except SafetensorError as exc:
+        raise CorruptFileError(f"{path}: not a valid safetensors file ({exc})") from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CorruptFileError(f"{path}: cannot be read as safetensors ({exc})") from None
+
+
+def load_malora_dir(
+    directory: str | Path,
+    module_shapes: ModuleShapes | None = None,
+    dtype: torch.dtype | None = None,
+) -> MaloraAdapter:
+    """Load and validate a MALoRA adapter directory.
+
+    With `module_shapes` (from `patching.linear_shapes(model)`), every tensor is also checked against
+    the base model's modules. Raises a subclass of `AdapterError` naming the file, tensor and shapes.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise AdapterNotFoundError(f"{root}: adapter directory not found")
+    refuse_pickles(root)
+    config = AdapterConfig.load(root) if (root / CONFIG_FILE).is_file() else None
+    if config is None:
+        raise AdapterNotFoundError(f"{root}: no {CONFIG_FILE} (is this a MALoRA adapter directory?)")
+    weights_path = root / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterNotFoundError(f"{weights_path}: weights file not found")
+    tensors = _read_tensors(weights_path)
+    modules = _group_and_validate(tensors, config, str(weights_path), module_shapes)
+    adapter = MaloraAdapter(config, modules, source=str(root))
+    return adapter.to(dtype=dtype) if dtype is not None else adapter
+
+
+def _group_and_validate(
+    tensors: dict[str, torch.Tensor],
+    config: AdapterConfig,
+    source: str,
+    module_shapes: ModuleShapes | None,
+) -> dict[str, ModuleWeights]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        path, _, name = key.rpartition(".")
+        spec = config.spec_for(path) if path else None
+        if spec is None:
+            raise UnexpectedTensorError(
+                f"{source}: tensor {key!r} does not belong to a target module {config.target_modules}"
+            )
+        if name not in expected_shapes(spec, 1, 1):
+            raise UnexpectedTensorError(f"{source}: unexpected tensor {key!r} (allowed: S, G, P, B"
+                                        f"{', router_bias' if spec.router_bias else ''})")
+        grouped.setdefault(path, {})[name] = tensor
+    if not grouped:
+        raise MissingTensorError(f"{source}: holds no adapter tensors")
+
+    modules: dict[str, ModuleWeights] = {}
+    for path in sorted(grouped):
+        named = grouped[path]
+        spec = config.spec_for(path)
+        assert spec is not None
+        if module_shapes is not None and path not in module_shapes:
+            raise UnknownModuleError(f"{source}: module {path!r} does not exist in the base model "
+                                     "(or is not a linear layer)")
+        if module_shapes is not None:
+            d_in, d_out = module_shapes[path]
+        else:
+            d_in, d_out = named["S"].shape[-1] if "S" in named else 0, named["B"].shape[1] if "B" in named else 0
+        for name, shape in expected_shapes(spec, d_in, d_out).items():
+            key = f"{path}.{name}"
+            if name not in named:
+                raise MissingTensorError(f"{source}: missing tensor {key!r} (expected shape {list(shape)})")
+            found = tuple(named[name].shape)
+            if found != shape:
+                raise ShapeMismatchError(
+                    f"{source}: tensor {key!r} has shape {list(found)}, expected {list(shape)}"
+                )
+            if named[name].is_floating_point() and not bool(torch.isfinite(named[name]).all()):
+                raise NonFiniteTensorError(f"{source}: tensor {key!r} contains NaN or Inf")
+            if not named[name].is_floating_point():
+                raise ShapeMismatchError(f"{source}: tensor {key!r} has dtype {named[name].dtype}, "
+                                         "expected a floating-point dtype")
+        modules[path] = ModuleWeights(spec, named["S"], named["G"], named["P"], named["B"], named.get("router_bias"))
+    _check_scale_is_finite(config, source)
+    return modules
+
+
+def _check_scale_is_finite(config: AdapterConfig, source: str) -> None:
+    for name, spec in config.modules.items():
+        if not math.isfinite(spec.scale):
+            raise NonFiniteTensorError(f"{source}: modules.{name}.alpha gives a non-finite scale")

@@ -1,0 +1,185 @@
+"""Per-module stacked adapter weights ("slots") and the per-step token-to-slot metadata.
+
+A `SlotBank` holds, for one target linear layer, the weights of every adapter that is resident in
+the engine, padded to common maxima so that one batched op (or one kernel launch) serves tokens of
+different adapters. A `TokenSlots` describes which slot each token of the packed batch uses; it is
+built once per engine step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.format import ModuleWeights
+from .reference import ROUTER_SOFTMAX_TOPK
+
+NO_SLOT = -1
+
+
+@dataclass
+class SlotInfo:
+    """Host-side copy of one slot's sizes, so fast paths never read them back from the device."""
+
+    d: int
+    r: int
+    num_experts: int
+    top_k: int
+    scale: float
+    router_temperature: float
+    softmax_first: bool
+    has_router_bias: bool
+
+
+@dataclass
+class SlotBank:
+    """Padded weights of one target module for `num_slots` adapter slots.
+
+    Padding is exact: padded rows of S, P and B are zero, and padded experts have a router bias of
+    -inf so they are never chosen. A slot whose adapter does not target this module is inactive
+    (`infos[slot] is None`) and its tokens get no delta here.
+    """
+
+    S: torch.Tensor  # [num_slots, d_max, d_in]
+    G: torch.Tensor  # [num_slots, n_max, d_in]
+    router_bias: torch.Tensor  # [num_slots, n_max], -inf on padded experts
+    P: torch.Tensor  # [num_slots, n_max, r_max, d_max]
+    B: torch.Tensor  # [num_slots, n_max, d_out, r_max]
+    scale: torch.Tensor  # [num_slots] float32, 0 for inactive slots
+    top_k: torch.Tensor  # [num_slots] int32, 0 for inactive slots
+    router_temperature: torch.Tensor  # [num_slots] float32
+    softmax_first: torch.Tensor  # [num_slots] bool: router_norm == "softmax_topk"
+    infos: list[SlotInfo | None] = field(default_factory=list)
+
+    @classmethod
+    def allocate(
+        cls,
+        num_slots: int,
+        d_in: int,
+        d_out: int,
+        d_max: int,
+        r_max: int,
+        n_max: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> SlotBank:
+        def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        return cls(
+            S=zeros(num_slots, d_max, d_in),
+            G=zeros(num_slots, n_max, d_in),
+            router_bias=torch.full((num_slots, n_max), float("-inf"), dtype=dtype, device=device),
+            P=zeros(num_slots, n_max, r_max, d_max),
+            B=zeros(num_slots, n_max, d_out, r_max),
+            scale=zeros(num_slots, dt=torch.float32),
+            top_k=zeros(num_slots, dt=torch.int32),
+            router_temperature=torch.ones(num_slots, dtype=torch.float32, device=device),
+            softmax_first=zeros(num_slots, dt=torch.bool),
+            infos=[None] * num_slots,
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.S.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.S.shape[2]
+
+    @property
+    def d_out(self) -> int:
+        return self.B.shape[2]
+
+    @property
+    def maxima(self) -> tuple[int, int, int]:
+        """(d_max, r_max, n_max)."""
+        return self.S.shape[1], self.P.shape[2], self.P.shape[1]
+
+    def fits(self, weights: ModuleWeights) -> str | None:
+        """None when `weights` fit this bank, else a message saying which limit they exceed."""
+        spec = weights.spec
+        d_max, r_max, n_max = self.maxima
+        if weights.d_in != self.d_in or weights.d_out != self.d_out:
+            return f"module is {weights.d_out}x{weights.d_in}, bank is {self.d_out}x{self.d_in}"
+        for label, value, limit in (("d", spec.d, d_max), ("r", spec.r, r_max), ("N", spec.num_experts, n_max)):
+            if value > limit:
+                return f"{label}={value} exceeds the engine's maximum {limit}"
+        return None
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, weights: ModuleWeights) -> None:
+        """Copy one adapter module into `slot`, zeroing the padding."""
+        problem = self.fits(weights)
+        if problem is not None:
+            raise ValueError(problem)
+        spec = weights.spec
+        d, r, n = spec.d, spec.r, spec.num_experts
+        self.clear_slot(slot)
+        self.S[slot, :d].copy_(weights.S)
+        self.G[slot, :n].copy_(weights.G)
+        self.router_bias[slot, :n] = 0.0 if weights.router_bias is None else weights.router_bias.to(self.G.dtype)
+        self.P[slot, :n, :r, :d].copy_(weights.P)
+        self.B[slot, :n, :, :r].copy_(weights.B)
+        self.scale[slot] = spec.scale
+        self.top_k[slot] = spec.top_k
+        self.router_temperature[slot] = spec.router_temperature
+        self.softmax_first[slot] = spec.router_norm == ROUTER_SOFTMAX_TOPK
+        self.infos[slot] = SlotInfo(
+            d=d, r=r, num_experts=n, top_k=spec.top_k, scale=spec.scale,
+            router_temperature=spec.router_temperature,
+            softmax_first=spec.router_norm == ROUTER_SOFTMAX_TOPK,
+            has_router_bias=weights.router_bias is not None,
+        )
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.S[slot].zero_()
+        self.G[slot].zero_()
+        self.router_bias[slot].fill_(float("-inf"))
+        self.P[slot].zero_()
+        self.B[slot].zero_()
+        self.scale[slot] = 0.0
+        self.top_k[slot] = 0
+        self.router_temperature[slot] = 1.0
+        self.softmax_first[slot] = False
+        self.infos[slot] = None
+
+
+@dataclass
+class TokenSlots:
+    """Which adapter slot each token of a packed batch uses, with grouping computed once per step.
+
+    slots:    [T] int64, NO_SLOT (-1) for tokens on the base model
+    order:    [T'] int64, indices of adapter tokens sorted by slot (stable), T' = adapter tokens
+    segments: (slot, start, end) over `order`, one per distinct slot present
+    """
+
+    slots: torch.Tensor
+    order: torch.Tensor
+    segments: list[tuple[int, int, int]]
+
+    @classmethod
+    def from_list(cls, slots: list[int], device: torch.device | str = "cpu") -> TokenSlots:
+        slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
+        # Group on the host: the list is already there and this runs once per step.
+        by_slot: dict[int, list[int]] = {}
+        for index, slot in enumerate(slots):
+            if slot != NO_SLOT:
+                by_slot.setdefault(slot, []).append(index)
+        order: list[int] = []
+        segments: list[tuple[int, int, int]] = []
+        for slot in sorted(by_slot):
+            start = len(order)
+            order.extend(by_slot[slot])
+            segments.append((slot, start, len(order)))
+        return cls(slot_tensor, torch.tensor(order, dtype=torch.int64, device=device), segments)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def any_adapter(self) -> bool:
+        return bool(self.segments)

