@@ -1,0 +1,50 @@
+"""Engine configuration: one dataclass, checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None
+    """Base model: None for the default (SmolLM2-135M-Instruct), a HF directory or a .gguf file."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    kv_cache_memory: int = 1 << 30
+    """Bytes for the KV block pool (keys and values of every layer)."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks, overriding `kv_cache_memory` (for tests and tuning)."""
+    max_num_seqs: int = 64
+    """Most sequences in one step."""
+    max_num_batched_tokens: int = 2048
+    """Most tokens (prefill chunks plus decodes) in one step."""
+    max_model_len: int | None = None
+    """Longest prompt plus output; defaults to the model's context length."""
+    max_loaded_adapters: int = 32
+    """Adapter slots in the batched weight tensors."""
+    enable_prefix_caching: bool = True
+    count_expert_routing: bool = True
+    """Accumulate per-expert token counts for metrics (cheap, on the device)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
+                     "max_loaded_adapters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

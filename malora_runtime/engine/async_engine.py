@@ -1,0 +1,199 @@
+"""The asynchronous engine: one background thread steps `LLMEngine`; callers get async streams.
+
+Everything that touches the engine's state (adding, aborting, adapter changes) runs on the engine
+thread, between steps, so a step never sees a half-applied change. Torch releases the GIL inside
+its kernels, so the HTTP event loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from ..adapters.format import MaloraAdapter
+from ..config import EngineConfig
+from ..sampling_params import SamplingParams
+from .errors import EngineShutdownError
+from .llm_engine import LLMEngine
+from .outputs import EngineStats, RequestOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+StepListener = Callable[[float, int, int], None]  # (seconds, tokens, sequences) per step
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.step_listeners: list[StepListener] = []
+        self.last_step_time = 0.0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine.from_config(config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="malora-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let running ones finish up to `timeout`, then stop the thread."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for request_id in list(self._streams):
+            self._submit(lambda rid=request_id: self._abort_now(rid))
+        self._commands.put((lambda: None, Future()))  # wakes the loop to see _stopping
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # ---- engine-thread work ----
+    def _submit(self, fn: Callable[[], T]) -> Future:
+        future: Future = Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return future
+
+    async def run_on_engine(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps and await its result."""
+        if self._thread is None:
+            return fn()
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the awaiting caller
+                    future.set_exception(exc)
+
+    def _loop(self) -> None:
+        while True:
+            self._drain_commands()
+            if self._stopping and not self._streams:
+                return
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a bug in a step must not leave every client hanging
+                log.exception("engine step failed; aborting the running requests")
+                for request_id in list(self._streams):
+                    self._abort_now(request_id, error=True)
+                continue
+            elapsed = time.perf_counter() - started
+            self.last_step_time = time.time()
+            num_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+            for listener in self.step_listeners:
+                listener(elapsed, num_tokens, len(outputs))
+            for output in outputs:
+                self._deliver(output)
+
+    def _deliver(self, output: RequestOutput | BaseException, request_id: str | None = None) -> None:
+        key = request_id if request_id is not None else output.request_id  # type: ignore[union-attr]
+        stream = self._streams.get(key)
+        if stream is None:
+            return
+        loop, q = stream
+        finished = isinstance(output, BaseException) or output.finished
+        if finished:
+            self._streams.pop(key, None)
+        loop.call_soon_threadsafe(q.put_nowait, output)
+
+    def _abort_now(self, request_id: str, error: bool = False) -> None:
+        output = self.engine.abort(request_id)
+        if error:
+            self._deliver(RuntimeError("the engine failed while running this request"), request_id)
+        elif output is not None:
+            self._deliver(output)
+
+    # ---- public API ----
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; the last one has `finished` set. Closing the stream aborts it."""
+        if self._stopping:
+            raise EngineShutdownError("the server is shutting down")
+        request_id = request_id or f"req-{next(self._ids)}"
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        try:
+            await self.run_on_engine(lambda: self.engine.add_request(request_id, prompt, params, adapter))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._streams.pop(request_id, None)
+                self._submit(lambda: self.engine.abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        await self.run_on_engine(lambda: self._abort_now(request_id))
+
+    async def add_adapter(self, name: str, adapter: MaloraAdapter) -> int:
+        return await self.run_on_engine(lambda: self.engine.add_adapter(name, adapter))
+
+    async def remove_adapter(self, name: str) -> None:
+        await self.run_on_engine(lambda: self.engine.remove_adapter(name))
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        self.engine.check_request(prompt_ids, params, adapter)
+
+    def adapter_names(self) -> list[str]:
+        return self.engine.adapter_names()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()

@@ -1,0 +1,114 @@
+"""Paged attention for a flat packed batch, registered with transformers' attention interface.
+
+The model runs on one packed sequence of T tokens (batch dimension 1) holding chunks of many
+requests. Before every step the runner builds an `AttentionMetadata`; transformers passes it through
+to `paged_attention` as the `paged` keyword, which writes each token's K/V into the block pool and
+attends every chunk to its own request's cached context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "malora_paged"
+
+
+@dataclass
+class KVPool:
+    """The KV block pool: per layer one flat [num_blocks * block_size, num_kv_heads, head_dim] tensor."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> KVPool:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)], block_size)
+
+
+@dataclass
+class PrefillSpan:
+    """A chunk of more than one query token of one request."""
+
+    start: int  # first row of the chunk in the packed batch
+    length: int  # query tokens in the chunk
+    context: torch.Tensor | None  # [context_len] KV slots to attend to, or None when the chunk is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, shared by every layer.
+
+    slot_mapping:  [T] int64, KV slot written by each token
+    decode_rows:   [Bd] int64, rows of single-token chunks
+    decode_slots:  [Bd, Lmax] int64, KV slots each decode row attends to (padded with 0)
+    decode_mask:   [Bd, 1, 1, Lmax] bool, True where the slot is real
+    """
+
+    pool: KVPool
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    paged: AttentionMetadata | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, T, hd], key/value [1, Hkv, T, hd] -> ([1, T, H, hd], None)."""
+    if paged is None:
+        raise RuntimeError("malora_paged attention needs the step's AttentionMetadata (keyword 'paged')")
+    layer = module.layer_idx
+    k_cache, v_cache = paged.pool.keys[layer], paged.pool.values[layer]
+    k_tokens = key[0].transpose(0, 1)  # [T, Hkv, hd]
+    v_tokens = value[0].transpose(0, 1)
+    k_cache.index_copy_(0, paged.slot_mapping, k_tokens.to(k_cache.dtype))
+    v_cache.index_copy_(0, paged.slot_mapping, v_tokens.to(v_cache.dtype))
+
+    q = query[0]  # [H, T, hd]
+    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=query.dtype, device=query.device)  # [T, H, hd]
+    if paged.decode_rows is not None:
+        rows = paged.decode_rows
+        q_dec = q[:, rows].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, hd]
+        k_dec = k_cache[paged.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
+        v_dec = v_cache[paged.decode_slots].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q_dec, k_dec, v_dec, attn_mask=paged.decode_mask,
+                                                  scale=scaling, enable_gqa=True)
+        out[rows] = attended[:, :, 0]
+    for span in paged.prefills:
+        q_span = q[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, q, hd]
+        if span.context is None:
+            k_span = key[:, :, span.start:span.start + span.length]
+            v_span = value[:, :, span.start:span.start + span.length]
+            attended = F.scaled_dot_product_attention(q_span, k_span, v_span, is_causal=True, scale=scaling,
+                                                      enable_gqa=True)
+        else:
+            k_span = k_cache[span.context].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, hd]
+            v_span = v_cache[span.context].transpose(0, 1).unsqueeze(0)
+            context_len = span.context.shape[0]
+            # Query i sits at absolute position context_len - length + i and sees keys up to there.
+            query_pos = torch.arange(context_len - span.length, context_len, device=q.device)
+            mask = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
+            attended = F.scaled_dot_product_attention(q_span, k_span, v_span, attn_mask=mask, scale=scaling,
+                                                      enable_gqa=True)
+        out[span.start:span.start + span.length] = attended[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

@@ -1,0 +1,193 @@
+"""The synchronous engine core: requests in, one `step()` at a time, outputs out.
+
+step() = schedule -> run the model on the packed batch -> sample -> postprocess -> detokenise.
+It is not thread-safe: `AsyncEngine` calls it from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..adapters.format import MaloraAdapter
+from ..config import EngineConfig
+from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
+from .errors import PromptTooLongError, UnknownAdapterError
+from .model_runner import Chunk, ModelRunner
+from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .sampler import Sampler
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    num_logprobs_sent: list[int]
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, tokenizer, config: EngineConfig, model_name: str = "model") -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.config = config
+        self.runner = ModelRunner(model, config)
+        context_len = getattr(model.config, "max_position_embeddings", None) or 2048
+        pool_len = self.runner.num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or context_len, context_len)
+        if config.max_model_len is None and pool_len < self.max_model_len:
+            # Without an explicit limit, serve what the KV pool can hold for one sequence.
+            log.warning("max_model_len lowered from %d to %d to fit the KV pool", self.max_model_len, pool_len)
+            self.max_model_len = pool_len
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=self.max_model_len, block_size=config.block_size,
+                            enable_prefix_caching=config.enable_prefix_caching),
+            self.runner.num_blocks, self.eos_token_ids,
+        )
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.num_steps = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        from ..models.loader import load_model
+
+        model, tokenizer, source = load_model(config.model, dtype=config.torch_dtype, device=config.device)
+        return cls(model, tokenizer, config, source.name)
+
+    # ---- adapters ----
+    def add_adapter(self, name: str, adapter: MaloraAdapter) -> int:
+        """Make `adapter` servable as `name`; returns its slot. Replaces a same-named adapter."""
+        if name in self.runner.adapters.by_name:
+            self.scheduler.block_manager.drop_adapter(name)
+        return self.runner.adapters.activate(name, adapter).slot
+
+    def remove_adapter(self, name: str) -> None:
+        self.runner.adapters.deactivate(name)
+        self.scheduler.block_manager.drop_adapter(name)
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self.runner.adapters.by_name)
+
+    # ---- requests ----
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        """Raise an `EngineRequestError` for anything that would make the request unservable."""
+        if not prompt_ids:
+            raise PromptTooLongError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}"
+            )
+        vocab = self.runner.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise PromptTooLongError(f"prompt token ids must be in [0, {vocab})")
+        if adapter is not None and adapter not in self.runner.adapters.by_name:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    adapter: str | None = None) -> list[int]:
+        prompt_ids = self.tokenize(prompt)
+        self.check_request(prompt_ids, params, adapter)
+        slot = self.runner.adapters.slot_of(adapter)
+        seqs = [Sequence(request_id, prompt_ids, params, seq_index=i, adapter_name=adapter, adapter_slot=slot)
+                for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop) for _ in seqs]
+        self.requests[request_id] = _Request(request_id, prompt_ids, seqs, detoks, [0] * len(seqs))
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return prompt_ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.abort(request_id)
+        outputs = [CompletionOutput(i, d.flush(), [], None, "abort", None, s.num_output_tokens)
+                   for i, (s, d) in enumerate(zip(request.seqs, request.detokenizers))]
+        return RequestOutput(request_id, request.prompt_token_ids, outputs, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        chunks = [Chunk(s.seq.token_ids[s.start:s.end], s.start, s.seq.block_table, s.seq.adapter_slot, s.sample)
+                  for s in scheduled.scheduled]
+        logits = self.runner.run(chunks)
+        sampled_seqs = scheduled.sampled_seqs
+        sampled = self.sampler(logits, sampled_seqs)
+        self.scheduler.postprocess(scheduled, sampled.token_ids, sampled.token_logprobs(sampled_seqs))
+        self.num_steps += 1
+        return self._collect(sampled_seqs)
+
+    def _collect(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        by_request: dict[str, RequestOutput] = {}
+        for seq in seqs:
+            request = self.requests.get(seq.request_id)
+            if request is None:
+                continue
+            i = seq.seq_index
+            detok = request.detokenizers[i]
+            token = seq.token_ids[-1]
+            text = detok.step([token])
+            stop_reason: str | int | None = None
+            if detok.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+                stop_reason = detok.stopped_by
+            elif seq.is_finished:
+                text += detok.flush()
+                if seq.finish_reason == "stop":
+                    stop_reason = token
+            elif detok.stopped:
+                stop_reason = detok.stopped_by
+            logprobs = None
+            if seq.sampling_params.logprobs is not None:
+                logprobs = seq.output_logprobs[request.num_logprobs_sent[i]:]
+                request.num_logprobs_sent[i] = len(seq.output_logprobs)
+            out = by_request.setdefault(seq.request_id, RequestOutput(seq.request_id, request.prompt_token_ids,
+                                                                      num_cached_tokens=seq.num_cached_tokens))
+            out.outputs.append(CompletionOutput(i, text, [token], logprobs, seq.finish_reason, stop_reason,
+                                                seq.num_output_tokens))
+        for request_id, out in by_request.items():
+            if all(s.is_finished for s in self.requests[request_id].seqs):
+                out.finished = True
+                del self.requests[request_id]
+        return list(by_request.values())
+
+    def stats(self) -> EngineStats:
+        bm = self.scheduler.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+        )

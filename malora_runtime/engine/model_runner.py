@@ -1,0 +1,126 @@
+"""Runs the base model on one packed batch: builds the step's metadata, runs transformers' own
+modeling code with our paged attention and wrapped linears, and returns the logits to sample from."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import EngineConfig
+from ..kernels.slots import TokenSlots
+from ..layers import BatchContext
+from .adapter_slots import AdapterSlots
+from .attention import ATTENTION_NAME, AttentionMetadata, KVPool, PrefillSpan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    """Tokens of one sequence computed in this step: positions [start, start + len(token_ids))."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    adapter_slot: int
+    needs_logits: bool
+
+
+def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+    return per_token * block_size
+
+
+class ModelRunner:
+    """Owns the model, its KV pool and its adapter slots; `run` executes one step."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig) -> None:
+        self.model = model
+        self.config = config
+        cfg = model.config
+        model.set_attn_implementation(ATTENTION_NAME)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = config.block_size
+        self.num_blocks = config.num_kv_blocks or max(
+            2, config.kv_cache_memory // kv_bytes_per_block(model, self.block_size, self.dtype))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.pool = KVPool.allocate(cfg.num_hidden_layers, self.num_blocks, self.block_size,
+                                    cfg.num_key_value_heads, head_dim, self.dtype, self.device)
+        self.context = BatchContext(count_experts=config.count_expert_routing)
+        self.adapters = AdapterSlots(model, self.context, config.max_loaded_adapters)
+        log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
+                 self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)
+
+    def _slots_for(self, chunk: Chunk) -> list[int]:
+        bs = self.block_size
+        table = chunk.block_table
+        return [table[p // bs] * bs + p % bs for p in range(chunk.start, chunk.start + len(chunk.token_ids))]
+
+    def _context_slots(self, chunk: Chunk) -> list[int]:
+        bs = self.block_size
+        end = chunk.start + len(chunk.token_ids)
+        table = chunk.block_table
+        return [table[p // bs] * bs + p % bs for p in range(end)]
+
+    def prepare(
+        self, chunks: list[Chunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
+        """(input ids [1, T], positions [1, T], attention metadata, adapter slot per token, rows to sample)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        logit_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_contexts: list[list[int]] = []
+        prefills: list[PrefillSpan] = []
+        for chunk in chunks:
+            row = len(input_ids)
+            n = len(chunk.token_ids)
+            input_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, chunk.start + n))
+            slot_mapping.extend(self._slots_for(chunk))
+            token_slots.extend([chunk.adapter_slot] * n)
+            if chunk.needs_logits:
+                logit_rows.append(row + n - 1)
+            if n == 1:
+                decode_rows.append(row)
+                decode_contexts.append(self._context_slots(chunk))
+            elif chunk.start == 0:
+                prefills.append(PrefillSpan(row, n, None))
+            else:
+                context = torch.tensor(self._context_slots(chunk), dtype=torch.int64, device=self.device)
+                prefills.append(PrefillSpan(row, n, context))
+        meta = AttentionMetadata(self.pool, torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
+                                 prefills=prefills)
+        if decode_rows:
+            longest = max(len(c) for c in decode_contexts)
+            padded = torch.zeros(len(decode_rows), longest, dtype=torch.int64)
+            mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
+            for i, context in enumerate(decode_contexts):
+                padded[i, :len(context)] = torch.tensor(context)
+                mask[i, 0, 0, :len(context)] = True
+            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
+            meta.decode_slots = padded.to(self.device)
+            meta.decode_mask = mask.to(self.device)
+        ids = torch.tensor([input_ids], dtype=torch.int64, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.int64, device=self.device)
+        return ids, pos, meta, token_slots, logit_rows
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
+        ids, positions, meta, token_slots, logit_rows = self.prepare(chunks)
+        self.context.token_slots = TokenSlots.from_list(token_slots, self.device)
+        try:
+            hidden = self.model.model(input_ids=ids, position_ids=positions, use_cache=False, paged=meta)
+        finally:
+            self.context.token_slots = None
+        last = hidden.last_hidden_state[0, logit_rows]  # [num_logits, hidden]
+        return self.model.lm_head(last).float()

@@ -1,0 +1,40 @@
+"""What the engine streams back for each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sequence import TokenLogprobs
+
+
+@dataclass
+class CompletionOutput:
+    """New output of one sequence (`index` among a request's n) since the previous update."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    num_output_tokens: int = 0  # total generated so far
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    num_steps: int
+    prefix_cache_hit_rate: float

@@ -1,0 +1,156 @@
+"""The whole engine on the real default model: batched, mixed adapters, against the reference path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from malora_runtime.adapters.init import random_adapter
+from malora_runtime.config import EngineConfig
+from malora_runtime.engine.async_engine import AsyncEngine
+from malora_runtime.engine.llm_engine import LLMEngine
+from malora_runtime.models.loader import load_model
+from malora_runtime.offline import greedy_generate
+from malora_runtime.patching import linear_shapes
+from malora_runtime.sampling_params import SamplingParams
+
+PROMPTS = [
+    "Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite colour is",
+    "In 1492, Columbus", "The quick brown fox", "Water boils at", "A haiku about autumn:",
+    "Here is a list of fruits: apple,", "To be or not to be,", "The mitochondria is", "SELECT * FROM",
+    "Dear hiring manager,", "The best way to learn Python is", "import numpy as np\n", "Roses are red,",
+]
+# Mixed N, r, d, top_k and target modules, as the issue asks.
+ADAPTER_SHAPES = {
+    "lora-like": dict(num_experts=1, rank=8, subspace_rank=8, top_k=1, targets=["q_proj", "v_proj"]),
+    "dense4": dict(num_experts=4, rank=4, subspace_rank=16, top_k=4, targets=["q_proj", "k_proj", "o_proj"]),
+    "sparse8": dict(num_experts=8, rank=8, subspace_rank=32, top_k=2, targets=["v_proj", "down_proj"]),
+    "mlp": dict(num_experts=3, rank=2, subspace_rank=5, top_k=2, targets=["gate_proj", "up_proj"]),
+}
+ADAPTER_OF = [None, "lora-like", "dense4", "sparse8", "mlp"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    model, tokenizer, _ = load_model(None)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapters(reference_model):
+    shapes = linear_shapes(reference_model[0])
+    return {
+        name: random_adapter(shapes, "SmolLM2-135M-Instruct", spec["targets"], spec["num_experts"], spec["rank"],
+                             spec["subspace_rank"], spec["top_k"], seed=i + 10, dtype="float32", output_scale=0.3)
+        for i, (name, spec) in enumerate(ADAPTER_SHAPES.items())
+    }
+
+
+@pytest.fixture(scope="module")
+def expected(reference_model, adapters) -> list[list[int]]:
+    """Each request run alone through the reference layer (one adapter active, plain transformers)."""
+    model, tokenizer = reference_model
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        name = ADAPTER_OF[i % len(ADAPTER_OF)]
+        ids = tokenizer(prompt)["input_ids"]
+        out.append(greedy_generate(model, tokenizer, ids, adapters.get(name), MAX_TOKENS, ignore_eos=True))
+    return out
+
+
+def build_engine(adapters, **config) -> LLMEngine:
+    model, tokenizer, source = load_model(None)
+    engine = LLMEngine(model, tokenizer, EngineConfig(**config), source.name)
+    for name, adapter in adapters.items():
+        engine.add_adapter(name, adapter)
+    return engine
+
+
+def run_all(engine: LLMEngine, params: SamplingParams) -> dict[str, list[int]]:
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, params, adapter=ADAPTER_OF[i % len(ADAPTER_OF)])
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(PROMPTS))}
+    while engine.has_unfinished():
+        for output in engine.step():
+            for completion in output.outputs:
+                tokens[output.request_id].extend(completion.token_ids)
+    return tokens
+
+
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def test_sixteen_mixed_requests_match_the_reference_token_for_token(adapters, expected) -> None:
+    engine = build_engine(adapters, kv_cache_memory=64 << 20)
+    got = run_all(engine, GREEDY)
+    base_outputs = [expected[i] for i in range(0, 16, 5)]
+    assert len({tuple(o) for o in base_outputs}) > 1
+    for i in range(len(PROMPTS)):
+        assert got[f"r{i}"] == expected[i], f"request {i} on adapter {ADAPTER_OF[i % 5]}"
+    # Adapters matter: the same prompt under an adapter differs from the base model somewhere.
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_pool_too_small_preempts_and_still_matches(adapters, expected) -> None:
+    # 8 blocks of 4 tokens = 32 slots for 16 requests of ~5 + 12 tokens: preemption is certain.
+    engine = build_engine(adapters, num_kv_blocks=8, block_size=4, max_model_len=32)
+    got = run_all(engine, GREEDY)
+    assert engine.stats().num_preemptions > 0
+    for i in range(len(PROMPTS)):
+        assert got[f"r{i}"] == expected[i], f"request {i}"
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_abort_mid_generation_frees_every_block(adapters) -> None:
+    engine = build_engine(adapters, kv_cache_memory=64 << 20)
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    for i in range(6):
+        engine.add_request(f"a{i}", PROMPTS[i], long, adapter=ADAPTER_OF[i % 5])
+    for _ in range(5):
+        engine.step()
+    assert engine.stats().kv_blocks_used > 0
+    for i in range(0, 6, 2):
+        assert engine.abort(f"a{i}").outputs[0].finish_reason == "abort"
+    engine.add_request("short", PROMPTS[7], SamplingParams(max_tokens=3, temperature=0.0), adapter="dense4")
+    for _ in range(3):
+        engine.step()
+    for i in range(1, 6, 2):
+        engine.abort(f"a{i}")
+    while engine.has_unfinished():
+        engine.step()
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(adapters) -> None:
+    engine = build_engine(adapters, kv_cache_memory=64 << 20)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+
+    async def one(async_engine: AsyncEngine, prompt: str, params: SamplingParams, adapter: str | None) -> list[int]:
+        tokens: list[int] = []
+        async for output in async_engine.generate(prompt, params, adapter):
+            for completion in output.outputs:
+                tokens.extend(completion.token_ids)
+        return tokens
+
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        try:
+            alone = await one(async_engine, PROMPTS[3], seeded, "sparse8")
+            noise = [one(async_engine, PROMPTS[j], SamplingParams(max_tokens=8 + j, temperature=1.0),
+                         ADAPTER_OF[j % 5]) for j in range(10)]
+            results = await asyncio.gather(one(async_engine, PROMPTS[3], seeded, "sparse8"), *noise)
+            other_seed = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=99,
+                                        ignore_eos=True)
+            different = await one(async_engine, PROMPTS[3], other_seed, "sparse8")
+            return alone, results[0], different
+        finally:
+            async_engine.shutdown(timeout=5)
+
+    alone, busy, different = asyncio.run(scenario())
+    assert len(alone) == 16
+    assert busy == alone
+    assert different != alone
