@@ -1,19 +1,26 @@
-"""Adapters resident in the model's batched slot tensors: name -> slot, and the per-layer banks.
+"""Adapters resident in the model's batched slot tensors (the device tier).
 
-Banks are sized by what is loaded: when an adapter with a larger d, r or N (or a module no resident
-adapter targeted before) arrives, the affected banks are re-allocated larger and the old slots copied
-over. That happens between steps, so the step loop never sees a half-written bank.
+Each slot holds one adapter version. A name points at its current slot; requests take a reference
+on the slot they start with, so a reload (the new version goes to another slot) or an unload never
+changes weights under a running request: the old slot is cleared when its last request ends.
+When every slot is taken, the least recently used one with no request and no pin is evicted.
+
+Banks are sized by what is loaded: an adapter with a larger d, r or N (or a module no resident
+adapter targeted before) re-allocates the affected banks, copying the old slots over. All of this
+runs on the engine thread, between steps.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..adapters.format import MaloraAdapter
+from ..adapters.format import MaloraAdapter, ModuleWeights
 from ..kernels.slots import NO_SLOT, SlotBank
 from ..layers import BatchContext, MaloraLinear
 from ..patching import wrap_linears
@@ -22,57 +29,149 @@ log = logging.getLogger(__name__)
 
 
 class NoFreeSlotError(RuntimeError):
-    """Every adapter slot holds an adapter."""
+    """Every adapter slot holds an adapter that is in use or pinned."""
 
 
 @dataclass
-class ResidentAdapter:
+class SlotState:
     name: str
-    slot: int
+    version: int
     adapter: MaloraAdapter
-    version: int = 0
+    cache_key: int  # unique per activation: the prefix-cache namespace of this slot's K/V
+    pinned: bool = False
+    refs: int = 0  # requests running on this slot
+    retired: bool = False  # replaced or unloaded: cleared once `refs` reaches 0
+    last_used: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class AdapterSlots:
-    """Which adapter sits in which slot of the model's banks."""
-
     model: nn.Module
     context: BatchContext
     num_slots: int
-    by_name: dict[str, ResidentAdapter] = field(default_factory=dict)
+    slots: list[SlotState | None] = field(default_factory=list)
+    current: dict[str, int] = field(default_factory=dict)  # name -> slot of its newest version
+    num_evictions: int = 0
 
     def __post_init__(self) -> None:
         param = next(self.model.parameters())
-        self.dtype = param.dtype
-        self.device = param.device
+        self.dtype, self.device = param.dtype, param.device
+        self.slots = [None] * self.num_slots
+        self._activations = itertools.count(1)
+        self.evicted_names: list[str] = []  # appended on eviction, drained by the owner (for host-tier bookkeeping)
 
-    def slot_of(self, name: str | None) -> int:
-        if name is None:
-            return NO_SLOT
-        return self.by_name[name].slot
+    # ---- queries ----
+    @property
+    def by_name(self) -> dict[str, SlotState]:
+        return {name: self.slots[slot] for name, slot in self.current.items()}  # type: ignore[misc]
 
-    def free_slots(self) -> list[int]:
-        used = {r.slot for r in self.by_name.values()}
-        return [s for s in range(self.num_slots) if s not in used]
+    def state(self, name: str) -> SlotState | None:
+        slot = self.current.get(name)
+        return None if slot is None else self.slots[slot]
+
+    def is_resident(self, name: str, version: int | None = None) -> bool:
+        state = self.state(name)
+        return state is not None and (version is None or state.version == version)
 
     def layers(self) -> dict[str, MaloraLinear]:
         return {p: m for p, m in self.model.named_modules() if isinstance(m, MaloraLinear)}
 
+    # ---- references held by requests ----
+    def acquire(self, name: str | None) -> tuple[int, int | None]:
+        """(slot, cache key) for a new request on `name`'s current version; NO_SLOT for the base model."""
+        if name is None:
+            return NO_SLOT, None
+        slot = self.current[name]
+        state = self.slots[slot]
+        assert state is not None
+        state.refs += 1
+        state.last_used = time.monotonic()
+        return slot, state.cache_key
+
+    def release(self, slot: int) -> list[int]:
+        """Drop a request's reference; returns cache keys whose slot was cleared (to drop from the prefix cache)."""
+        if slot == NO_SLOT:
+            return []
+        state = self.slots[slot]
+        assert state is not None and state.refs > 0, f"release of unreferenced slot {slot}"
+        state.refs -= 1
+        state.last_used = time.monotonic()
+        if state.retired and state.refs == 0:
+            return [self._clear(slot)]
+        return []
+
+    # ---- activation ----
+    def pick_slot(self) -> int:
+        """A free slot, else the least recently used evictable one; raises NoFreeSlotError."""
+        for slot, state in enumerate(self.slots):
+            if state is None:
+                return slot
+        idle = [(s.last_used, slot) for slot, s in enumerate(self.slots)
+                if s is not None and s.refs == 0 and not s.pinned]
+        if not idle:
+            raise NoFreeSlotError(f"all {self.num_slots} adapter slots hold adapters in use or pinned")
+        return min(idle)[1]
+
     @torch.no_grad()
-    def activate(self, name: str, adapter: MaloraAdapter, slot: int | None = None) -> ResidentAdapter:
-        """Copy `adapter` into a slot (a free one, or `slot`, replacing what was there)."""
-        if slot is None:
-            if name in self.by_name:
-                slot = self.by_name[name].slot
-            else:
-                free = self.free_slots()
-                if not free:
-                    raise NoFreeSlotError(f"all {self.num_slots} adapter slots are in use")
-                slot = free[0]
+    def activate(
+        self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False
+    ) -> tuple[int, list[int]]:
+        """Copy `adapter` into a slot as `name`'s current version.
+
+        Returns (slot, cache keys dropped): keys of activations evicted or retired here, whose
+        cached K/V blocks must be forgotten.
+        """
+        state = self.state(name)
+        if state is not None and state.version == version:
+            state.pinned = state.pinned or pinned
+            return self.current[name], []
+        slot = self.pick_slot()
+        dropped: list[int] = []
+        evicted = self.slots[slot]
+        if evicted is not None:
+            if self.current.get(evicted.name) == slot:
+                del self.current[evicted.name]
+                self.num_evictions += 1
+                self.evicted_names.append(evicted.name)
+                log.info("evicted adapter %s from slot %d", evicted.name, slot)
+            dropped.append(self._clear(slot))
+        self._write(slot, adapter)
+        previous = self.current.get(name)
+        self.slots[slot] = SlotState(name, version, adapter, next(self._activations), pinned=pinned)
+        self.current[name] = slot
+        if previous is not None:
+            dropped.extend(self._retire(previous))
+        log.info("adapter %s v%d active in slot %d (%d modules)", name, version, slot, len(adapter.modules))
+        return slot, dropped
+
+    def deactivate(self, name: str) -> list[int]:
+        """Stop serving `name` to new requests; its slot is cleared once running requests end."""
+        slot = self.current.pop(name)
+        return self._retire(slot)
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        state = self.state(name)
+        if state is not None:
+            state.pinned = pinned
+
+    def _retire(self, slot: int) -> list[int]:
+        state = self.slots[slot]
+        assert state is not None
+        state.retired = True
+        return [self._clear(slot)] if state.refs == 0 else []
+
+    def _clear(self, slot: int) -> int:
+        state = self.slots[slot]
+        assert state is not None
+        for layer in self.layers().values():
+            if layer.bank is not None:
+                layer.bank.clear_slot(slot)
+        self.slots[slot] = None
+        return state.cache_key
+
+    def _write(self, slot: int, adapter: MaloraAdapter) -> None:
         wrap_linears(self.model, adapter.modules, self.context)
-        layers = self.layers()
-        for path, layer in layers.items():
+        for path, layer in self.layers().items():
             weights = adapter.modules.get(path)
             if weights is None:
                 if layer.bank is not None:
@@ -81,22 +180,8 @@ class AdapterSlots:
             weights = weights.to(self.device, self.dtype)
             layer.bank = self._bank_that_fits(layer, weights)
             layer.bank.set_slot(slot, weights)
-        previous = self.by_name.get(name)
-        resident = ResidentAdapter(name, slot, adapter, version=previous.version + 1 if previous else 0)
-        for other in [n for n, r in self.by_name.items() if r.slot == slot and n != name]:
-            del self.by_name[other]
-        self.by_name[name] = resident
-        log.info("adapter %s active in slot %d (%d modules)", name, slot, len(adapter.modules))
-        return resident
 
-    @torch.no_grad()
-    def deactivate(self, name: str) -> None:
-        resident = self.by_name.pop(name)
-        for layer in self.layers().values():
-            if layer.bank is not None:
-                layer.bank.clear_slot(resident.slot)
-
-    def _bank_that_fits(self, layer: MaloraLinear, weights) -> SlotBank:
+    def _bank_that_fits(self, layer: MaloraLinear, weights: ModuleWeights) -> SlotBank:
         bank = layer.bank
         spec = weights.spec
         if bank is not None and bank.fits(weights) is None:
@@ -109,8 +194,11 @@ class AdapterSlots:
         if bank is not None:
             _copy_bank(bank, grown)
         if self.context.count_experts:
-            self.context.expert_counts[layer.path] = torch.zeros(self.num_slots, grown.maxima[2], dtype=torch.int64,
-                                                                 device=self.device)
+            counts = torch.zeros(self.num_slots, grown.maxima[2], dtype=torch.int64, device=self.device)
+            old = self.context.expert_counts.get(layer.path)
+            if old is not None:
+                counts[:, :old.shape[1]] = old
+            self.context.expert_counts[layer.path] = counts
         return grown
 
 

