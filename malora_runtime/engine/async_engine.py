@@ -13,13 +13,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from ..adapters.format import MaloraAdapter
+from ..adapters.registry import HostAdapter
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
+from .adapter_slots import NoFreeSlotError
 from .errors import EngineShutdownError
 from .llm_engine import LLMEngine
 from .outputs import EngineStats, RequestOutput
@@ -27,11 +29,16 @@ from .outputs import EngineStats, RequestOutput
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 StepListener = Callable[[float, int, int], None]  # (seconds, tokens, sequences) per step
+AdapterProvider = Callable[[str], Awaitable[HostAdapter]]
+SLOT_RETRY_SECONDS = 0.02
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, adapter_provider: AdapterProvider | None = None) -> None:
         self.engine = engine
+        # Where adapters not resident in the engine come from (the registry's host tier / disk).
+        self.adapter_provider = adapter_provider
+        self.num_waiting_for_adapter = 0
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -163,7 +170,7 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         try:
-            await self.run_on_engine(lambda: self.engine.add_request(request_id, prompt, params, adapter))
+            await self._admit(request_id, prompt, params, adapter)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -180,14 +187,49 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
                 self._submit(lambda: self.engine.abort(request_id))
 
+    async def _admit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                     adapter: str | None) -> None:
+        """Add the request, first bringing its adapter's current version into a slot if needed.
+
+        Activation and admission run in one engine command, so the adapter cannot be evicted in
+        between. With every slot busy, the request waits (not fails) until one frees up.
+        """
+        host = await self.adapter_provider(adapter) if adapter is not None and self.adapter_provider else None
+
+        def admit() -> None:
+            if host is not None and not self.engine.runner.adapters.is_resident(host.name, host.version):
+                self.engine.add_adapter(host.name, host.adapter, host.version, host.pinned)
+            self.engine.add_request(request_id, prompt, params, adapter)
+
+        waiting = False
+        try:
+            while True:
+                try:
+                    await self.run_on_engine(admit)
+                    return
+                except NoFreeSlotError:
+                    if not waiting:
+                        waiting = True
+                        self.num_waiting_for_adapter += 1
+                    await asyncio.sleep(SLOT_RETRY_SECONDS)
+        finally:
+            if waiting:
+                self.num_waiting_for_adapter -= 1
+
     async def abort(self, request_id: str) -> None:
         await self.run_on_engine(lambda: self._abort_now(request_id))
 
-    async def add_adapter(self, name: str, adapter: MaloraAdapter) -> int:
-        return await self.run_on_engine(lambda: self.engine.add_adapter(name, adapter))
+    async def add_adapter(self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False) -> int:
+        return await self.run_on_engine(lambda: self.engine.add_adapter(name, adapter, version, pinned))
 
     async def remove_adapter(self, name: str) -> None:
-        await self.run_on_engine(lambda: self.engine.remove_adapter(name))
+        """New requests can no longer use `name` (no-op when it is not resident)."""
+
+        def remove() -> None:
+            if name in self.engine.runner.adapters.current:
+                self.engine.remove_adapter(name)
+
+        await self.run_on_engine(remove)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         self.engine.check_request(prompt_ids, params, adapter)

@@ -1,0 +1,245 @@
+"""Adapters known to the server, the host-memory tier, and safe loading from disk.
+
+Tiers: disk (any adapter directory under a configured root, or registered by name), host memory (an
+LRU of parsed, validated adapters, `max_cpu_adapters`), and the engine's slots (see
+`engine/adapter_slots.py`). Reading and validating files happens here, in a worker thread, never on
+the engine's step loop. Concurrent loads of one name share a single read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import load_adapter
+from .convert import PEFT_CONFIG
+from .errors import AdapterError, AdapterNotFoundError
+from .format import CONFIG_FILE, MaloraAdapter
+from .io import ModuleShapes
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_MAX_ADAPTER_BYTES = 1 << 30
+
+
+class AdapterNameError(AdapterError):
+    """The name has characters outside the safe set."""
+
+
+class AdapterPathError(AdapterError):
+    """The path resolves outside every configured adapter root."""
+
+
+class AdapterTooLargeError(AdapterError):
+    """The adapter's files exceed the configured size cap."""
+
+
+class UnknownAdapterNameError(AdapterNotFoundError):
+    """No adapter of that name is registered or found under the roots."""
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / PEFT_CONFIG).is_file())
+
+
+@dataclass
+class HostAdapter:
+    """A parsed, validated adapter version held in host memory."""
+
+    name: str
+    version: int
+    adapter: MaloraAdapter
+    path: Path
+    load_seconds: float
+    pinned: bool = False
+
+
+@dataclass
+class RegistryCounters:
+    loads: int = 0
+    reloads: int = 0
+    unloads: int = 0
+    host_evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)  # drained by the metrics layer
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        module_shapes: ModuleShapes,
+        roots: list[Path] | None = None,
+        max_cpu_adapters: int = 64,
+        max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+        on_host_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        self.module_shapes = module_shapes
+        self.roots = [Path(r).resolve() for r in (roots or [])]
+        self.max_cpu_adapters = max_cpu_adapters
+        self.max_adapter_bytes = max_adapter_bytes
+        self.paths: dict[str, Path] = {}  # registered names (CLI, load API) -> directory
+        self.pinned: set[str] = set()
+        self.unloaded: set[str] = set()  # unloaded names are not lazily found under the roots again
+        self.host: OrderedDict[str, HostAdapter] = OrderedDict()
+        self.versions: dict[str, int] = {}
+        self.counters = RegistryCounters()
+        self._inflight: dict[str, asyncio.Future[HostAdapter]] = {}
+        self._on_host_evict = on_host_evict
+
+    # ---- names and paths ----
+    @staticmethod
+    def check_name(name: str) -> str:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise AdapterNameError(
+                f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 128, not starting "
+                "with '.', '_' or '-')"
+            )
+        return name
+
+    def check_path(self, path: str | Path) -> Path:
+        """Resolve `path` (symlinks included) and require it inside a configured root."""
+        candidate = Path(path)
+        if not candidate.is_absolute() and self.roots:
+            candidate = self.roots[0] / candidate
+        resolved = candidate.resolve()
+        if not any(resolved == root or root in resolved.parents for root in self.roots):
+            raise AdapterPathError(f"{path}: adapter paths must be inside an adapter root "
+                                   f"({', '.join(map(str, self.roots)) or 'none configured'})")
+        if not resolved.is_dir():
+            raise AdapterNotFoundError(f"{path}: adapter directory not found")
+        return resolved
+
+    def register(self, name: str, path: str | Path, trusted: bool = False, pinned: bool = False) -> Path:
+        """Know `name` as the adapter at `path`; `trusted` (operator's command line) skips the root check."""
+        self.check_name(name)
+        resolved = Path(path).resolve() if trusted else self.check_path(path)
+        if not resolved.is_dir():
+            raise AdapterNotFoundError(f"{path}: adapter directory not found")
+        self.paths[name] = resolved
+        self.unloaded.discard(name)
+        if pinned:
+            self.pinned.add(name)
+        return resolved
+
+    def discover(self) -> dict[str, Path]:
+        """Every adapter available on disk: registered names plus adapter directories under the roots."""
+        found: dict[str, Path] = {}
+        for root in self.roots:
+            if root.is_dir():
+                for child in sorted(root.iterdir()):
+                    if NAME_PATTERN.match(child.name) and child.name not in self.unloaded and is_adapter_dir(child):
+                        found.setdefault(child.name, child.resolve())
+        found.update(self.paths)
+        return found
+
+    def path_of(self, name: str) -> Path:
+        self.check_name(name)
+        if name in self.paths:
+            return self.paths[name]
+        if name in self.unloaded:
+            raise UnknownAdapterNameError(f"adapter {name!r} was unloaded")
+        for root in self.roots:
+            candidate = root / name
+            if is_adapter_dir(candidate):
+                return self.check_path(candidate)
+        raise UnknownAdapterNameError(f"adapter {name!r} does not exist")
+
+    def forget(self, name: str) -> None:
+        """Unload: the name is unknown from now on (until loaded again, as a new version)."""
+        self.paths.pop(name, None)
+        self.unloaded.add(name)
+        self.host.pop(name, None)
+        self.pinned.discard(name)
+        self.counters.unloads += 1
+
+    def is_known(self, name: str) -> bool:
+        try:
+            self.path_of(name)
+        except AdapterError:
+            return False
+        return True
+
+    # ---- reading ----
+    def _read(self, name: str, path: Path) -> MaloraAdapter:
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        if size > self.max_adapter_bytes:
+            raise AdapterTooLargeError(f"{path}: {size} bytes exceeds the cap of {self.max_adapter_bytes}")
+        return load_adapter(path, self.module_shapes)
+
+    async def fetch(self, name: str) -> HostAdapter:
+        """The current version of `name` from host memory, read from disk when absent (lazy loading)."""
+        if name in self.host:
+            self.host.move_to_end(name)
+            return self.host[name]
+        path = self.path_of(name)
+        return await self._single_flight(name, lambda: self._read_and_commit(name, path, new_version=False))
+
+    async def load(self, name: str, path: str | Path, pinned: bool = False, trusted: bool = False) -> HostAdapter:
+        """Load (or reload, as a new version) `name` from `path`. Nothing changes if the files are invalid."""
+        self.check_name(name)
+        resolved = Path(path).resolve() if trusted else self.check_path(path)
+        if not resolved.is_dir():
+            raise AdapterNotFoundError(f"{path}: adapter directory not found")
+        entry = await self._single_flight(name, lambda: self._read_and_commit(name, resolved, new_version=True))
+        if pinned:
+            self.pinned.add(name)
+            entry.pinned = True
+        return entry
+
+    async def _single_flight(self, name: str, work) -> HostAdapter:
+        pending = self._inflight.get(name)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[HostAdapter] = asyncio.get_running_loop().create_future()
+        self._inflight[name] = future
+        try:
+            entry = await work()
+            future.set_result(entry)
+            return entry
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self._inflight.pop(name, None)
+
+    async def _read_and_commit(self, name: str, path: Path, new_version: bool) -> HostAdapter:
+        started = time.perf_counter()
+        adapter = await asyncio.to_thread(self._read, name, path)
+        elapsed = time.perf_counter() - started
+        # Commit only after a successful read: a bad reload leaves the old version serving.
+        version = self.versions.get(name)
+        is_reload = new_version and (name in self.paths or name in self.host)
+        if version is None or new_version:
+            version = (version or 0) + 1
+            self.versions[name] = version
+        if new_version:
+            self.paths[name] = path
+            self.unloaded.discard(name)
+        entry = HostAdapter(name, version, adapter, path, elapsed, pinned=name in self.pinned)
+        self._remember(entry)
+        if is_reload:
+            self.counters.reloads += 1
+        else:
+            self.counters.loads += 1
+        self.counters.load_seconds.append(elapsed)
+        log.info("read adapter %s v%d from %s in %.0f ms", name, version, path, elapsed * 1e3)
+        return entry
+
+    def _remember(self, entry: HostAdapter) -> None:
+        self.host[entry.name] = entry
+        self.host.move_to_end(entry.name)
+        while len(self.host) > self.max_cpu_adapters:
+            victim = next((n for n in self.host if n not in self.pinned and n != entry.name), None)
+            if victim is None:
+                break
+            del self.host[victim]
+            self.counters.host_evictions += 1
+            if self._on_host_evict is not None:
+                self._on_host_evict(victim)
