@@ -1,0 +1,56 @@
+"""`create_app()`: the FastAPI application around an engine client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI
+
+from . import __version__
+from .adapters import AdapterCatalog
+from .engine_client import EngineClient
+from .errors import install_error_handlers
+from .middleware import AuthMiddleware, BodyLimitMiddleware
+from .routes import router
+from .serving import ServerState
+from .serving_chat import ChatServing
+from .serving_completions import CompletionServing
+from .serving_models import ModelsServing
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(engine: EngineClient | None, settings: ServerSettings, catalog: AdapterCatalog | None = None) -> FastAPI:
+    """The API over `engine` (None: not ready yet; set `app.state.server.engine` later).
+
+    The app's lifespan starts the engine and, on shutdown, lets in-flight requests finish up to
+    `settings.shutdown_timeout` before stopping it.
+    """
+    state = ServerState(settings, engine, catalog, settings.served_model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if state.engine is not None:
+            state.engine.start()
+            log.info("ready: model %s, %d adapter(s)", state.base_model,
+                     len(catalog.entries) if catalog is not None else 0)
+        yield
+        state.draining = True
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
+
+    app = FastAPI(title="MALoRA Serve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible API for one base model and many MALoRA adapters.")
+    app.state.server = state
+    app.state.completions = CompletionServing(state)
+    app.state.chat = ChatServing(state)
+    app.state.models = ModelsServing(state, int(time.time()))
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, open_health=settings.open_health)
+    return app

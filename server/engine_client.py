@@ -1,0 +1,54 @@
+"""The seam between the HTTP server and the engine: the server depends on this interface only.
+
+`malora_runtime.engine.async_engine.AsyncEngine` implements it; tests may pass a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from malora_runtime.adapters.format import MaloraAdapter
+from malora_runtime.engine.outputs import EngineStats, RequestOutput
+from malora_runtime.sampling_params import SamplingParams
+
+
+class EngineClient(Protocol):
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; the last has `finished` set. Closing the stream aborts it."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def add_adapter(self, name: str, adapter: MaloraAdapter) -> int: ...
+
+    async def remove_adapter(self, name: str) -> None: ...
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        """Raise an `EngineRequestError` for a request the engine cannot serve."""
+        ...
+
+    def adapter_names(self) -> list[str]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let running ones finish up to `timeout`, then stop."""
+        ...

@@ -1,0 +1,80 @@
+"""ASGI middleware: request body size limit (413) and bearer-key authentication (401).
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware, so streaming responses and client
+disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import APIError
+
+OPEN_PATHS = ("/health", "/ready", "/version", "/metrics")
+DOC_PATHS = ("/openapi.json", "/docs", "/redoc")
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes`: by Content-Length up front, or while the body streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await APIError(400, "invalid Content-Length").response()(scope, receive, send)
+                if declared > self.max_bytes:
+                    return await too_large.response()(scope, receive, send)
+        # Read the body here (bounded), then replay it; later receives (disconnects) go straight through.
+        chunks: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunks.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await too_large.response()(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return chunks.pop(0) if chunks else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class AuthMiddleware:
+    """With keys configured, every path but the open ones needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], open_health: bool) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+        self.open_paths = DOC_PATHS + (OPEN_PATHS if open_health else ())
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        # compare against every key so timing does not reveal which one nearly matched
+        return any([hmac.compare_digest(token, key) for key in self.keys])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths or self._authorized(scope):
+            return await self.app(scope, receive, send)
+        error = APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                         code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await error.response()(scope, receive, send)

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from .. import __version__
+from ..protocol import EngineStatsResponse, StatusResponse, VersionResponse
+from .deps import ERROR_RESPONSES, state
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=StatusResponse)
+async def health() -> StatusResponse:
+    """The process is alive (says nothing about the model)."""
+    return StatusResponse(status="ok")
+
+
+@router.get("/ready", response_model=StatusResponse, responses={503: ERROR_RESPONSES[503]})
+async def ready(request: Request) -> StatusResponse:
+    """The model is loaded and the engine thread is stepping; 503 otherwise."""
+    state(request).require_engine()
+    return StatusResponse(status="ready")
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version(request: Request) -> VersionResponse:
+    server = state(request)
+    return VersionResponse(version=__version__, model=server.base_model if server.engine is not None else None)
+
+
+@router.get("/v1/engine/stats", response_model=EngineStatsResponse, responses=ERROR_RESPONSES)
+async def engine_stats(request: Request) -> EngineStatsResponse:
+    """Scheduler and KV cache counters (for load tests and dashboards)."""
+    server = state(request)
+    stats = server.require_engine().stats()
+    return EngineStatsResponse(
+        num_running=stats.num_running, num_waiting=stats.num_waiting, num_admitted=server.num_admitted,
+        kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
+        num_preemptions=stats.num_preemptions, num_steps=stats.num_steps,
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+    )

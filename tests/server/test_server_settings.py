@@ -1,0 +1,69 @@
+"""Flags, `MALORA_*` environment variables, adapter discovery and start-up errors (no model needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_helpers import REPO_ROOT
+
+from server.adapters import discover
+from server.main import main
+from server.settings import parse_settings
+
+
+def test_defaults_env_and_flags():
+    s = parse_settings([], env={})
+    assert (s.host, s.port, s.api_keys, s.adapters, s.engine.model) == ("127.0.0.1", 8000, [], {}, None)
+    env = {"MALORA_PORT": "9001", "MALORA_API_KEY": "a,b", "MALORA_MAX_NUM_SEQS": "8",
+           "MALORA_KV_CACHE_MEMORY": "1000000", "MALORA_OPEN_HEALTH": "false", "MALORA_ADAPTER": "x=/tmp/x,y=/y"}
+    s = parse_settings([], env=env)
+    assert (s.port, s.api_keys, s.engine.max_num_seqs, s.engine.kv_cache_memory) == (9001, ["a", "b"], 8, 1000000)
+    assert s.open_health is False and s.adapters == {"x": Path("/tmp/x"), "y": Path("/y")}
+    s = parse_settings(["--port", "9002", "--api-key", "c", "--adapter", "z=/z", "--max-num-batched-tokens", "64"],
+                       env=env)
+    assert (s.port, s.api_keys, s.adapters, s.engine.max_num_batched_tokens) == (9002, ["c"], {"z": Path("/z")}, 64)
+    assert s.max_admitted == 8 + s.max_waiting
+
+
+@pytest.mark.parametrize("argv", [["--adapter", "nodir"], ["--adapter", "a=/x", "--adapter", "a=/y"],
+                                  ["--port", "-1"], ["--max-num-seqs", "0"], ["--port", "abc"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_settings(argv, env={})
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_env_value_exits_2():
+    with pytest.raises(SystemExit):
+        parse_settings([], env={"MALORA_PORT": "eighty"})
+
+
+def test_help_lists_every_flag_and_env_name():
+    out = subprocess.run([sys.executable, "-m", "server.main", "--help"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--model", "--adapter", "--adapter-root", "--host", "--port", "--api-key", "--max-num-seqs",
+                 "--max-num-batched-tokens", "--kv-cache-memory", "--max-waiting", "--shutdown-timeout"):
+        assert flag in out
+        assert "MALORA_" + flag[2:].replace("-", "_").upper() in out
+
+
+def test_discover(tmp_path, caplog):
+    root = tmp_path / "root"
+    assert discover({}, root) == {}
+    assert "does not exist" in caplog.text
+    root.mkdir()
+    assert discover({}, root) == {}
+    for name, config in (("one", "malora_config.json"), ("two", "adapter_config.json"), ("junk", "notes.txt")):
+        (root / name).mkdir()
+        (root / name / config).write_text("{}")
+    found = discover({"one": tmp_path / "override"}, root)
+    assert found == {"one": tmp_path / "override", "two": root / "two"}
+
+
+def test_missing_adapter_directory_is_a_clear_startup_error(tmp_path, caplog):
+    assert main(["--adapter", f"ghost={tmp_path / 'nope'}"]) == 2
+    assert "ghost" in caplog.text and "not a directory" in caplog.text
