@@ -1,0 +1,1 @@
+"""Benchmarks behind `malora bench ...`: each module exposes `add_arguments(parser)` and `run(args)`."""

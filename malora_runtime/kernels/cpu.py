@@ -1,0 +1,251 @@
+"""The MALoRA delta on CPU in plain torch: batched products grouped by adapter, no loop over tokens.
+
+Strategy. The adapter tokens of the step (`TokenSlots.order`, already grouped by slot) are laid out
+as a padded block per adapter, `[m, L, d_in]` (m segments, L the longest); every product is then one
+`bmm` over the m adapters, reading each adapter's weights once:
+
+  z      = bmm(x_pad, S^T)              [m, L, d]       the shared projection, once per token
+  logits = bias + bmm(x_pad, G^T)       [m, L, N]
+  w      = route(logits)  (stable sort; k, norm, temperature and scale per adapter) -> dense [m, L, N]
+  u      = bmm(z, P^T) * w              [m, L, N r]     every expert: N r d is cheap
+  y      = bmm(u, [B_1^T; ...; B_N^T])  [m, L, d_out]   one contraction over (expert, r), dense:
+                                                         N/k times the needed flops, but one GEMM
+
+Decode (one token per adapter) is the case L = 1: the same few ops over all adapters at once.
+Segments of very different lengths are split into groups of similar length (`plan_groups`) so a
+long prefill segment does not pad many short decode segments. Weights are viewed, not copied, when
+a group's slots are a contiguous range; products are sliced to the group's real maxima of d, r, N
+(from `bank.infos`). Half-precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .slots import SlotBank, SlotInfo, TokenSlots
+
+# A segment joins the current group while it is at least half as long as the group's longest one,
+# or shorter by at most this many tokens (a few padded rows cost less than another group's ops).
+PAD_SLACK = 8
+
+
+@dataclass
+class SegmentGroup:
+    """Segments (of `TokenSlots.order`) padded together into one `[m, L, d_in]` block."""
+
+    slots: list[int]  # [m], ascending
+    starts: list[int]  # [m] offsets into `order`
+    lengths: list[int]  # [m]
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+
+def plan_groups(segments: list[tuple[int, int, int]], bank: SlotBank) -> list[SegmentGroup]:
+    """Split the active segments into groups of similar length; inactive slots are dropped."""
+    active = [seg for seg in segments if bank.infos[seg[0]] is not None]
+    active.sort(key=lambda seg: seg[2] - seg[1], reverse=True)
+    grouped: list[list[tuple[int, int, int]]] = []
+    width = 0
+    for seg in active:
+        length = seg[2] - seg[1]
+        if grouped and (2 * length >= width or width - length <= PAD_SLACK):
+            grouped[-1].append(seg)
+        else:
+            grouped.append([seg])
+            width = length
+    groups = []
+    for members in grouped:
+        members.sort()
+        groups.append(SegmentGroup([s for s, _, _ in members], [a for _, a, _ in members],
+                                   [b - a for _, a, b in members]))
+    return groups
+
+
+_TRANSPOSED_B: dict[int, tuple[int, torch.Tensor]] = {}  # id(bank.B) -> (its version, B^T)
+
+
+def transposed_b(bank: SlotBank) -> torch.Tensor:
+    """bank.B as [num_slots, n_max, r_max, d_out] (each B_t transposed), so that the sum over experts
+    is one contraction of length N r. Cached per B tensor and rebuilt when its version counter moves
+    (`set_slot` / `clear_slot` write B in place); costs one more copy of B in memory."""
+    B = bank.B
+    try:
+        version = B._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: no cache
+        return B.transpose(-1, -2).contiguous()
+    key = id(B)
+    hit = _TRANSPOSED_B.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(B, _TRANSPOSED_B.pop, key, None)
+    transposed = B.transpose(-1, -2).contiguous()
+    _TRANSPOSED_B[key] = (version, transposed)
+    return transposed
+
+
+def _slot_view(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """tensor[slots] as a view when the slots are a contiguous range, else a gathered copy."""
+    lo, hi = slots[0], slots[-1] + 1
+    if hi - lo == len(slots):
+        return tensor[lo:hi]
+    return tensor[torch.tensor(slots, device=tensor.device)]
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [..., k] of the k largest scores, ties to the lower index (as
+    `reference.stable_topk`): k rounds of `max`, which returns the first maximal index, for small k;
+    a stable sort otherwise. Rounds past a row's finite values may repeat an index; such positions
+    are beyond that adapter's top_k and get weight 0."""
+    if k > 4:
+        values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+        return values[..., :k], indices[..., :k]
+    remaining = scores.clone()
+    values, indices = [], []
+    for j in range(k):
+        value, index = remaining.max(dim=-1, keepdim=True)
+        values.append(value)
+        indices.append(index)
+        if j + 1 < k:
+            remaining.scatter_(-1, index, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
+
+
+def _route(
+    logits: torch.Tensor, infos: list[SlotInfo], k_max: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-adapter routing of padded logits [m, L, N] -> (chosen [m, L, k], weights [m, L, k], k mask).
+
+    Positions j >= an adapter's own top_k get weight 0 and are False in the mask (None: all valid).
+    """
+    m = logits.shape[0]
+    dev = logits.device
+    temps = [info.router_temperature for info in infos]
+    if any(t != 1.0 for t in temps):
+        logits = logits / torch.tensor(temps, dtype=logits.dtype, device=dev).view(m, 1, 1)
+    top, chosen = _top_k(logits, k_max)
+    ks = [info.top_k for info in infos]
+    kmask = None
+    if any(k != k_max for k in ks):
+        kmask = torch.arange(k_max, device=dev) < torch.tensor(ks, device=dev).view(m, 1, 1)
+        top = top.masked_fill(~kmask, float("-inf"))
+    weights = torch.exp(top - top[..., :1])  # softmax numerators; the first chosen is the row max
+    firsts = [info.softmax_first for info in infos]
+    if not any(firsts):
+        return chosen, weights / weights.sum(-1, keepdim=True), kmask
+    denom_all = torch.exp(logits - top[..., :1]).sum(-1, keepdim=True)
+    if all(firsts):
+        return chosen, weights / denom_all, kmask
+    denom = torch.where(torch.tensor(firsts, device=dev).view(m, 1, 1), denom_all, weights.sum(-1, keepdim=True))
+    return chosen, weights / denom, kmask
+
+
+def _run_group(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    bank: SlotBank,
+    order: torch.Tensor,
+    group: SegmentGroup,
+    expert_counts: torch.Tensor | None,
+) -> None:
+    """y[tokens of the group] += the group's MALoRA delta (scaled)."""
+    infos = [bank.infos[s] for s in group.slots]
+    m, width, dev = len(group.slots), group.width, x.device
+    d, r, n = (max(getattr(info, f) for info in infos) for f in ("d", "r", "num_experts"))
+    k_max = max(info.top_k for info in infos)
+    f32 = torch.float32
+
+    first, padded = group.starts[0], any(length != width for length in group.lengths)
+    if not padded and group.starts == list(range(first, first + m * width, width)):
+        tokens, valid = order[first: first + m * width].view(m, width), None  # consecutive, unpadded
+    else:
+        steps = torch.arange(width, device=dev)
+        lengths = torch.tensor(group.lengths, device=dev).view(m, 1)
+        valid = steps < lengths  # [m, L]; padded rows repeat the segment's first token, weight 0
+        starts = torch.tensor(group.starts, device=dev).view(m, 1)
+        tokens = order[starts + torch.where(valid, steps, 0)]
+        valid = valid if padded else None
+    xp = x.index_select(0, tokens.view(-1)).view(m, width, -1).to(f32)
+
+    S = _slot_view(bank.S, group.slots)[:, :d].to(f32)
+    G = _slot_view(bank.G, group.slots)[:, :n].to(f32)
+    bias = _slot_view(bank.router_bias, group.slots)[:, :n].to(f32)
+    z = torch.bmm(xp, S.transpose(1, 2))  # [m, L, d]
+    logits = torch.baddbmm(bias.unsqueeze(1), xp, G.transpose(1, 2))  # [m, L, n]
+    chosen, weights, kmask = _route(logits, infos, k_max)
+
+    row_scale = torch.tensor([info.scale for info in infos], dtype=f32, device=dev).view(m, 1)
+    if valid is not None:
+        row_scale = row_scale * valid
+    weights = weights * row_scale.unsqueeze(-1)  # [m, L, k], the scale folded in
+    P = _slot_view(bank.P, group.slots)[:, :n, :r, :d].to(f32).reshape(m, n * r, d)
+    u = torch.bmm(z, P.transpose(1, 2)).view(m, width, n, r)
+    Bt = transposed_b(bank)  # [num_slots, n_max, r_max, d_out]
+    if width == 1:
+        # Decode: read only the chosen experts' B^T (m k r d_out instead of m N r d_out), and sum
+        # over the k choices inside one contraction of length k r.
+        ids = torch.tensor(group.slots, device=dev).view(m, 1, 1) * Bt.shape[1] + chosen
+        picked = Bt.flatten(0, 1).index_select(0, ids.view(-1))[:, :r].to(f32)  # [m k, r, d_out]
+        u = u.view(m, n, r).gather(1, chosen.view(m, k_max, 1).expand(m, k_max, r)) * weights.view(m, k_max, 1)
+        out = torch.bmm(u.view(m, 1, k_max * r), picked.reshape(m, k_max * r, -1))  # [m, 1, d_out]
+    else:
+        dense = torch.zeros(m, width, n, dtype=f32, device=dev)
+        dense.scatter_add_(-1, chosen, weights)  # [m, L, n]
+        u = (u * dense.unsqueeze(-1)).view(m, width, n * r)
+        Bt = _slot_view(Bt, group.slots)[:, :n, :r].to(f32).reshape(m, n * r, -1)
+        out = torch.bmm(u, Bt)  # [m, L, d_out]: every expert in one contraction
+    y.index_add_(0, tokens.view(-1), out.view(m * width, -1).to(y.dtype))
+
+    if expert_counts is not None:
+        hits = torch.ones_like(chosen, dtype=torch.int64)
+        if kmask is not None:
+            hits = hits * kmask
+        if valid is not None:
+            hits = hits * valid.unsqueeze(-1)
+        per_slot = torch.zeros(m, n, dtype=torch.int64, device=dev)
+        per_slot.scatter_add_(1, chosen.reshape(m, -1), hits.reshape(m, -1))
+        expert_counts[:, :n].index_add_(0, torch.tensor(group.slots, device=dev), per_slot)
+
+
+@torch.no_grad()
+def add_malora_delta_cpu(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    bank: SlotBank,
+    token_slots: TokenSlots,
+    expert_counts: torch.Tensor | None = None,
+) -> None:
+    """Semantics:
+      y[i] += scale[s] * sum_{t in T_i} w_it B[s, t] (P[s, t] (S[s] x[i]))   for s = slots[i] != -1
+    with T_i, w_i the routing of logits G[s] x[i] + router_bias[s] (see `reference.route`).
+    y [T, d_out] (updated in place), x [T, d_in]; expert_counts [num_slots, n_max] int64 gets +1
+    for every (token, chosen expert). Tokens without a slot, or of an inactive slot, are untouched.
+    """
+    for group in plan_groups(token_slots.segments, bank):
+        _run_group(y, x, bank, token_slots.order, group, expert_counts)
+
+
+def malora_delta_cpu(
+    x: torch.Tensor,
+    bank: SlotBank,
+    token_slots: TokenSlots,
+    out: torch.Tensor | None = None,
+    expert_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics:
+      out[i] = scale[s] * sum_{t in T_i} w_it B[s, t] (P[s, t] (S[s] x[i]))   for s = slots[i] != -1
+      out[i] = 0                                                           otherwise
+    x [T, d_in] (float32, bfloat16 or float16) -> out [T, d_out] in x's dtype; every row is written.
+    The per-slot scale is included, as in `reference.malora_delta_reference`.
+    """
+    if out is None:
+        out = torch.zeros(x.shape[0], bank.d_out, dtype=x.dtype, device=x.device)
+    else:
+        out.zero_()
+    add_malora_delta_cpu(out, x, bank, token_slots, expert_counts)
+    return out

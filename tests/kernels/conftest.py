@@ -1,0 +1,186 @@
+"""Shared builders for kernel tests: random adapters, banks, token slot lists, the float64 reference.
+
+Every test draws a fresh seed (or `MALORA_TEST_SEED` to replay one) and every assertion message
+names it. `make_case(...)` returns a `Case`: the packed batch, its `SlotBank`, its `TokenSlots`,
+and the float64 reference of the whole heterogeneous batch, computed per slot with
+`reference.malora_delta_reference` on the same dtype-rounded inputs the fast path sees.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from malora_runtime.adapters.format import ModuleSpec, ModuleWeights
+from malora_runtime.kernels.reference import malora_delta_reference, route
+from malora_runtime.kernels.slots import NO_SLOT, SlotBank, TokenSlots
+
+# max |out - ref| / max |ref| allowed per input dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+# Adapters of different d, r, N, top_k, router norms, bias and temperature.
+MIXED_SPECS = [
+    ModuleSpec(d=8, r=4, num_experts=4, top_k=2, alpha=8.0),
+    ModuleSpec(d=16, r=2, num_experts=1, top_k=1, alpha=4.0),  # LoRA: N = 1
+    ModuleSpec(d=5, r=3, num_experts=6, top_k=6, alpha=3.0, router_norm="softmax_topk",
+               router_temperature=0.7, router_bias=True),  # dense: k = N
+    ModuleSpec(d=12, r=8, num_experts=8, top_k=3, alpha=16.0, router_temperature=1.5, router_bias=True),
+    ModuleSpec(d=7, r=5, num_experts=5, top_k=2, alpha=5.0, router_norm="softmax_topk"),
+]
+
+
+def make_weights(spec: ModuleSpec, d_in: int, d_out: int, gen: torch.Generator) -> ModuleWeights:
+    def randn(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    n = spec.num_experts
+    return ModuleWeights(
+        spec,
+        S=randn(spec.d, d_in, std=d_in**-0.5),
+        G=randn(n, d_in, std=2 * d_in**-0.5),
+        P=randn(n, spec.r, spec.d, std=spec.d**-0.5),
+        B=randn(n, d_out, spec.r, std=spec.r**-0.5),
+        router_bias=randn(n, std=0.5) if spec.router_bias else None,
+    )
+
+
+def make_bank(weights: list[ModuleWeights | None], dtype: torch.dtype, extra: int = 1) -> SlotBank:
+    """A bank with one slot per entry (None: inactive slot), maxima `extra` above the largest sizes."""
+    real = [w for w in weights if w is not None]
+    d_in, d_out = real[0].d_in, real[0].d_out
+    bank = SlotBank.allocate(
+        len(weights), d_in, d_out,
+        d_max=max(w.spec.d for w in real) + extra,
+        r_max=max(w.spec.r for w in real) + extra,
+        n_max=max(w.spec.num_experts for w in real) + extra,
+        dtype=dtype,
+    )
+    for slot, w in enumerate(weights):
+        if w is not None:
+            bank.set_slot(slot, w)
+    return bank
+
+
+def reference_batch(
+    x: torch.Tensor, slots: list[int], weights: list[ModuleWeights | None], dtype: torch.dtype, n_max: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 delta [T, d_out], expected expert counts [num_slots, n_max]) of a heterogeneous batch."""
+    x64 = x.double()
+    out = torch.zeros(x.shape[0], real_d_out(weights), dtype=torch.float64)
+    counts = torch.zeros(len(weights), n_max, dtype=torch.int64)
+    for slot in sorted(set(slots) - {NO_SLOT}):
+        w = weights[slot]
+        if w is None:
+            continue
+        rows = torch.tensor([i for i, s in enumerate(slots) if s == slot])
+        t64 = {name: t.to(dtype).double() for name, t in w.tensors().items()}
+        spec = w.spec
+        out[rows] = malora_delta_reference(
+            x64[rows], t64["S"], t64["G"], t64["P"], t64["B"], spec.scale, spec.top_k,
+            t64.get("router_bias"), spec.router_norm, spec.router_temperature,
+        )
+        logits = x64[rows] @ t64["G"].T + t64.get("router_bias", 0.0)
+        chosen, _ = route(logits, spec.top_k, spec.router_norm, spec.router_temperature)
+        counts[slot, : spec.num_experts] += torch.bincount(chosen.flatten(), minlength=spec.num_experts)
+    return out, counts
+
+
+def real_d_out(weights: list[ModuleWeights | None]) -> int:
+    return next(w for w in weights if w is not None).d_out
+
+
+@dataclass
+class Case:
+    seed: int
+    dtype: torch.dtype
+    x: torch.Tensor  # [T, d_in] in dtype
+    slots: list[int]  # [T]
+    bank: SlotBank
+    token_slots: TokenSlots
+    expected: torch.Tensor  # [T, d_out] float64
+    expected_counts: torch.Tensor  # [num_slots, n_max] int64
+
+    def poisoned(self) -> torch.Tensor:
+        return torch.full(self.expected.shape, float("nan"), dtype=self.dtype)
+
+    def new_counts(self) -> torch.Tensor:
+        return torch.zeros_like(self.expected_counts)
+
+    def check(self, out: torch.Tensor, label: str, counts: torch.Tensor | None = None) -> None:
+        where = f"[{label}, dtype={self.dtype}, T={len(self.slots)}, seed={self.seed}]"
+        assert out.dtype == self.dtype and out.shape == self.expected.shape, where
+        assert not torch.isnan(out).any(), f"unwritten (NaN) elements {where}"
+        none = torch.tensor([s == NO_SLOT or self.bank.infos[s] is None for s in self.slots])
+        assert (out[none] == 0).all(), f"tokens without an adapter got a delta {where}"
+        scale = self.expected.abs().max().clamp_min(1e-12)
+        error = float((out.double() - self.expected).abs().max() / scale)
+        assert error <= TOLERANCE[self.dtype], f"relative error {error:.3g} > {TOLERANCE[self.dtype]} {where}"
+        if counts is not None:
+            assert torch.equal(counts, self.expected_counts), f"expert_counts differ {where}"
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(os.environ.get("MALORA_TEST_SEED", random.randrange(2**31)))
+
+
+def random_slots(gen: torch.Generator, num_tokens: int, num_slots: int, none_fraction: float) -> list[int]:
+    picks = torch.randint(0, num_slots, (num_tokens,), generator=gen).tolist()
+    drop = (torch.rand(num_tokens, generator=gen) < none_fraction).tolist()
+    return [NO_SLOT if d else s for s, d in zip(picks, drop)]
+
+
+@pytest.fixture
+def make_case(seed: int) -> Callable[..., Case]:
+    """make_case(specs, num_tokens | slots=, d_in=37, d_out=45, dtype=float32, ...) -> Case.
+
+    `specs` entries may be None (an inactive slot). `transform(weights, x, gen)` may edit the random
+    weights and input in place before the bank is built (for ties). Slots default to random over
+    all slots with `none_fraction` of the tokens on the base model.
+    """
+
+    def build(
+        specs: list[ModuleSpec | None],
+        num_tokens: int = 0,
+        *,
+        slots: list[int] | None = None,
+        d_in: int = 37,
+        d_out: int = 45,
+        dtype: torch.dtype = torch.float32,
+        none_fraction: float = 0.15,
+        transform: Callable[[list[ModuleWeights | None], torch.Tensor, torch.Generator], None] | None = None,
+    ) -> Case:
+        gen = torch.Generator().manual_seed(seed)
+        weights = [None if s is None else make_weights(s, d_in, d_out, gen) for s in specs]
+        if slots is None:
+            slots = random_slots(gen, num_tokens, len(specs), none_fraction)
+        x = torch.randn(len(slots), d_in, generator=gen)
+        if transform is not None:
+            transform(weights, x, gen)
+        x = x.to(dtype)
+        bank = make_bank(weights, dtype)
+        expected, counts = reference_batch(x, slots, weights, dtype, bank.maxima[2])
+        return Case(seed, dtype, x, slots, bank, TokenSlots.from_list(slots), expected, counts)
+
+    return build
+
+
+def make_ties(weights: list[ModuleWeights | None], x: torch.Tensor, gen: torch.Generator) -> None:
+    """Dyadic x and G (exact in every dtype and summation order), G rows duplicated -> exact ties.
+
+    Every adapter's experts come in groups with identical router rows; the lower index must win.
+    """
+    x.copy_(torch.randint(-4, 5, x.shape, generator=gen) / 4)
+    for w in weights:
+        if w is None:
+            continue
+        n = w.spec.num_experts
+        base = torch.randint(-4, 5, (max(1, n // 2), w.d_in), generator=gen) / 4
+        w.G.copy_(base[torch.arange(n) % base.shape[0]])
+        if w.router_bias is not None:
+            w.router_bias.copy_((torch.arange(n) % base.shape[0]) / 8)

@@ -1,0 +1,99 @@
+"""The CPU path and the dispatch facade against the float64 reference of whole heterogeneous batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MIXED_SPECS, make_ties
+
+from malora_runtime.adapters.format import ModuleSpec
+from malora_runtime.kernels import dispatch
+from malora_runtime.kernels.cpu import malora_delta_cpu, plan_groups
+from malora_runtime.kernels.slots import NO_SLOT, TokenSlots
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def run_cpu(case):
+    out, counts = case.poisoned(), case.new_counts()
+    result = malora_delta_cpu(case.x, case.bank, case.token_slots, out=out, expert_counts=counts)
+    assert result is out
+    return out, counts
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 33, 257])
+def test_mixed_batch(make_case, dtype, num_tokens):
+    case = make_case([*MIXED_SPECS, None], num_tokens, dtype=dtype)
+    out, counts = run_cpu(case)
+    case.check(out, "cpu mixed", counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_router_ties_pick_the_lower_index(make_case, dtype, top_k):
+    specs = [ModuleSpec(d=6, r=3, num_experts=6, top_k=top_k, alpha=2.0),
+             ModuleSpec(d=4, r=2, num_experts=4, top_k=min(top_k, 4), alpha=1.0, router_bias=True,
+                        router_norm="softmax_topk", router_temperature=0.5)]
+    case = make_case(specs, 64, dtype=dtype, transform=make_ties)
+    out, counts = run_cpu(case)
+    case.check(out, f"cpu ties k={top_k}", counts)
+
+
+@pytest.mark.parametrize("spec", [
+    ModuleSpec(d=9, r=9, num_experts=1, top_k=1, alpha=9.0),
+    ModuleSpec(d=6, r=2, num_experts=5, top_k=5, alpha=1.0),
+    ModuleSpec(d=6, r=2, num_experts=5, top_k=5, alpha=1.0, router_norm="softmax_topk", router_bias=True),
+    ModuleSpec(d=3, r=4, num_experts=7, top_k=2, alpha=3.0, router_temperature=0.25, router_bias=True),
+], ids=["lora", "k=N", "k=N-softmax_topk-bias", "temperature-bias"])
+def test_single_adapter_kinds(make_case, spec):
+    case = make_case([spec], 57, none_fraction=0.0)
+    out, counts = run_cpu(case)
+    case.check(out, "cpu single", counts)
+
+
+def test_decode_every_token_its_own_adapter(make_case):
+    specs = [MIXED_SPECS[i % len(MIXED_SPECS)] for i in range(32)]
+    case = make_case(specs, slots=list(range(31, -1, -1)), d_in=64, d_out=40)
+    out, counts = run_cpu(case)
+    case.check(out, "cpu decode", counts)
+
+
+def test_skewed_segments_split_into_groups(make_case):
+    slots = [0] * 150 + list(range(1, 9)) + [NO_SLOT] * 3 + [3] * 20
+    case = make_case([MIXED_SPECS[i % len(MIXED_SPECS)] for i in range(9)], slots=slots)
+    assert len(plan_groups(case.token_slots.segments, case.bank)) > 1
+    out, counts = run_cpu(case)
+    case.check(out, "cpu skewed", counts)
+
+
+def test_only_base_and_inactive_tokens_give_zero(make_case):
+    case = make_case([MIXED_SPECS[0], None], slots=[NO_SLOT, 1, 1, NO_SLOT])
+    out, counts = run_cpu(case)
+    assert torch.equal(out, torch.zeros_like(out)) and not counts.any(), f"seed={case.seed}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+def test_dispatch_adds_into_y(make_case, monkeypatch, backend):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
+    case = make_case([*MIXED_SPECS, None], 70)
+    base = torch.randn(case.expected.shape)
+    y, counts = base.clone(), case.new_counts()
+    dispatch.add_malora_delta(y, case.x, case.bank, case.token_slots, counts)
+    case.check(y - base, f"dispatch {backend}", counts)
+
+
+def test_dispatch_without_adapters_returns_at_once(make_case, monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "no-such-backend")  # never read: nothing to do
+    case = make_case([MIXED_SPECS[0]], slots=[0])
+    y = torch.randn(3, case.bank.d_out)
+    before = y.clone()
+    dispatch.add_malora_delta(y, torch.randn(3, case.bank.d_in), case.bank, TokenSlots.from_list([NO_SLOT] * 3))
+    assert torch.equal(y, before)
+
+
+def test_dispatch_rejects_unknown_backend(make_case, monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "gpu-please")
+    case = make_case([MIXED_SPECS[0]], slots=[0])
+    with pytest.raises(ValueError, match="MALORA_KERNEL_BACKEND"):
+        dispatch.add_malora_delta(torch.zeros(1, case.bank.d_out), case.x, case.bank, case.token_slots)

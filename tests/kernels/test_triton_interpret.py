@@ -1,0 +1,95 @@
+"""The Triton kernel, both launch modes, run by Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before `triton.jit` wraps the kernel, so it is set here at import
+time and the kernel module is (re)loaded after it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import MIXED_SPECS, make_ties  # noqa: E402
+
+from malora_runtime.adapters.format import ModuleSpec  # noqa: E402
+from malora_runtime.kernels.slots import NO_SLOT  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
+if "malora_runtime.kernels.triton_malora" in sys.modules:
+    importlib.reload(sys.modules["malora_runtime.kernels.triton_malora"])
+from malora_runtime.kernels import dispatch  # noqa: E402
+from malora_runtime.kernels import triton_malora as tm  # noqa: E402
+
+MODES = ["token", "tile"]
+
+
+def run_triton(case, mode):
+    out, counts = case.poisoned(), case.new_counts()
+    result = tm.malora_delta_triton(case.x, case.bank, case.token_slots, out=out, expert_counts=counts, mode=mode)
+    assert result is out
+    return out, counts
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 40])
+def test_mixed_batch(make_case, mode, dtype, num_tokens):
+    case = make_case([*MIXED_SPECS, None], num_tokens, dtype=dtype)
+    out, counts = run_triton(case, mode)
+    case.check(out, f"triton {mode} mixed", counts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_of_257_tokens(make_case, mode):
+    case = make_case([*MIXED_SPECS, None], 257, d_in=24, d_out=20, none_fraction=0.3)
+    out, counts = run_triton(case, mode)
+    case.check(out, f"triton {mode} 257", counts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_ties_pick_the_lower_index(make_case, mode, dtype, top_k):
+    specs = [ModuleSpec(d=6, r=3, num_experts=6, top_k=top_k, alpha=2.0),
+             ModuleSpec(d=4, r=2, num_experts=4, top_k=top_k + 1, alpha=1.0, router_bias=True,
+                        router_norm="softmax_topk", router_temperature=0.5)]
+    case = make_case(specs, 40, dtype=dtype, transform=make_ties)
+    out, counts = run_triton(case, mode)
+    case.check(out, f"triton {mode} ties k={top_k}", counts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", [
+    ModuleSpec(d=9, r=9, num_experts=1, top_k=1, alpha=9.0),
+    ModuleSpec(d=6, r=2, num_experts=5, top_k=5, alpha=1.0, router_norm="softmax_topk", router_bias=True),
+    ModuleSpec(d=3, r=4, num_experts=7, top_k=7, alpha=3.0, router_temperature=0.25, router_bias=True),
+], ids=["lora", "k=N-softmax_topk-bias", "k=N-temperature"])
+def test_single_adapter_kinds(make_case, mode, spec):
+    case = make_case([spec], 20, none_fraction=0.0)
+    out, counts = run_triton(case, mode)
+    case.check(out, f"triton {mode} single", counts)
+
+
+def test_base_and_inactive_tokens_cost_nothing(make_case):
+    case = make_case([MIXED_SPECS[0], None], slots=[NO_SLOT, 1, NO_SLOT, 1])
+    for mode in MODES:
+        out, counts = run_triton(case, mode)
+        assert torch.equal(out, torch.zeros_like(out)) and not counts.any(), f"{mode} seed={case.seed}"
+
+
+def test_mode_chooser_and_dispatch(make_case, monkeypatch):
+    decode = make_case(MIXED_SPECS, slots=[0, 1, 2, 3, 4, NO_SLOT])
+    prefill = make_case(MIXED_SPECS, slots=[2] * 30 + [NO_SLOT] + [4] * 9)
+    assert tm.choose_mode(decode.token_slots) == "token"
+    assert tm.choose_mode(prefill.token_slots) == "tile"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
+    for case in (decode, prefill):
+        base = torch.randn(case.expected.shape)
+        y = base.clone()
+        dispatch.add_malora_delta(y, case.x, case.bank, case.token_slots)
+        case.check(y - base, "dispatch triton")
