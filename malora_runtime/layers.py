@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapters.format import ModuleWeights
+from .kernels.dispatch import add_malora_delta
 from .kernels.reference import malora_delta_dense
 from .kernels.slots import SlotBank, TokenSlots
 
@@ -66,8 +67,6 @@ class MaloraLinear(nn.Module):
             return y + delta.reshape(*y.shape[:-1], -1).to(y.dtype)
         token_slots = self.context.token_slots
         if self.bank is not None and token_slots is not None and token_slots.any_adapter:
-            from .kernels.dispatch import add_malora_delta
-
             flat_y = y.view(-1, y.shape[-1])
             counts = self.context.expert_counts.get(self.path) if self.context.count_experts else None
             add_malora_delta(flat_y, x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts)

@@ -58,7 +58,8 @@ class AdapterSlots:
         self.dtype, self.device = param.dtype, param.device
         self.slots = [None] * self.num_slots
         self._activations = itertools.count(1)
-        self.evicted_names: list[str] = []  # appended on eviction, drained by the owner (for host-tier bookkeeping)
+        # Expert routing counts harvested from slots being cleared, until the next `harvest_expert_counts`.
+        self._harvested: dict[str, list[int]] = {}
 
     # ---- queries ----
     @property
@@ -132,7 +133,6 @@ class AdapterSlots:
             if self.current.get(evicted.name) == slot:
                 del self.current[evicted.name]
                 self.num_evictions += 1
-                self.evicted_names.append(evicted.name)
                 log.info("evicted adapter %s from slot %d", evicted.name, slot)
             dropped.append(self._clear(slot))
         self._write(slot, adapter)
@@ -160,9 +160,36 @@ class AdapterSlots:
         state.retired = True
         return [self._clear(slot)] if state.refs == 0 else []
 
+    def harvest_expert_counts(self) -> dict[str, list[int]]:
+        """Tokens routed to each expert since the last harvest, by adapter name (summed over layers).
+
+        Reads and zeroes the device-side counters; call it at most about once a second.
+        """
+        for slot, state in enumerate(self.slots):
+            if state is not None:
+                self._harvest_slot(slot, state)
+        harvested, self._harvested = self._harvested, {}
+        return harvested
+
+    def _harvest_slot(self, slot: int, state: SlotState) -> None:
+        counts = [c[slot] for c in self.context.expert_counts.values()]
+        if not counts:
+            return
+        width = max(c.shape[0] for c in counts)
+        total = torch.zeros(width, dtype=torch.int64)
+        for c in counts:
+            total[:c.shape[0]] += c.cpu()
+            c.zero_()
+        n = max((w.spec.num_experts for w in state.adapter.modules.values()), default=width)
+        merged = self._harvested.setdefault(state.name, [0] * n)
+        for expert, value in enumerate(total[:n].tolist()):
+            if expert < len(merged):
+                merged[expert] += value
+
     def _clear(self, slot: int) -> int:
         state = self.slots[slot]
         assert state is not None
+        self._harvest_slot(slot, state)
         for layer in self.layers().values():
             if layer.bank is not None:
                 layer.bank.clear_slot(slot)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..adapters.format import MaloraAdapter
@@ -28,8 +29,26 @@ from .outputs import EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-StepListener = Callable[[float, int, int], None]  # (seconds, tokens, sequences) per step
+StepListener = Callable[[float, int, int], None]  # (seconds, tokens computed, sequences) per step
 AdapterProvider = Callable[[str], Awaitable[HostAdapter]]
+
+
+@dataclass
+class RequestRecord:
+    """What one finished request looked like, for metrics (times in seconds)."""
+
+    request_id: str
+    adapter: str | None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    queue_time: float | None = None
+    time_to_first_token: float | None = None
+    inter_token_latencies: list[float] = field(default_factory=list)
+    e2e_latency: float = 0.0
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+RequestListener = Callable[[RequestRecord], None]
 SLOT_RETRY_SECONDS = 0.02
 
 
@@ -46,6 +65,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.step_listeners: list[StepListener] = []
+        self.request_listeners: list[RequestListener] = []
         self.last_step_time = 0.0
 
     @classmethod
@@ -122,6 +142,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             started = time.perf_counter()
+            steps_before = self.engine.num_steps
             try:
                 outputs = self.engine.step()
             except Exception:  # a bug in a step must not leave every client hanging
@@ -131,9 +152,9 @@ class AsyncEngine:
                 continue
             elapsed = time.perf_counter() - started
             self.last_step_time = time.time()
-            num_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-            for listener in self.step_listeners:
-                listener(elapsed, num_tokens, len(outputs))
+            if self.engine.num_steps > steps_before:
+                for listener in self.step_listeners:
+                    listener(elapsed, self.engine.last_step_tokens, self.engine.last_step_seqs)
             for output in outputs:
                 self._deliver(output)
 
@@ -175,17 +196,40 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         finished = False
+        record = RequestRecord(request_id, adapter)
+        started = last = time.monotonic()
         try:
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                self._observe(record, item, started, last)
+                last = time.monotonic()
                 yield item
         finally:
             if not finished:
                 self._streams.pop(request_id, None)
                 self._submit(lambda: self.engine.abort(request_id))
+                record.finish_reasons = record.finish_reasons or ["abort"]
+            record.e2e_latency = time.monotonic() - started
+            for listener in self.request_listeners:
+                listener(record)
+
+    @staticmethod
+    def _observe(record: RequestRecord, output: RequestOutput, started: float, last: float) -> None:
+        now = time.monotonic()
+        new_tokens = sum(len(c.token_ids) for c in output.outputs)
+        record.prompt_tokens = len(output.prompt_token_ids)
+        if output.first_scheduled_time is not None and record.queue_time is None:
+            record.queue_time = max(0.0, output.first_scheduled_time - output.arrival_time)
+        if new_tokens:
+            if record.time_to_first_token is None:
+                record.time_to_first_token = now - started
+            else:
+                record.inter_token_latencies.append(now - last)
+        record.generation_tokens += new_tokens
+        record.finish_reasons.extend(c.finish_reason for c in output.outputs if c.finish_reason)
 
     async def _admit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                      adapter: str | None) -> None:

@@ -7,7 +7,8 @@ It is not thread-safe: `AsyncEngine` calls it from one thread.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -33,6 +34,8 @@ class _Request:
     detokenizers: list[IncrementalDetokenizer]
     num_logprobs_sent: list[int]
     adapter_slot: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
 
 
 def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -71,6 +74,8 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
+        self.last_step_tokens = 0  # tokens computed in the last step (prefill chunks + decodes)
+        self.last_step_seqs = 0  # sequences in the last step
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -141,7 +146,8 @@ class LLMEngine:
         self._drop_cache_keys(self.runner.adapters.release(request.adapter_slot))
         outputs = [CompletionOutput(i, d.flush(), [], None, "abort", None, s.num_output_tokens)
                    for i, (s, d) in enumerate(zip(request.seqs, request.detokenizers))]
-        return RequestOutput(request_id, request.prompt_token_ids, outputs, finished=True)
+        return RequestOutput(request_id, request.prompt_token_ids, outputs, finished=True,
+                             arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -152,6 +158,13 @@ class LLMEngine:
             return []
         chunks = [Chunk(s.seq.token_ids[s.start:s.end], s.start, s.seq.block_table, s.seq.adapter_slot, s.sample)
                   for s in scheduled.scheduled]
+        now = time.monotonic()
+        for s in scheduled.scheduled:
+            request = self.requests.get(s.seq.request_id)
+            if request is not None and request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        self.last_step_tokens = scheduled.num_batched_tokens
+        self.last_step_seqs = len(scheduled.scheduled)
         logits = self.runner.run(chunks)
         sampled_seqs = scheduled.sampled_seqs
         sampled = self.sampler(logits, sampled_seqs)
@@ -183,8 +196,9 @@ class LLMEngine:
             if seq.sampling_params.logprobs is not None:
                 logprobs = seq.output_logprobs[request.num_logprobs_sent[i]:]
                 request.num_logprobs_sent[i] = len(seq.output_logprobs)
-            out = by_request.setdefault(seq.request_id, RequestOutput(seq.request_id, request.prompt_token_ids,
-                                                                      num_cached_tokens=seq.num_cached_tokens))
+            out = by_request.setdefault(seq.request_id, RequestOutput(
+                seq.request_id, request.prompt_token_ids, num_cached_tokens=seq.num_cached_tokens,
+                arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time))
             out.outputs.append(CompletionOutput(i, text, [token], logprobs, seq.finish_reason, stop_reason,
                                                 seq.num_output_tokens))
         for request_id, out in by_request.items():
@@ -201,5 +215,6 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
-            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate, prefix_cache_hits=bm.prefix_cache_hits,
+            prefix_cache_queries=bm.prefix_cache_queries,
         )

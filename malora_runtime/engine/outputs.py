@@ -27,6 +27,8 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    arrival_time: float = 0.0  # time.monotonic() when the engine accepted the request
+    first_scheduled_time: float | None = None  # when its first chunk ran (queue time = this - arrival)
 
 
 @dataclass
@@ -38,3 +40,5 @@ class EngineStats:
     num_preemptions: int
     num_steps: int
     prefix_cache_hit_rate: float
+    prefix_cache_hits: int = 0  # prompt tokens served from the cache, cumulative
+    prefix_cache_queries: int = 0  # prompt tokens looked up, cumulative
