@@ -62,11 +62,16 @@ class ModelRunner:
         table = chunk.block_table
         return [table[p // bs] * bs + p % bs for p in range(chunk.start, chunk.start + len(chunk.token_ids))]
 
-    def _context_slots(self, chunk: Chunk) -> list[int]:
+    def _context_slots(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV slots of each sequence's first `length` tokens, padded: ([B, Lmax] int64, [B, Lmax] bool)."""
         bs = self.block_size
-        end = chunk.start + len(chunk.token_ids)
-        table = chunk.block_table
-        return [table[p // bs] * bs + p % bs for p in range(end)]
+        longest = max(lengths)
+        num_blocks = -(-longest // bs)
+        padded = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
+        table = torch.tensor(padded, dtype=torch.int64)  # [B, num_blocks]
+        slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)[:, :longest]
+        valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+        return slots.masked_fill(~valid, 0).to(self.device), valid.to(self.device)
 
     def prepare(
         self, chunks: list[Chunk]
@@ -78,7 +83,7 @@ class ModelRunner:
         token_slots: list[int] = []
         logit_rows: list[int] = []
         decode_rows: list[int] = []
-        decode_contexts: list[list[int]] = []
+        decode_chunks: list[Chunk] = []
         prefills: list[PrefillSpan] = []
         for chunk in chunks:
             row = len(input_ids)
@@ -91,24 +96,20 @@ class ModelRunner:
                 logit_rows.append(row + n - 1)
             if n == 1:
                 decode_rows.append(row)
-                decode_contexts.append(self._context_slots(chunk))
+                decode_chunks.append(chunk)
             elif chunk.start == 0:
                 prefills.append(PrefillSpan(row, n, None))
             else:
-                context = torch.tensor(self._context_slots(chunk), dtype=torch.int64, device=self.device)
-                prefills.append(PrefillSpan(row, n, context))
+                context, _ = self._context_slots([chunk.block_table], [chunk.start + n])
+                prefills.append(PrefillSpan(row, n, context[0]))
         meta = AttentionMetadata(self.pool, torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
                                  prefills=prefills)
         if decode_rows:
-            longest = max(len(c) for c in decode_contexts)
-            padded = torch.zeros(len(decode_rows), longest, dtype=torch.int64)
-            mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
-            for i, context in enumerate(decode_contexts):
-                padded[i, :len(context)] = torch.tensor(context)
-                mask[i, 0, 0, :len(context)] = True
+            slots, valid = self._context_slots([c.block_table for c in decode_chunks],
+                                               [c.start + 1 for c in decode_chunks])
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
-            meta.decode_slots = padded.to(self.device)
-            meta.decode_mask = mask.to(self.device)
+            meta.decode_slots = slots
+            meta.decode_mask = valid[:, None, None, :]
         ids = torch.tensor([input_ids], dtype=torch.int64, device=self.device)
         pos = torch.tensor([positions], dtype=torch.int64, device=self.device)
         return ids, pos, meta, token_slots, logit_rows
