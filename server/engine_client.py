@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from malora_runtime.adapters.format import MaloraAdapter
+from malora_runtime.adapters.registry import HostAdapter
 from malora_runtime.engine.outputs import EngineStats, RequestOutput
 from malora_runtime.sampling_params import SamplingParams
 
 
 class EngineClient(Protocol):
+    adapter_provider: Callable[[str], Awaitable[HostAdapter]] | None
+    """Where the engine gets an adapter's current version when a request names one not in a slot."""
+
     @property
     def tokenizer(self) -> Any: ...
 
@@ -35,9 +39,13 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def add_adapter(self, name: str, adapter: MaloraAdapter) -> int: ...
+    async def add_adapter(self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False) -> int:
+        """Copy `adapter` into a slot between steps as `name`'s current version; NoFreeSlotError when all are busy."""
+        ...
 
-    async def remove_adapter(self, name: str) -> None: ...
+    async def remove_adapter(self, name: str) -> None:
+        """New requests can no longer use `name`; running ones finish on their version first."""
+        ...
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         """Raise an `EngineRequestError` for a request the engine cannot serve."""

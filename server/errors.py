@@ -12,12 +12,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from malora_runtime.adapters.errors import AdapterError
+from malora_runtime.adapters.registry import UnknownAdapterNameError
 from malora_runtime.engine.errors import EngineRequestError, EngineShutdownError, UnknownAdapterError
+
+from .adapters import AdapterConflictError
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable_error"}
 
 
 class APIError(Exception):
@@ -63,6 +67,10 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, EngineRequestError):
         return invalid(str(exc), param="prompt")
+    if isinstance(exc, UnknownAdapterNameError):
+        return APIError(404, str(exc), code="adapter_not_found")
+    if isinstance(exc, AdapterConflictError):
+        return APIError(409, str(exc), code="adapter_exists")
     if isinstance(exc, AdapterError):
         return APIError(400, str(exc), code="invalid_adapter")
     if isinstance(exc, EngineShutdownError):
@@ -94,6 +102,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
+        return to_api_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,28 +9,33 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from .adapters import AdapterCatalog, discover
+from .adapters import AdapterManager
 from .app import create_app
 from .settings import ServerSettings, parse_settings
 
 log = logging.getLogger("malora.serve")
 
 
-def build_engine(settings: ServerSettings):
-    """The engine (not started yet) and the catalog of its adapters, loaded. Raises on a bad model or adapter."""
-    from malora_runtime.adapters import load_adapter
+def build_engine(settings: ServerSettings) -> tuple:
+    """The engine (not started yet) and its adapter manager, the command line's adapters read, validated and
+    activated. Raises on a bad model or adapter. Adapters under the roots are read on first use."""
+    from malora_runtime.adapters.registry import AdapterRegistry
     from malora_runtime.engine.async_engine import AsyncEngine
     from malora_runtime.patching import linear_shapes
 
-    paths = discover(settings.adapters, settings.adapter_root)
-    for name, path in paths.items():
+    for name, path in settings.adapters.items():
+        AdapterRegistry.check_name(name)
         if not path.is_dir():
             raise FileNotFoundError(f"adapter {name}: {path} is not a directory")
+    for root in settings.adapter_roots:
+        if not root.is_dir():
+            log.warning("adapter root %s does not exist; no adapters are found in it", root)
     engine = AsyncEngine.from_config(settings.engine)
-    shapes = linear_shapes(engine.engine.runner.model)
-    catalog = AdapterCatalog(engine, lambda path: load_adapter(path, shapes), settings.engine.max_loaded_adapters)
-    asyncio.run(catalog.load_all(paths))  # before the engine thread starts: runs inline
-    return engine, catalog
+    registry = AdapterRegistry(linear_shapes(engine.engine.runner.model), settings.adapter_roots,
+                               settings.max_cpu_adapters, settings.max_adapter_bytes)
+    manager = AdapterManager(engine, registry, settings.engine.max_loaded_adapters)
+    asyncio.run(manager.load_startup(settings.adapters, settings.pins))  # before the engine thread starts: inline
+    return engine, manager
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,11 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        engine, catalog = build_engine(settings)
+        engine, adapters = build_engine(settings)
     except (ValueError, OSError) as exc:  # bad model, adapter or setting: one clear line, no traceback
         log.error("cannot start: %s", exc)
         return 2
-    app = create_app(engine, settings, catalog)
+    app = create_app(engine, settings, adapters)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=settings.shutdown_timeout)
     log.info("listening on http://%s:%d (OpenAI base URL http://%s:%d/v1)", settings.host, settings.port,

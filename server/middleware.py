@@ -1,4 +1,4 @@
-"""ASGI middleware: request body size limit (413) and bearer-key authentication (401).
+"""ASGI middleware: request body size limit (413) and bearer-key authentication (401, 403).
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, so streaming responses and client
 disconnects pass through untouched.
@@ -12,8 +12,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError
 
-OPEN_PATHS = ("/health", "/ready", "/version", "/metrics")
+OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/dashboard", "/v1/dashboard/summary")
+OPEN_PREFIXES = ("/dashboard/",)  # the dashboard's static assets
 DOC_PATHS = ("/openapi.json", "/docs", "/redoc")
+ADMIN_PATHS = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+
+def is_admin_path(path: str) -> bool:
+    return path in ADMIN_PATHS or path.startswith("/v1/adapters/")
 
 
 class BodyLimitMiddleware:
@@ -56,25 +62,51 @@ class BodyLimitMiddleware:
 
 
 class AuthMiddleware:
-    """With keys configured, every path but the open ones needs `Authorization: Bearer <key>`."""
+    """With keys configured, every path but the open ones needs `Authorization: Bearer <key>`.
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], open_health: bool) -> None:
+    The adapter management paths take the admin key only (never an API key), and answer 403 when
+    the server has no admin key.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], open_health: bool, admin_key: str | None = None) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
+        self.admin_keys = [admin_key.encode()] if admin_key else []
         self.open_paths = DOC_PATHS + (OPEN_PATHS if open_health else ())
+        self.open_prefixes = OPEN_PREFIXES if open_health else ()
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _is_open(self, path: str) -> bool:
+        return path in self.open_paths or (bool(self.open_prefixes) and path.startswith(self.open_prefixes))
+
+    @staticmethod
+    def _authorized(scope: Scope, keys: list[bytes]) -> bool:
         header = dict(scope.get("headers", [])).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
             return False
         token = token.strip()
         # compare against every key so timing does not reveal which one nearly matched
-        return any([hmac.compare_digest(token, key) for key in self.keys])
+        return any([hmac.compare_digest(token, key) for key in keys])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths or self._authorized(scope):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        error = APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                         code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if is_admin_path(scope["path"]):
+            error = self._admin_error(scope)
+        elif not self.keys or self._is_open(scope["path"]) or self._authorized(scope, self.keys):
+            error = None
+        else:
+            error = APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if error is None:
+            return await self.app(scope, receive, send)
         await error.response()(scope, receive, send)
+
+    def _admin_error(self, scope: Scope) -> APIError | None:
+        if not self.admin_keys:
+            return APIError(403, "adapter management is disabled: start the server with --admin-key (or "
+                            "MALORA_ADMIN_KEY) to enable it", code="admin_disabled")
+        if self._authorized(scope, self.admin_keys):
+            return None
+        return APIError(401, "missing or invalid admin key (send 'Authorization: Bearer <admin key>')",
+                        code="invalid_admin_key", headers={"WWW-Authenticate": "Bearer"})

@@ -200,8 +200,14 @@ class AdapterModule(BaseModel):
 
 
 class AdapterInfo(BaseModel):
-    state: Literal["loaded", "available", "failed"]
+    state: Literal["loaded", "cpu", "disk", "failed", "unloaded"] = Field(
+        ..., description="loaded: in an engine slot; cpu: parsed in host memory; disk: read on first use; "
+        "failed: its last read failed (see error); unloaded: only in the answer to an unload.")
     path: str | None = None
+    version: int | None = Field(None, description="Bumped by every (re)load; requests report theirs in the "
+                                "x-malora-adapter-version header.")
+    slot: int | None = Field(None, description="The engine slot holding it (state loaded).")
+    pinned: bool = False
     base_model: str | None = None
     target_modules: list[str] = Field(default_factory=list)
     num_experts: int | None = None
@@ -210,6 +216,52 @@ class AdapterInfo(BaseModel):
     top_k: int | None = None
     modules: dict[str, AdapterModule] = Field(default_factory=dict)
     error: str | None = None
+
+
+class AdapterCard(AdapterInfo):
+    name: str
+    object: Literal["adapter"] = "adapter"
+
+
+class AdapterStatsInfo(BaseModel):
+    loads: int
+    reloads: int
+    unloads: int
+    host_evictions: int = Field(..., description="Adapters dropped from the host-memory LRU.")
+    slot_evictions: int = Field(..., description="Idle adapters evicted from engine slots for another.")
+    waiting_for_adapter: int = Field(..., description="Requests waiting for a free slot right now.")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+    stats: AdapterStatsInfo
+
+
+class LoadAdapterRequest(Body):
+    name: str
+    path: str = Field(..., description="Adapter directory, inside an --adapter-root (relative: to the first).")
+    pinned: bool = False
+
+
+class ReloadAdapterRequest(Body):
+    path: str | None = Field(None, description="Directory of the new version (default: the current one).")
+    pinned: bool | None = Field(None, description="Pin or unpin with the new version (default: unchanged).")
+
+
+class LoadLoRAAdapterRequest(Body):
+    """vLLM's body for `POST /v1/load_lora_adapter`."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = Field(False, description="Reload an adapter that is already loaded.")
+
+
+class UnloadLoRAAdapterRequest(Body):
+    """vLLM's body for `POST /v1/unload_lora_adapter`."""
+
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class ModelCard(BaseModel):

@@ -15,10 +15,16 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from malora_runtime.adapters.registry import (
+    AdapterNameError,
+    AdapterRegistry,
+    HostAdapter,
+    UnknownAdapterNameError,
+)
 from malora_runtime.engine.outputs import RequestOutput
 from malora_runtime.sampling_params import SamplingParams
 
-from .adapters import AdapterCatalog
+from .adapters import AdapterManager
 from .engine_client import EngineClient
 from .errors import APIError, from_sampling_error, invalid, not_ready, to_api_error
 from .protocol import SamplingFields, UsageInfo
@@ -38,11 +44,15 @@ class ServerState:
 
     settings: ServerSettings
     engine: EngineClient | None = None
-    catalog: AdapterCatalog | None = None
+    adapters: AdapterManager | None = None
     served_model_name: str | None = None
     num_admitted: int = 0
     """Sequences of requests accepted and not yet finished (bounded by settings.max_admitted)."""
     draining: bool = False
+
+    @property
+    def registry(self) -> AdapterRegistry | None:
+        return self.adapters.registry if self.adapters is not None else None
 
     @property
     def ready(self) -> bool:
@@ -59,20 +69,20 @@ class ServerState:
         assert self.engine is not None
         return self.engine
 
-    async def resolve_adapter(self, model: str | None) -> str | None:
-        """The adapter a request's `model` names, or None for the base model; 404 for anything else."""
+    async def resolve_adapter(self, model: str | None) -> HostAdapter | None:
+        """The adapter version a request's `model` names, read from disk on first use (None: the base model).
+
+        404 for a name that is not an adapter (or was unloaded); a broken adapter on disk is a 400.
+        """
         if model is None or model in (self.base_model, self.engine.model_name):
             return None
-        entry = self.catalog.get(model) if self.catalog is not None else None
-        if entry is None:
-            raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
-        if entry.state == "failed":
-            raise APIError(404, f"adapter {model!r} failed to load: {entry.error}", param="model",
-                           code="model_not_found")
-        if not await self.catalog.ensure_loaded(model):
-            raise APIError(503, f"adapter {model!r} is not loaded and every adapter slot is in use",
-                           param="model", code="no_free_adapter_slot", headers={"Retry-After": "5"})
-        return model
+        try:
+            if self.adapters is None:
+                raise UnknownAdapterNameError(model)
+            return await self.adapters.resolve(model)
+        except (AdapterNameError, UnknownAdapterNameError):
+            raise APIError(404, f"the model {model!r} does not exist", param="model",
+                           code="model_not_found") from None
 
     def check_capacity(self, num_seqs: int) -> None:
         """429 when admitting `num_seqs` more sequences would pass the bound (an idle server takes any request)."""
@@ -192,8 +202,14 @@ def sse(payload: BaseModel | dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def sse_response(events: AsyncIterator[str], admission: contextlib.AbstractContextManager) -> StreamingResponse:
-    return StreamingResponse(sse_stream(events, admission), media_type="text/event-stream")
+def adapter_headers(host: HostAdapter | None) -> dict[str, str]:
+    """Which adapter version serves the request (set at resolve time, before admission)."""
+    return {} if host is None else {"x-malora-adapter-version": str(host.version)}
+
+
+def sse_response(events: AsyncIterator[str], admission: contextlib.AbstractContextManager,
+                 headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(sse_stream(events, admission), media_type="text/event-stream", headers=headers)
 
 
 async def sse_stream(events: AsyncIterator[str], admission: contextlib.AbstractContextManager

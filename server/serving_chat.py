@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from malora_runtime.engine.sequence import TokenLogprobs
@@ -30,6 +30,7 @@ from .serving import (
     ServerState,
     TokenText,
     UsageCounter,
+    adapter_headers,
     merged_outputs,
     request_id,
     sampling_params,
@@ -76,23 +77,26 @@ class ChatServing:
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    async def create(self, body: ChatCompletionRequest, raw: Request) -> ChatCompletionResponse | StreamingResponse:
+    async def create(self, body: ChatCompletionRequest, raw: Request, response: Response
+                     ) -> ChatCompletionResponse | StreamingResponse:
         engine = self.state.require_engine()
-        adapter = await self.state.resolve_adapter(body.model)
+        host = await self.state.resolve_adapter(body.model)
+        adapter = host.name if host is not None else None
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", param="top_logprobs")
         prompt = chat_prompt_ids(engine, body)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(prompt))
         params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         try:
-            engine.check_request(prompt, params, adapter)
+            engine.check_request(prompt, params, None)  # the adapter is checked at admission
         except ValueError as exc:
             raise to_api_error(exc) from None
         num_seqs = params.n
         self.state.check_capacity(num_seqs)
         run = _ChatRun(engine, body, params, adapter, prompt, body.model or self.state.base_model)
         if body.stream:
-            return sse_response(run.events(), self.state.admission(num_seqs))
+            return sse_response(run.events(), self.state.admission(num_seqs), adapter_headers(host))
+        response.headers.update(adapter_headers(host))
         with self.state.admission(num_seqs):
             return await until_disconnect(raw, run.response())
 

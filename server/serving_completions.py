@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from malora_runtime.engine.sequence import TokenLogprobs
@@ -18,6 +18,7 @@ from .serving import (
     ServerState,
     TokenText,
     UsageCounter,
+    adapter_headers,
     merged_outputs,
     request_id,
     sampling_params,
@@ -55,21 +56,24 @@ class CompletionServing:
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    async def create(self, body: CompletionRequest, raw: Request) -> CompletionResponse | StreamingResponse:
+    async def create(self, body: CompletionRequest, raw: Request, response: Response
+                     ) -> CompletionResponse | StreamingResponse:
         engine = self.state.require_engine()
-        adapter = await self.state.resolve_adapter(body.model)
+        host = await self.state.resolve_adapter(body.model)
+        adapter = host.name if host is not None else None
         prompts, texts = self._prompts(engine, body.prompt)
         params = sampling_params(body, body.max_tokens or 16, body.logprobs)
         for ids in prompts:
             try:
-                engine.check_request(ids, params, adapter)
+                engine.check_request(ids, params, None)  # the adapter is checked at admission
             except ValueError as exc:
                 raise to_api_error(exc) from None
         num_seqs = params.n * len(prompts)
         self.state.check_capacity(num_seqs)
         run = _Run(engine, body, params, adapter, prompts, texts, body.model or self.state.base_model)
         if body.stream:
-            return sse_response(run.events(), self.state.admission(num_seqs))
+            return sse_response(run.events(), self.state.admission(num_seqs), adapter_headers(host))
+        response.headers.update(adapter_headers(host))
         with self.state.admission(num_seqs):
             return await until_disconnect(raw, run.response())
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from malora_runtime.adapters.registry import DEFAULT_MAX_ADAPTER_BYTES
 from malora_runtime.config import EngineConfig
 
 ENV_PREFIX = "MALORA_"
@@ -22,11 +23,20 @@ class ServerSettings:
     served_model_name: str | None = None
     """The `model` id clients use for the base model; defaults to the engine's model name."""
     adapters: dict[str, Path] = field(default_factory=dict)
-    """Adapters loaded at start, by the name clients use."""
-    adapter_root: Path | None = None
-    """Every adapter directory directly under it is loaded at start under its directory name."""
+    """Adapters read, validated and activated at start, by the name clients use (trusted: any directory)."""
+    adapter_roots: list[Path] = field(default_factory=list)
+    """Every adapter directory directly under one is served under its directory name, read on first use;
+    runtime loads through the API must resolve inside one."""
+    pins: list[str] = field(default_factory=list)
+    """Adapters kept in an engine slot and in host memory, never evicted."""
+    max_cpu_adapters: int = 64
+    """Parsed adapters kept in host memory (LRU); at least --max-loaded-adapters."""
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    """Largest adapter directory (sum of its files) a load reads."""
     api_keys: list[str] = field(default_factory=list)
     """When non-empty, every request must send `Authorization: Bearer <one of them>`."""
+    admin_key: str | None = None
+    """Key of the adapter management endpoints; without one they answer 403."""
     open_health: bool = True
     """Health, readiness, version and metrics stay reachable without a key."""
     max_waiting: int = 256
@@ -35,6 +45,8 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     """Seconds in-flight requests get to finish after a stop signal."""
     log_level: str = "info"
+    metrics_max_adapters: int = 100
+    """Distinct adapter label values in /metrics; further adapters are summed under `other`."""
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
@@ -92,14 +104,23 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--served-model-name", "model id of the base model in the API (default: the model's name)")
     add("--adapter", "NAME=DIR: an adapter to load at start (repeatable; env: comma-separated)",
         kind=_adapter_spec, action="append", metavar="NAME=DIR")
-    add("--adapter-root", "directory whose adapter subdirectories are loaded under their names", kind=Path)
+    add("--adapter-root", "directory whose adapter subdirectories are served under their names, read on first "
+        "use; runtime loads must be inside one (repeatable; env: comma-separated)", kind=Path, action="append")
+    add("--pin", "NAME: keep this adapter in a slot, never evicted (repeatable; env: comma-separated)",
+        action="append", metavar="NAME")
+    add("--max-cpu-adapters", "parsed adapters kept in host memory (LRU)", defaults.max_cpu_adapters, int)
+    add("--max-adapter-bytes", "largest adapter directory a load reads", defaults.max_adapter_bytes, int)
     add("--api-key", "required bearer key (repeatable; env: comma-separated)", action="append")
+    add("--admin-key", "bearer key of the adapter management endpoints (/v1/adapters, /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter); without one they are disabled")
     add("--open-health", "health, ready, version and metrics need no key", defaults.open_health, _bool)
     add("--max-waiting", "sequences admitted beyond --max-num-seqs before 429", defaults.max_waiting, int)
     add("--max-body-bytes", "largest request body (413 above)", defaults.max_body_bytes, int)
     add("--shutdown-timeout", "seconds in-flight requests get to finish on shutdown", defaults.shutdown_timeout,
         float)
     add("--log-level", "logging level", defaults.log_level)
+    add("--metrics-max-adapters", "distinct adapter labels in /metrics (the rest are summed as 'other')",
+        defaults.metrics_max_adapters, int)
     add("--dtype", "model dtype", engine.dtype)
     add("--device", "torch device", engine.device)
     add("--block-size", "tokens per KV cache block", engine.block_size, int)
@@ -118,7 +139,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     env = os.environ if env is None else env
     parser = build_parser(env)
     args = parser.parse_args(argv)
-    for flag, kind in (("--adapter", _adapter_spec), ("--api-key", str)):
+    for flag, kind in (("--adapter", _adapter_spec), ("--api-key", str), ("--adapter-root", Path), ("--pin", str)):
         dest = flag.lstrip("-").replace("-", "_")
         raw = env.get(_env_name(flag))
         if getattr(args, dest) is None and raw:
@@ -141,12 +162,22 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     except ValueError as exc:
         parser.error(str(exc))
     for flag, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0),
-                             ("--max-body-bytes", args.max_body_bytes, 1)):
+                             ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--max-cpu-adapters", args.max_cpu_adapters, engine.max_loaded_adapters),
+                             ("--max-adapter-bytes", args.max_adapter_bytes, 1),
+                             ("--metrics-max-adapters", args.metrics_max_adapters, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    pins = list(dict.fromkeys(args.pin or []))
+    if pins and len(pins) >= engine.max_loaded_adapters:
+        parser.error(f"{len(pins)} --pin(s) would leave no slot of --max-loaded-adapters "
+                     f"{engine.max_loaded_adapters} for the other adapters")
     return ServerSettings(
         host=args.host, port=args.port, served_model_name=args.served_model_name,
-        adapters=adapters, adapter_root=args.adapter_root, api_keys=[k for k in args.api_key or [] if k],
+        adapters=adapters, adapter_roots=list(args.adapter_root or []), pins=pins,
+        max_cpu_adapters=args.max_cpu_adapters, max_adapter_bytes=args.max_adapter_bytes,
+        api_keys=[k for k in args.api_key or [] if k], admin_key=args.admin_key or None,
         open_health=args.open_health, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
-        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level, engine=engine,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+        metrics_max_adapters=args.metrics_max_adapters, engine=engine,
     )

@@ -89,7 +89,7 @@ class AdapterRegistry:
         self.host: OrderedDict[str, HostAdapter] = OrderedDict()
         self.versions: dict[str, int] = {}
         self.counters = RegistryCounters()
-        self._inflight: dict[str, asyncio.Future[HostAdapter]] = {}
+        self._inflight: dict[tuple[str, str | None], asyncio.Future[HostAdapter]] = {}
         self._on_host_evict = on_host_evict
 
     # ---- names and paths ----
@@ -178,7 +178,7 @@ class AdapterRegistry:
             self.host.move_to_end(name)
             return self.host[name]
         path = self.path_of(name)
-        return await self._single_flight(name, lambda: self._read_and_commit(name, path, new_version=False))
+        return await self._single_flight((name, None), lambda: self._read_and_commit(name, path, new_version=False))
 
     async def load(self, name: str, path: str | Path, pinned: bool = False, trusted: bool = False) -> HostAdapter:
         """Load (or reload, as a new version) `name` from `path`. Nothing changes if the files are invalid."""
@@ -186,18 +186,20 @@ class AdapterRegistry:
         resolved = Path(path).resolve() if trusted else self.check_path(path)
         if not resolved.is_dir():
             raise AdapterNotFoundError(f"{path}: adapter directory not found")
-        entry = await self._single_flight(name, lambda: self._read_and_commit(name, resolved, new_version=True))
+        entry = await self._single_flight((name, str(resolved)),
+                                          lambda: self._read_and_commit(name, resolved, new_version=True))
         if pinned:
             self.pinned.add(name)
             entry.pinned = True
         return entry
 
-    async def _single_flight(self, name: str, work) -> HostAdapter:
-        pending = self._inflight.get(name)
+    async def _single_flight(self, key: tuple[str, str | None], work) -> HostAdapter:
+        """One read per (name, path) at a time: concurrent callers share its result."""
+        pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[HostAdapter] = asyncio.get_running_loop().create_future()
-        self._inflight[name] = future
+        self._inflight[key] = future
         try:
             entry = await work()
             future.set_result(entry)
@@ -207,12 +209,18 @@ class AdapterRegistry:
             future.exception()  # mark retrieved: waiters re-raise it themselves
             raise
         finally:
-            self._inflight.pop(name, None)
+            self._inflight.pop(key, None)
 
     async def _read_and_commit(self, name: str, path: Path, new_version: bool) -> HostAdapter:
+        version_at_start = self.versions.get(name)
         started = time.perf_counter()
         adapter = await asyncio.to_thread(self._read, name, path)
         elapsed = time.perf_counter() - started
+        if not new_version and self.versions.get(name) != version_at_start and name in self.host:
+            # A reload committed while this lazy read ran: its result is the current version, not ours.
+            return self.host[name]
+        if not new_version and name in self.unloaded:
+            raise UnknownAdapterNameError(f"adapter {name!r} was unloaded")
         # Commit only after a successful read: a bad reload leaves the old version serving.
         version = self.versions.get(name)
         is_reload = new_version and (name in self.paths or name in self.host)

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import chat, completions, health, models
+from . import adapters, chat, completions, health, metrics, models
 
 router = APIRouter()
-for module in (completions, chat, models, health):
+for module in (completions, chat, models, adapters, health, metrics):
     router.include_router(module.router)

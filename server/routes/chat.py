@@ -14,8 +14,8 @@ STREAM_DOC = {"description": "With `stream`: server-sent events, each `data: <Ch
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              responses={**ERROR_RESPONSES, 200: STREAM_DOC})
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response):
     try:
-        return await request.app.state.chat.create(body, request)
+        return await request.app.state.chat.create(body, request, response)
     except ClientDisconnected:
         return Response(status_code=499)  # nobody is listening; nginx's 'client closed request'

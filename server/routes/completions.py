@@ -14,8 +14,8 @@ STREAM_DOC = {"description": "With `stream`: server-sent events, each `data: <Co
 
 @router.post("/v1/completions", response_model=CompletionResponse,
              responses={**ERROR_RESPONSES, 200: STREAM_DOC})
-async def create_completion(body: CompletionRequest, request: Request):
+async def create_completion(body: CompletionRequest, request: Request, response: Response):
     try:
-        return await request.app.state.completions.create(body, request)
+        return await request.app.state.completions.create(body, request, response)
     except ClientDisconnected:
         return Response(status_code=499)  # nobody is listening; nginx's 'client closed request'

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from server_helpers import REPO_ROOT
 
-from server.adapters import discover
 from server.main import main
 from server.settings import parse_settings
 
@@ -51,17 +50,21 @@ def test_help_lists_every_flag_and_env_name():
         assert "MALORA_" + flag[2:].replace("-", "_").upper() in out
 
 
-def test_discover(tmp_path, caplog):
-    root = tmp_path / "root"
-    assert discover({}, root) == {}
-    assert "does not exist" in caplog.text
-    root.mkdir()
-    assert discover({}, root) == {}
-    for name, config in (("one", "malora_config.json"), ("two", "adapter_config.json"), ("junk", "notes.txt")):
-        (root / name).mkdir()
-        (root / name / config).write_text("{}")
-    found = discover({"one": tmp_path / "override"}, root)
-    assert found == {"one": tmp_path / "override", "two": root / "two"}
+def test_adapter_flags():
+    s = parse_settings(["--adapter-root", "/r1", "--adapter-root", "/r2", "--pin", "x", "--admin-key", "k",
+                        "--max-cpu-adapters", "40", "--max-adapter-bytes", "1000"], env={})
+    assert (s.adapter_roots, s.pins, s.admin_key) == ([Path("/r1"), Path("/r2")], ["x"], "k")
+    assert (s.max_cpu_adapters, s.max_adapter_bytes) == (40, 1000)
+    s = parse_settings([], env={"MALORA_ADAPTER_ROOT": "/a,/b", "MALORA_ADMIN_KEY": "env-key"})
+    assert (s.adapter_roots, s.admin_key, s.pins) == ([Path("/a"), Path("/b")], "env-key", [])
+    assert parse_settings([], env={}).admin_key is None
+
+
+@pytest.mark.parametrize("argv", [["--max-cpu-adapters", "4"], ["--max-loaded-adapters", "2", "--pin", "a",
+                                                                 "--pin", "b"], ["--max-adapter-bytes", "0"]])
+def test_bad_adapter_flags_exit_2(argv):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, env={})
 
 
 def test_missing_adapter_directory_is_a_clear_startup_error(tmp_path, caplog):

@@ -1,0 +1,121 @@
+// Live dashboard: polls the JSON summary and draws small canvas charts (no external libraries).
+"use strict";
+
+const SUMMARY_URL = "/v1/dashboard/summary";
+const REFRESH_MS = 2000;
+const HISTORY = 90;
+const COLORS = ["#2f6fde", "#e0613a", "#2aa876", "#9b59b6"];
+const history = { throughput: [], ttft50: [], ttft99: [], itl50: [], itl99: [], running: [], waiting: [], kv: [] };
+
+function push(series, value) {
+  series.push(value === null || value === undefined ? NaN : value);
+  if (series.length > HISTORY) series.shift();
+}
+
+function fmt(value, digits) {
+  return value === null || value === undefined || Number.isNaN(value) ? "–" : value.toFixed(digits);
+}
+
+function drawChart(id, seriesList) {
+  const canvas = document.getElementById(id);
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 28;
+  ctx.clearRect(0, 0, w, h);
+  const values = seriesList.flat().filter((v) => Number.isFinite(v));
+  const top = Math.max(0, ...values);
+  const max = (top > 0 ? top : 1) * 1.15;
+  ctx.strokeStyle = "#d5d9e2";
+  ctx.fillStyle = "#5a6275";
+  ctx.font = "11px system-ui";
+  for (let i = 0; i <= 4; i++) {
+    const y = h - pad + ((pad * 2 - h) * i) / 4;
+    ctx.beginPath(); ctx.moveTo(pad, y); ctx.lineTo(w - 4, y); ctx.stroke();
+    ctx.fillText(((max * i) / 4).toPrecision(2), 2, y - 2);
+  }
+  seriesList.forEach((series, index) => {
+    ctx.strokeStyle = COLORS[index % COLORS.length];
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    let started = false;
+    series.forEach((value, i) => {
+      if (!Number.isFinite(value)) { started = false; return; }
+      const x = pad + ((w - pad - 4) * i) / Math.max(1, HISTORY - 1);
+      const y = h - pad - ((h - pad * 2) * value) / max;
+      if (started) ctx.lineTo(x, y); else { ctx.moveTo(x, y); started = true; }
+    });
+    ctx.stroke();
+  });
+  canvas.dataset.points = String(values.length);
+}
+
+function heatColor(fraction) {
+  const light = 95 - Math.round(55 * fraction);
+  return `hsl(215, 70%, ${light}%)`;
+}
+
+function renderTables(summary) {
+  const adapters = document.querySelector("#adapters tbody");
+  const names = new Set([...Object.keys(summary.adapters), ...Object.keys(summary.tiers)]);
+  adapters.innerHTML = "";
+  [...names].sort().forEach((name) => {
+    const row = summary.adapters[name] || { requests: 0, tokens: 0 };
+    const tr = document.createElement("tr");
+    [name, summary.tiers[name] || (name === summary.model ? "base" : "–"), row.requests, row.tokens].forEach((v) => {
+      const td = document.createElement("td"); td.textContent = String(v); tr.appendChild(td);
+    });
+    adapters.appendChild(tr);
+  });
+  const routing = document.querySelector("#routing tbody");
+  routing.innerHTML = "";
+  Object.entries(summary.routing).sort().forEach(([name, counts]) => {
+    const total = counts.reduce((a, b) => a + b, 0) || 1;
+    const tr = document.createElement("tr");
+    const label = document.createElement("td"); label.textContent = name; tr.appendChild(label);
+    const cells = document.createElement("td");
+    counts.forEach((count, expert) => {
+      const span = document.createElement("span");
+      span.className = "heat";
+      span.title = `expert ${expert}: ${count} tokens`;
+      span.style.background = heatColor(count / total);
+      span.textContent = `${Math.round((100 * count) / total)}%`;
+      cells.appendChild(span);
+    });
+    tr.appendChild(cells);
+    routing.appendChild(tr);
+  });
+}
+
+function render(summary) {
+  document.getElementById("model").textContent = summary.model || "no model";
+  document.getElementById("throughput").textContent = fmt(summary.throughput_tokens_per_second, 1);
+  document.getElementById("ttft").textContent = `${fmt(summary.ttft_p50, 3)} / ${fmt(summary.ttft_p99, 3)}`;
+  document.getElementById("itl").textContent = `${fmt(summary.itl_p50, 3)} / ${fmt(summary.itl_p99, 3)}`;
+  document.getElementById("queues").textContent = `${summary.running} / ${summary.waiting}`;
+  document.getElementById("kv").textContent = `${summary.kv_blocks_used} / ${summary.kv_blocks_total}`;
+  document.getElementById("preemptions").textContent = String(summary.preemptions);
+  push(history.throughput, summary.throughput_tokens_per_second);
+  push(history.ttft50, summary.ttft_p50); push(history.ttft99, summary.ttft_p99);
+  push(history.itl50, summary.itl_p50); push(history.itl99, summary.itl_p99);
+  push(history.running, summary.running); push(history.waiting, summary.waiting);
+  push(history.kv, summary.kv_blocks_total ? (100 * summary.kv_blocks_used) / summary.kv_blocks_total : 0);
+  drawChart("chart-throughput", [history.throughput]);
+  drawChart("chart-latency", [history.ttft50, history.ttft99, history.itl50, history.itl99]);
+  drawChart("chart-queues", [history.running, history.waiting]);
+  drawChart("chart-kv", [history.kv]);
+  renderTables(summary);
+  document.getElementById("status").textContent = `updated ${new Date(summary.time * 1000).toLocaleTimeString()}`;
+  document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+}
+
+async function refresh() {
+  try {
+    const response = await fetch(SUMMARY_URL, { cache: "no-store" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    render(await response.json());
+  } catch (error) {
+    document.getElementById("status").textContent = `no data: ${error.message}`;
+  }
+}
+
+refresh();
+setInterval(refresh, REFRESH_MS);

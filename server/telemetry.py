@@ -1,0 +1,143 @@
+"""Ties `ServerMetrics` to a running server: scrape-time engine and adapter figures, routing harvests,
+and the dashboard's JSON summary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+
+from .metrics import ServerMetrics, counter, gauge
+from .serving import ServerState
+
+ROUTING_INTERVAL = 1.0  # seconds: the device-side counters are read at most this often
+TIERS = ("device", "cpu", "disk")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Telemetry:
+    def __init__(self, state: ServerState, metrics: ServerMetrics) -> None:
+        self.state = state
+        self.metrics = metrics
+        self._last_routing = 0.0
+        metrics.set_state_collector(self._families)
+        engine = state.engine
+        if engine is not None and hasattr(engine, "request_listeners"):
+            engine.request_listeners.append(metrics.observe_request)
+            engine.step_listeners.append(metrics.observe_step)
+
+    # ---- periodic work ----
+    async def refresh(self) -> None:
+        """Harvest expert routing (at most once a second) and adapter load times."""
+        engine = self.state.engine
+        now = time.monotonic()
+        if engine is not None and engine.is_running and now - self._last_routing >= ROUTING_INTERVAL:
+            self._last_routing = now
+            slots = engine.engine.runner.adapters
+            self.metrics.observe_routing(await engine.run_on_engine(slots.harvest_expert_counts))
+        registry = self.registry
+        if registry is not None and registry.counters.load_seconds:
+            seconds, registry.counters.load_seconds = registry.counters.load_seconds, []
+            self.metrics.observe_adapter_loads(seconds)
+
+    @property
+    def registry(self):
+        return getattr(self.state, "registry", None)
+
+    def adapter_tiers(self) -> dict[str, str]:
+        """Where each known adapter is: `device` (a slot), `cpu` (host memory) or `disk`."""
+        tiers: dict[str, str] = {}
+        registry = self.registry
+        if registry is not None:
+            tiers.update({name: "disk" for name in registry.discover()})
+            tiers.update({name: "cpu" for name in registry.host})
+        engine = self.state.engine
+        if engine is not None:
+            tiers.update({name: "device" for name in engine.engine.runner.adapters.current})
+        return tiers
+
+    # ---- scrape-time families ----
+    def _families(self) -> list[Any]:
+        engine = self.state.engine
+        if engine is None:
+            return []
+        stats = engine.stats()
+        families = [
+            gauge("malora_requests_running", "Sequences running in the engine", stats.num_running),
+            gauge("malora_requests_waiting", "Sequences waiting for the engine", stats.num_waiting),
+            gauge("malora_requests_waiting_for_adapter", "Requests waiting for a free adapter slot",
+                  getattr(engine, "num_waiting_for_adapter", 0)),
+            gauge("malora_kv_blocks_used", "KV cache blocks in use", stats.kv_blocks_used),
+            gauge("malora_kv_blocks_total", "KV cache blocks in the pool", stats.kv_blocks_total),
+            counter("malora_preemptions", "Sequences preempted for lack of KV blocks", stats.num_preemptions),
+            counter("malora_engine_steps", "Engine steps run", stats.num_steps),
+            counter("malora_prefix_cache_hits", "Prompt tokens served from the prefix cache", stats.prefix_cache_hits),
+            counter("malora_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                    stats.prefix_cache_queries),
+        ]
+        tiers = self.adapter_tiers()
+        per_tier = {tier: 0 for tier in TIERS}
+        for tier in tiers.values():
+            per_tier[tier] += 1
+        loaded = GaugeMetricFamily("malora_adapters_loaded", "Adapters per tier", labels=["tier"])
+        for tier, count in per_tier.items():
+            loaded.add_metric([tier], count)
+        where = GaugeMetricFamily("malora_adapter_tier", "1 for the tier each adapter is in",
+                                  labels=["adapter", "tier"])
+        for name, tier in sorted(tiers.items()):
+            label = self.metrics.adapter_label(name)
+            if label != "other":
+                where.add_metric([label, tier], 1)
+        families += [loaded, where]
+        slots = engine.engine.runner.adapters
+        registry = self.registry
+        counts = registry.counters if registry is not None else None
+        families += [
+            counter("malora_adapter_loads", "Adapters read from disk", counts.loads if counts else 0),
+            counter("malora_adapter_reloads", "Adapters reloaded as a new version", counts.reloads if counts else 0),
+            counter("malora_adapter_unloads", "Adapters unloaded", counts.unloads if counts else 0),
+            counter("malora_adapter_evictions", "Adapters evicted from a device slot", slots.num_evictions),
+            counter("malora_adapter_host_evictions", "Adapters evicted from host memory",
+                    counts.host_evictions if counts else 0),
+        ]
+        return families
+
+    # ---- dashboard ----
+    def summary(self) -> dict[str, Any]:
+        engine = self.state.engine
+        now = time.time()
+        window = 60.0
+        recent = [r for t, r in self.metrics.recent if now - t <= window]
+        ttft = [r.time_to_first_token for r in recent if r.time_to_first_token is not None]
+        itl = [gap for r in recent for gap in r.inter_token_latencies]
+        per_adapter: dict[str, dict[str, float]] = {}
+        for record in recent:
+            entry = per_adapter.setdefault(self.metrics.adapter_label(record.adapter),
+                                           {"requests": 0, "tokens": 0})
+            entry["requests"] += 1
+            entry["tokens"] += record.generation_tokens
+        stats = engine.stats() if engine is not None else None
+        return {
+            "time": now,
+            "model": self.state.base_model if engine is not None else None,
+            "window_seconds": window,
+            "throughput_tokens_per_second": sum(r.generation_tokens for r in recent) / window,
+            "requests_per_second": len(recent) / window,
+            "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99),
+            "running": stats.num_running if stats else 0,
+            "waiting": stats.num_waiting if stats else 0,
+            "kv_blocks_used": stats.kv_blocks_used if stats else 0,
+            "kv_blocks_total": stats.kv_blocks_total if stats else 0,
+            "preemptions": stats.num_preemptions if stats else 0,
+            "adapters": per_adapter,
+            "tiers": self.adapter_tiers(),
+            "routing": self.metrics.routing_snapshot(),
+        }
