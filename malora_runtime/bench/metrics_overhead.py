@@ -1,0 +1,90 @@
+"""Engine step throughput with metrics on against off, in one run.
+
+"On" is what a server does per step: the kernels count tokens per expert on the device, a listener
+records the step in Prometheus histograms, and routing counts are harvested once a second. "Off"
+has none of it. Both run the same mixed-adapter decode workload, alternating several times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="on/off pairs, alternated")
+    parser.add_argument("--json", type=Path, default=None)
+
+
+def _run(engine, prompts, adapters, new_tokens: int, on_step) -> float:
+    from malora_runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        engine.add_request(f"m-{time.monotonic_ns()}-{i}", prompt, params, adapter)
+    steps = 0
+    started = time.perf_counter()
+    last_harvest = started
+    while engine.has_unfinished():
+        step_started = time.perf_counter()
+        engine.step()
+        steps += 1
+        if on_step is not None:
+            on_step(time.perf_counter() - step_started, engine.last_step_tokens, engine.last_step_seqs)
+            if time.perf_counter() - last_harvest >= 1.0:
+                engine.runner.adapters.harvest_expert_counts()
+                last_harvest = time.perf_counter()
+    return steps / (time.perf_counter() - started)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from malora_runtime.adapters.init import random_adapter
+    from malora_runtime.bench.offline import _prompts
+    from malora_runtime.config import EngineConfig
+    from malora_runtime.engine.llm_engine import LLMEngine
+    from malora_runtime.models.loader import load_model
+    from malora_runtime.patching import linear_shapes
+
+    model, tokenizer, source = load_model(None)
+    engine = LLMEngine(model, tokenizer, EngineConfig(count_expert_routing=True), source.name)
+    shapes = linear_shapes(model)
+    for i in range(args.adapters):
+        engine.add_adapter(f"m{i}", random_adapter(shapes, source.name, TARGETS, 4, 8, 16, 2, seed=i, dtype="float32"))
+    prompts = _prompts(tokenizer, args.requests, 32)
+    names = [f"m{i % args.adapters}" for i in range(args.requests)]
+    registry = CollectorRegistry()
+    tokens = Histogram("bench_step_tokens", "", buckets=(1, 8, 64, 512, 4096), registry=registry)
+    seqs = Histogram("bench_step_seqs", "", buckets=(1, 8, 64, 512), registry=registry)
+
+    def on_step(seconds: float, n_tokens: int, n_seqs: int) -> None:
+        tokens.observe(n_tokens)
+        seqs.observe(n_seqs)
+
+    _run(engine, prompts, names, 4, None)  # warm-up
+    on, off = [], []
+    for _ in range(args.rounds):
+        engine.runner.context.count_experts = False
+        off.append(_run(engine, prompts, names, args.output_tokens, None))
+        engine.runner.context.count_experts = True
+        on.append(_run(engine, prompts, names, args.output_tokens, on_step))
+    ratio = sorted(on)[len(on) // 2] / sorted(off)[len(off) // 2]
+    sys.stdout.write(f"steps/s metrics off: {off}\nsteps/s metrics on:  {on}\nratio on/off (medians): {ratio:.3f}\n")
+    if args.json:
+        args.json.write_text(json.dumps({"on": on, "off": off, "ratio": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
