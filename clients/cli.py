@@ -1,12 +1,20 @@
-"""The `malora` command line: adapters (convert, init, info), offline generation and benchmarks."""
+"""The `malora` command line: adapters (convert, init, info), offline generation, training, benchmarks, and
+the commands that talk to a running server (chat, complete, models, adapters: see `cli_remote`)."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .cli_remote import add_remote_commands
 
 log = logging.getLogger("malora")
 
@@ -88,20 +96,53 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
+BENCHES = {
+    "kernels": "malora_runtime.bench.kernels",
+    "metrics": "malora_runtime.bench.metrics_overhead",
+    "offline": "malora_runtime.bench.offline",
+    "serve": "malora_runtime.bench.serve",
+    "swap": "malora_runtime.bench.swap",
+    "train": "malora_runtime.training.efficiency",
+}
+TOOLS = {"train": "malora_runtime.training.trainer", "eval": "malora_runtime.training.evaluate"}
+
+
+def _summary(module: str) -> str | None:
+    """The first line of a module's docstring, read without importing it; None when there is no module."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError:
+        return None
+    if spec is None or not spec.origin:
+        return None
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    line = doc.strip().splitlines()[0] if doc.strip() else ""
+    return re.sub(r"^`[^`]*`:\s*", "", line)
+
+
+def _add_module(sub: argparse._SubParsersAction, name: str, module: str, selected: bool) -> None:
+    """A subcommand from a module's `add_arguments(parser)` and `run(args)`; the module (torch and all) is
+    imported only when this subcommand is the one being run."""
+    summary = _summary(module)
+    if summary is None:
+        return
+    parser = sub.add_parser(name, help=summary, description=summary)
+    if selected:
+        loaded = importlib.import_module(module)
+        loaded.add_arguments(parser)
+        parser.set_defaults(func=loaded.run)
+
+
+def _add_bench(sub: argparse._SubParsersAction, words: list[str]) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS*.md)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name in ("kernels", "offline"):
-        try:
-            module = __import__(f"malora_runtime.bench.{name}", fromlist=["run"])
-        except ImportError:
-            continue
-        parser = bench_sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.add_arguments(parser)
-        parser.set_defaults(func=module.run)
+    for name, module in BENCHES.items():
+        _add_module(bench_sub, name, module, words[:2] == ["bench", name])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """`argv` picks which lazily imported subcommand (bench, train, eval) gets its full arguments."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     parser = argparse.ArgumentParser(prog="malora", description="MALoRA Serve command line")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,14 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
     generate.set_defaults(func=_cmd_generate)
 
-    _add_bench(sub)
+    add_remote_commands(sub)
+    _add_bench(sub, words)
+    for name, module in TOOLS.items():
+        _add_module(sub, name, module, words[:1] == [name])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

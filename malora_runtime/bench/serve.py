@@ -1,0 +1,215 @@
+"""`malora bench serve`: load on any OpenAI-compatible server: throughput, TTFT, ITL and latency percentiles.
+
+Closed loop (`--concurrency`, default 32) or open loop (`--rate`, Poisson arrivals); requests spread
+over `--adapters` uniformly, by Zipf or all to one; prompts built in or from a JSONL file. The load
+generator itself is `clients.loadgen` (usable as a library).
+
+`--compare-transformers` starts `malora-serve` and `transformers serve --continuous-batching` on the
+same model, one after the other, runs the same load on each (greedy, no ignore_eos: transformers
+refuses it) and prints the ratio of output throughput and TTFT p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clients.loadgen import (
+    Lengths,
+    LoadSpec,
+    LoadTarget,
+    RequestResult,
+    Summary,
+    build_plan,
+    format_summary,
+    load_prompts,
+    run_load,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_argument_group("target")
+    target.add_argument("--base-url", default=os.environ.get("MALORA_BASE_URL", "http://127.0.0.1:8000"),
+                        help="server URL [env MALORA_BASE_URL]")
+    target.add_argument("--api-key", default=os.environ.get("MALORA_API_KEY"), help="[env MALORA_API_KEY]")
+    target.add_argument("--model", default=None, help="base model id (default: the server's first model)")
+    target.add_argument("--compare-transformers", action="store_true",
+                        help="start malora-serve and `transformers serve --continuous-batching` on the default "
+                        "model and run the same load on each (ignores --base-url)")
+    load = parser.add_argument_group("load")
+    loop = load.add_mutually_exclusive_group()
+    loop.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 32)")
+    loop.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
+    load.add_argument("--num-requests", type=int, default=64)
+    load.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    load.add_argument("--adapters", default="", help="comma-separated adapter names (default: the base model)")
+    load.add_argument("--popularity", choices=["uniform", "zipf", "one"], default="uniform")
+    load.add_argument("--zipf-s", type=float, default=1.0, help="Zipf skew: weight of adapter i is 1/(i+1)^s")
+    load.add_argument("--prompts", type=Path, default=None, help="JSONL: strings or {prompt|messages, ...}")
+    load.add_argument("--prompt-words", type=Lengths.parse, default=None, help="N or LOW:HIGH words per prompt")
+    load.add_argument("--output-len", type=Lengths.parse, default=Lengths(64, 64), help="N or LOW:HIGH tokens")
+    load.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
+    load.add_argument("--temperature", type=float, default=0.0)
+    load.add_argument("--no-stream", action="store_true", help="no streaming (then no TTFT or ITL)")
+    load.add_argument("--warmup", type=int, default=2, help="short requests before the run, not counted")
+    load.add_argument("--seed", type=int, default=0)
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", type=Path, default=None, help="write the summary and every request here")
+    out.add_argument("--plot", type=Path, default=None, help="write a PNG of latency against time here")
+    out.add_argument("--no-progress", action="store_true")
+
+
+def base_model_of(base_url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/").removesuffix("/v1")
+    models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).raise_for_status().json()["data"]
+    return next((m["id"] for m in models if not m.get("parent")), models[0]["id"])
+
+
+def measure(args: argparse.Namespace, target: LoadTarget, model: str, title: str) -> tuple[Summary, list]:
+    spec = LoadSpec(num_requests=args.num_requests, endpoint=args.endpoint,
+                    adapters=[a for a in args.adapters.split(",") if a], popularity=args.popularity,
+                    zipf_s=args.zipf_s, output_len=args.output_len, prompt_words=args.prompt_words,
+                    prompts=load_prompts(args.prompts) if args.prompts else LoadSpec().prompts, seed=args.seed)
+    plan = build_plan(spec, model)
+    if args.warmup:
+        warm = build_plan(LoadSpec(num_requests=args.warmup, endpoint=args.endpoint,
+                                   output_len=Lengths(4, 4)), model)
+        asyncio.run(run_load(warm, target, concurrency=1, stream=not args.no_stream))
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plan), desc=title, unit="req", file=sys.stderr)
+        except ImportError:
+            pass
+    concurrency = None if args.rate else args.concurrency or 32
+
+    def progress(result: RequestResult) -> None:
+        if bar is not None:
+            bar.update(1)
+            if result.error:
+                bar.set_postfix_str(f"last error: {result.error}")
+
+    results = asyncio.run(run_load(plan, target, concurrency=concurrency, rate=args.rate,
+                                   stream=not args.no_stream, seed=args.seed, progress=progress))
+    if bar is not None:
+        bar.close()
+    return summarize(results), results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], ready_path: str, log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as out:
+        process = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT,
+                                   env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"{cmd[0]} not ready after 600 s; see {log_path}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    from malora_runtime.models.loader import materialize, resolve_model
+
+    model_dir = str(materialize(resolve_model(None)))
+    transformers_cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
+    servers = {
+        "malora": ([sys.executable, "-m", "server.main", "--model", model_dir, "--log-level", "warning"], "/ready",
+                   {"PYTHONPATH": str(REPO_ROOT)}),
+        "transformers": ([transformers_cli, "serve", model_dir, "--continuous-batching", "--device", "cpu",
+                          "--dtype", "float32"], "/health", {"HF_HUB_OFFLINE": "1"}),
+    }
+    logs = Path(tempfile.mkdtemp(prefix="malora-bench-serve-"))
+    report: dict[str, Any] = {"model": model_dir, "logs": str(logs)}
+    for name, (cmd, ready, env) in servers.items():
+        process, url = _start(cmd, ready, logs / f"{name}.log", env)
+        try:
+            target = LoadTarget(url, extra={"temperature": args.temperature})
+            summary, _ = measure(args, target, base_model_of(url, None), name)
+        finally:
+            _stop(process)
+        _out(format_summary(summary, f"== {name} ({' '.join(cmd[:3])} ...)"))
+        report[name] = summary.to_dict()
+    ours, theirs = report["malora"], report["transformers"]
+    ttft_ours, ttft_theirs = ours["ttft_s"]["p50"], theirs["ttft_s"]["p50"]
+    report["throughput_ratio"] = ours["output_throughput"] / theirs["output_throughput"] \
+        if theirs["output_throughput"] else None
+    report["ttft_p50_ratio"] = ttft_ours / ttft_theirs if ttft_ours and ttft_theirs else None
+    report["bar_met"] = bool(report["throughput_ratio"] and report["throughput_ratio"] >= 2.0
+                             and report["ttft_p50_ratio"] is not None and report["ttft_p50_ratio"] < 1.0)
+    _out(f"output throughput ratio (malora / transformers): {report['throughput_ratio'] or 0:.2f}x; "
+          f"TTFT p50 ratio: {report['ttft_p50_ratio'] or 0:.2f}; bar (>= 2.0x, lower TTFT p50): "
+          f"{'met' if report['bar_met'] else 'NOT met'}")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare_transformers:
+        report = compare(args)
+        results: list[RequestResult] = []
+    else:
+        target = LoadTarget(args.base_url, args.api_key, extra={"temperature": args.temperature,
+                                                                 "ignore_eos": True if args.ignore_eos else None})
+        summary, results = measure(args, target, args.model or base_model_of(args.base_url, args.api_key),
+                                   args.base_url)
+        _out(format_summary(summary, f"== {args.base_url}"))
+        report = {"summary": summary.to_dict(), "requests": [asdict(r) for r in results]}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.plot and results:
+        from clients.plot import latency_plot
+
+        series = {"e2e": [(r.start + r.e2e, r.e2e) for r in results if r.error is None],
+                  "ttft": [(r.start + r.ttft, r.ttft) for r in results if r.ttft is not None],
+                  "error": [(r.start + r.e2e, r.e2e) for r in results if r.error is not None]}
+        latency_plot(args.plot, series)
+    return 0 if report.get("summary", {}).get("completed", 1) else 1
