@@ -68,10 +68,10 @@ def build_engine(adapters, **config) -> LLMEngine:
     return engine
 
 
-def run_all(engine: LLMEngine, params: SamplingParams) -> dict[str, list[int]]:
-    for i, prompt in enumerate(PROMPTS):
+def run_all(engine: LLMEngine, params: SamplingParams, count: int = len(PROMPTS)) -> dict[str, list[int]]:
+    for i, prompt in enumerate(PROMPTS[:count]):
         engine.add_request(f"r{i}", prompt, params, adapter=ADAPTER_OF[i % len(ADAPTER_OF)])
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(PROMPTS))}
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(count)}
     while engine.has_unfinished():
         for output in engine.step():
             for completion in output.outputs:
@@ -94,11 +94,11 @@ def test_sixteen_mixed_requests_match_the_reference_token_for_token(adapters, ex
 
 
 def test_a_pool_too_small_preempts_and_still_matches(adapters, expected) -> None:
-    # 8 blocks of 4 tokens = 32 slots for 16 requests of ~5 + 12 tokens: preemption is certain.
-    engine = build_engine(adapters, num_kv_blocks=8, block_size=4, max_model_len=32)
-    got = run_all(engine, GREEDY)
+    # 10 blocks of 4 tokens for 6 requests of ~5 + 12 tokens each (5 blocks): preemption is certain.
+    engine = build_engine(adapters, num_kv_blocks=10, block_size=4, max_model_len=32)
+    got = run_all(engine, GREEDY, count=6)
     assert engine.stats().num_preemptions > 0
-    for i in range(len(PROMPTS)):
+    for i in range(6):
         assert got[f"r{i}"] == expected[i], f"request {i}"
     assert engine.stats().kv_blocks_used == 0
 
