@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swap-interval", type=float, default=0.2, help="seconds between reloads")
     parser.add_argument("--load-reps", type=int, default=10, help="cold loads per example adapter")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
-    parser.add_argument("--markdown", type=Path, default=Path("docs/BENCHMARKS-swap.md"),
-                        help="write the results section here")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also write the results as a Markdown section here (for docs/BENCHMARKS.md)")
 
 
 def percentile(values: list[float], q: float) -> float:

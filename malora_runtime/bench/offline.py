@@ -1,0 +1,148 @@
+"""Offline throughput: this engine against transformers `generate` (with and without PEFT adapters).
+
+One process, one run, the default model in float32, 64 prompt + 64 output tokens per request
+(ignore_eos), batch 32. Output tokens per second of:
+  a0  transformers generate, base model, static batch of 32
+  a   transformers + PEFT mixed-adapter generate (adapter_names), 8 LoRA adapters r=16 on q/k/v/o
+  b   this engine, the same 8 adapters converted to MALoRA
+  c   this engine, no adapter
+  d   this engine, 32 distinct MALoRA adapters (N=4, top_k=2, r=8, d=16 on q/k/v/o), one request each
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--skip", default="", help="comma-separated keys to skip (a0,a,b,c,d)")
+
+
+def _prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(1000, 40000) if i not in special]
+    picks = torch.randint(0, len(vocab), (batch, length), generator=generator)
+    return [[vocab[j] for j in row] for row in picks.tolist()]
+
+
+def _hf_generate(model, prompts: list[list[int]], new_tokens: int, **kwargs) -> float:
+    ids = torch.tensor(prompts)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    elapsed = time.perf_counter() - started
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return len(prompts) * new_tokens / elapsed
+
+
+def _engine_run(engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> float:
+    from malora_runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    started = time.perf_counter()
+    for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", prompt, params, adapter)
+    generated = 0
+    while engine.has_unfinished():
+        generated += sum(len(c.token_ids) for o in engine.step() for c in o.outputs)
+    elapsed = time.perf_counter() - started
+    assert generated == len(prompts) * new_tokens, generated
+    return generated / elapsed
+
+
+def _peft_adapters(model, directory: Path, count: int) -> list[Path]:
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    for i in range(count):
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        generator = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        path = directory / f"lora{i}"
+        peft_model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    from malora_runtime.adapters import load_adapter
+    from malora_runtime.adapters.init import random_adapter
+    from malora_runtime.config import EngineConfig
+    from malora_runtime.engine.llm_engine import LLMEngine
+    from malora_runtime.models.loader import load_model
+    from malora_runtime.patching import linear_shapes
+
+    skip = set(filter(None, args.skip.split(",")))
+    model, tokenizer, source = load_model(None)
+    prompts = _prompts(tokenizer, args.batch, args.prompt_tokens)
+    n_new = args.output_tokens
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        lora_dirs = _peft_adapters(model, Path(tmp), 8)
+        if "a0" not in skip:
+            results["a0"] = _hf_generate(model, prompts, n_new)
+            log.info("a0 transformers generate: %.1f tok/s", results["a0"])
+        if "a" not in skip:
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(model), lora_dirs[0], adapter_name="lora0")
+            for i, path in enumerate(lora_dirs[1:], start=1):
+                peft_model.load_adapter(path, adapter_name=f"lora{i}")
+            peft_model.eval()
+            names = [f"lora{i // (args.batch // 8)}" for i in range(args.batch)]
+            results["a"] = _hf_generate(peft_model, prompts, n_new, adapter_names=names)
+            log.info("a  transformers + PEFT mixed adapters: %.1f tok/s", results["a"])
+            del peft_model
+        engine = LLMEngine(model, tokenizer, EngineConfig(), source.name)
+        shapes = linear_shapes(model)
+        for i, path in enumerate(lora_dirs):
+            engine.add_adapter(f"lora{i}", load_adapter(path, shapes))
+        if "b" not in skip:
+            names = [f"lora{i // (args.batch // 8)}" for i in range(args.batch)]
+            results["b"] = _engine_run(engine, prompts, names, n_new)
+            log.info("b  engine, 8 converted LoRA adapters: %.1f tok/s", results["b"])
+        if "c" not in skip:
+            results["c"] = _engine_run(engine, prompts, [None] * args.batch, n_new)
+            log.info("c  engine, base model: %.1f tok/s", results["c"])
+        if "d" not in skip:
+            for i in range(8):
+                engine.remove_adapter(f"lora{i}")
+            for i in range(args.batch):
+                engine.add_adapter(f"m{i}", random_adapter(shapes, source.name, TARGETS, 4, 8, 16, 2, seed=i,
+                                                           dtype="float32"))
+            results["d"] = _engine_run(engine, prompts, [f"m{i}" for i in range(args.batch)], n_new)
+            log.info("d  engine, %d distinct MALoRA adapters: %.1f tok/s", args.batch, results["d"])
+    ratios = {}
+    for name, (num, den) in {"c/a0": ("c", "a0"), "b/a": ("b", "a"), "d/c": ("d", "c")}.items():
+        if num in results and den in results:
+            ratios[name] = results[num] / results[den]
+    lines = [f"{'run':<6}{'output tok/s':>14}"] + [f"{k:<6}{v:>14.1f}" for k, v in results.items()]
+    lines += [f"{k:<6}{v:>14.2f}x" for k, v in ratios.items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        payload = {**results, "ratios": ratios, "machine": platform.processor() or platform.machine(),
+                   "threads": torch.get_num_threads()}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
