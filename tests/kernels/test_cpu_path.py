@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MIXED_SPECS, make_ties
 
 from malora_runtime.adapters.format import ModuleSpec
 from malora_runtime.kernels import dispatch
 from malora_runtime.kernels.cpu import malora_delta_cpu, plan_groups
 from malora_runtime.kernels.slots import NO_SLOT, TokenSlots
+from tests.kernels.conftest import MIXED_SPECS, make_ties
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -14,10 +14,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import MIXED_SPECS, make_ties  # noqa: E402
 
 from malora_runtime.adapters.format import ModuleSpec  # noqa: E402
 from malora_runtime.kernels.slots import NO_SLOT  # noqa: E402
+from tests.kernels.conftest import MIXED_SPECS, make_ties  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
 if "malora_runtime.kernels.triton_malora" in sys.modules:
