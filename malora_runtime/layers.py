@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .adapters.format import ModuleWeights
-from .kernels.dispatch import add_malora_delta
+from .kernels.dispatch import add_malora_delta, choose_backend
 from .kernels.reference import malora_delta_dense
-from .kernels.slots import SlotBank, TokenSlots
+from .kernels.slots import RoutingLog, SlotBank, TokenSlots
 
 
 @dataclass
@@ -26,8 +26,10 @@ class BatchContext:
     """Per-step adapter metadata shared by every wrapped layer of one model (set by the runner)."""
 
     token_slots: TokenSlots | None = None
-    # [num_slots, n_max] per bank path: tokens routed to each expert, accumulated for metrics.
+    # [num_slots, n_max] per bank path: tokens routed to each expert, accumulated on the device (GPU).
     expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The CPU path records its routing choices here instead and they are counted when harvested.
+    routing_log: RoutingLog = field(default_factory=RoutingLog)
     count_experts: bool = False
 
 
@@ -68,7 +70,10 @@ class MaloraLinear(nn.Module):
         token_slots = self.context.token_slots
         if self.bank is not None and token_slots is not None and token_slots.any_adapter:
             flat_y = y.view(-1, y.shape[-1])
-            counts = self.context.expert_counts.get(self.path) if self.context.count_experts else None
+            counts = None
+            if self.context.count_experts:
+                cpu = choose_backend(x) == "cpu"
+                counts = self.context.routing_log if cpu else self.context.expert_counts.get(self.path)
             add_malora_delta(flat_y, x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts)
         return y
 

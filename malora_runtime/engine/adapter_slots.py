@@ -60,6 +60,7 @@ class AdapterSlots:
         self._activations = itertools.count(1)
         # Expert routing counts harvested from slots being cleared, until the next `harvest_expert_counts`.
         self._harvested: dict[str, list[int]] = {}
+        self._logged = torch.zeros(self.num_slots, 0, dtype=torch.int64)  # drained CPU routing counts
 
     # ---- queries ----
     @property
@@ -165,16 +166,26 @@ class AdapterSlots:
 
         Reads and zeroes the device-side counters; call it at most about once a second.
         """
+        self._drain_routing_log()
         for slot, state in enumerate(self.slots):
             if state is not None:
                 self._harvest_slot(slot, state)
         harvested, self._harvested = self._harvested, {}
         return harvested
 
-    def _harvest_slot(self, slot: int, state: SlotState) -> None:
-        counts = [c[slot] for c in self.context.expert_counts.values()]
-        if not counts:
+    def _drain_routing_log(self) -> None:
+        """Count the CPU path's recorded routing choices into per-slot totals."""
+        drained = self.context.routing_log.drain(self.num_slots)
+        if drained.shape[1] == 0:
             return
+        if self._logged.shape[1] < drained.shape[1]:
+            grown = torch.zeros(self.num_slots, drained.shape[1], dtype=torch.int64)
+            grown[:, :self._logged.shape[1]] = self._logged
+            self._logged = grown
+        self._logged[:, :drained.shape[1]] += drained
+
+    def _harvest_slot(self, slot: int, state: SlotState) -> None:
+        counts = [c[slot] for c in self.context.expert_counts.values()] + [self._logged[slot]]
         width = max(c.shape[0] for c in counts)
         total = torch.zeros(width, dtype=torch.int64)
         for c in counts:
@@ -189,6 +200,7 @@ class AdapterSlots:
     def _clear(self, slot: int) -> int:
         state = self.slots[slot]
         assert state is not None
+        self._drain_routing_log()
         self._harvest_slot(slot, state)
         for layer in self.layers().values():
             if layer.bank is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .slots import SlotBank, SlotInfo, TokenSlots
+from .slots import RoutingLog, SlotBank, SlotInfo, TokenSlots
 
 # A segment joins the current group while it is at least half as long as the group's longest one,
 # or shorter by at most this many tokens (a few padded rows cost less than another group's ops).
@@ -151,7 +151,7 @@ def _run_group(
     bank: SlotBank,
     order: torch.Tensor,
     group: SegmentGroup,
-    expert_counts: torch.Tensor | None,
+    expert_counts: torch.Tensor | RoutingLog | None,
 ) -> None:
     """y[tokens of the group] += the group's MALoRA delta (scaled)."""
     infos = [bank.infos[s] for s in group.slots]
@@ -202,13 +202,19 @@ def _run_group(
     y.index_add_(0, tokens.view(-1), out.view(m * width, -1).to(y.dtype))
 
     if expert_counts is not None:
-        hits = torch.ones_like(chosen, dtype=torch.int64)
-        if kmask is not None:
-            hits = hits * kmask
-        if valid is not None:
-            hits = hits * valid.unsqueeze(-1)
+        hits = None
+        if kmask is not None or valid is not None:
+            hits = torch.ones_like(chosen, dtype=torch.int64)
+            if kmask is not None:
+                hits = hits * kmask
+            if valid is not None:
+                hits = hits * valid.unsqueeze(-1)
+        if isinstance(expert_counts, RoutingLog):
+            expert_counts.record(group.slots, chosen, hits)  # counted later, off the hot path
+            return
         per_slot = torch.zeros(m, n, dtype=torch.int64, device=dev)
-        per_slot.scatter_add_(1, chosen.reshape(m, -1), hits.reshape(m, -1))
+        ones = torch.ones_like(chosen, dtype=torch.int64) if hits is None else hits
+        per_slot.scatter_add_(1, chosen.reshape(m, -1), ones.reshape(m, -1))
         expert_counts[:, :n].index_add_(0, torch.tensor(group.slots, device=dev), per_slot)
 
 
@@ -218,7 +224,7 @@ def add_malora_delta_cpu(
     x: torch.Tensor,
     bank: SlotBank,
     token_slots: TokenSlots,
-    expert_counts: torch.Tensor | None = None,
+    expert_counts: torch.Tensor | RoutingLog | None = None,
 ) -> None:
     """Semantics:
       y[i] += scale[s] * sum_{t in T_i} w_it B[s, t] (P[s, t] (S[s] x[i]))   for s = slots[i] != -1
@@ -235,7 +241,7 @@ def malora_delta_cpu(
     bank: SlotBank,
     token_slots: TokenSlots,
     out: torch.Tensor | None = None,
-    expert_counts: torch.Tensor | None = None,
+    expert_counts: torch.Tensor | RoutingLog | None = None,
 ) -> torch.Tensor:
     """Semantics:
       out[i] = scale[s] * sum_{t in T_i} w_it B[s, t] (P[s, t] (S[s] x[i]))   for s = slots[i] != -1

@@ -13,7 +13,7 @@ import torch
 
 from .cpu import add_malora_delta_cpu
 from .reference import malora_delta_reference, route
-from .slots import SlotBank, TokenSlots
+from .slots import RoutingLog, SlotBank, TokenSlots
 
 BACKEND_ENV = "MALORA_KERNEL_BACKEND"
 BACKENDS = ("auto", "cpu", "triton", "reference")
@@ -34,7 +34,7 @@ def add_malora_delta(
     x: torch.Tensor,
     bank: SlotBank,
     token_slots: TokenSlots,
-    expert_counts: torch.Tensor | None = None,
+    expert_counts: torch.Tensor | RoutingLog | None = None,
 ) -> None:
     """Add every token's MALoRA delta, from its own adapter slot, into the base layer's output.
 
@@ -45,7 +45,8 @@ def add_malora_delta(
         T, w   = route(logits, top_k[s], norm[s], temperature[s])  (ties to the lower index)
         y[i]  += scale[s] * sum_{t in T} w_t B[s, t] (P[s, t] z)   # [d_out]
         expert_counts[s, t] += 1 for t in T                  # when expert_counts is given
-    y [T, d_out] (in place), x [T, d_in], expert_counts [num_slots, n_max] int64 or None.
+    y [T, d_out] (in place), x [T, d_in], expert_counts [num_slots, n_max] int64, or a `RoutingLog`
+    (CPU path: choices recorded now, counted when drained), or None.
     Tokens without an adapter are untouched; a batch with no adapter token returns at once.
     """
     if not token_slots.any_adapter:
@@ -53,7 +54,10 @@ def add_malora_delta(
     backend = choose_backend(x)
     if backend == "cpu":
         add_malora_delta_cpu(y, x, bank, token_slots, expert_counts)
-    elif backend == "triton":
+        return
+    if isinstance(expert_counts, RoutingLog):
+        raise TypeError(f"the {backend} backend counts into a tensor, not a RoutingLog")
+    if backend == "triton":
         from .triton_malora import add_malora_delta_triton
 
         add_malora_delta_triton(y, x, bank, token_slots, expert_counts)

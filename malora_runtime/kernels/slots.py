@@ -183,3 +183,51 @@ class TokenSlots:
     @property
     def any_adapter(self) -> bool:
         return bool(self.segments)
+
+
+@dataclass
+class RoutingLog:
+    """Expert choices recorded as they happen and counted only when read.
+
+    The CPU path appends references to its routing tensors, so counting costs the step loop no
+    arithmetic; `drain` counts everything recorded since the last call in one pass (the engine
+    calls it about once a second, and before it reuses a slot). Past `max_entries` the records are
+    folded into running totals, so memory stays bounded when nobody drains.
+    """
+
+    max_entries: int = 4096
+    entries: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    totals: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
+
+    def record(self, slots: list[int], chosen: torch.Tensor, hits: torch.Tensor | None) -> None:
+        """slots: the m slots of a group; chosen [m, L, k] expert ids; hits [m, L, k] 0/1 or None (all 1)."""
+        self.entries.append((slots, chosen, hits))
+        if len(self.entries) >= self.max_entries:
+            self._fold()
+
+    def _fold(self) -> None:
+        entries, self.entries = self.entries, []
+        num_slots = max(max(slots) for slots, _, _ in entries) + 1
+        width = max(int(chosen.max()) for _, chosen, _ in entries) + 1
+        flat, weights = [], []
+        for slots, chosen, hits in entries:
+            base = torch.tensor(slots, dtype=torch.int64).view(-1, 1, 1) * width
+            flat.append((base + chosen.cpu()).reshape(-1))
+            weights.append(torch.ones(chosen.numel(), dtype=torch.int64) if hits is None else hits.cpu().reshape(-1))
+        counts = torch.zeros(num_slots * width, dtype=torch.int64)
+        counts.index_add_(0, torch.cat(flat), torch.cat(weights))
+        rows, cols = max(num_slots, self.totals.shape[0]), max(width, self.totals.shape[1])
+        if self.totals.shape != (rows, cols):
+            grown = torch.zeros(rows, cols, dtype=torch.int64)
+            grown[:self.totals.shape[0], :self.totals.shape[1]] = self.totals
+            self.totals = grown
+        self.totals[:num_slots, :width] += counts.view(num_slots, width)
+
+    def drain(self, num_slots: int) -> torch.Tensor:
+        """Tokens per (slot, expert) since the last drain: [num_slots, max experts seen] int64, on the CPU."""
+        if self.entries:
+            self._fold()
+        totals, self.totals = self.totals, torch.zeros(0, 0, dtype=torch.int64)
+        out = torch.zeros(num_slots, totals.shape[1], dtype=torch.int64)
+        out[:min(num_slots, totals.shape[0])] = totals[:num_slots]
+        return out
