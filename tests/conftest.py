@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# No GPU here: Triton kernels are tested on the CPU by its interpreter. The mode is read when triton
+# is first imported (transformers and peft may import it), so it is set before anything else loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
