@@ -12,6 +12,7 @@ from torch import nn
 from ..config import EngineConfig
 from ..kernels.slots import TokenSlots
 from ..layers import BatchContext
+from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
 from .attention import ATTENTION_NAME, AttentionMetadata, KVPool, PrefillSpan
 
@@ -53,6 +54,9 @@ class ModelRunner:
         self.pool = KVPool.allocate(cfg.num_hidden_layers, self.num_blocks, self.block_size,
                                     cfg.num_key_value_heads, head_dim, self.dtype, self.device)
         self.context = BatchContext(count_experts=config.count_expert_routing)
+        # Layers wrapped earlier (offline generation) must read this runner's per-step context.
+        for layer in wrapped_layers(model).values():
+            layer.context, layer.adapter = self.context, None
         self.adapters = AdapterSlots(model, self.context, config.max_loaded_adapters)
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)

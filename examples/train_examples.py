@@ -1,0 +1,140 @@
+"""Train the example adapters that `make serve` loads, on the default model, from the tasks in `tasks.py`.
+
+For each example: generate its data (fixed seeds), train with `malora_runtime.training`, save the
+adapter (fp16) to `examples/adapters/<name>/` with its `eval.jsonl`, score the base model and the
+saved adapter on that eval set (offline, greedy), and write `card.json` with both accuracies and the
+margin `tests/training/test_examples_served.py` requires of the served adapter.
+
+    .venv/bin/python examples/train_examples.py            # all of them (a few minutes each on a CPU)
+    .venv/bin/python examples/train_examples.py --only json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples.tasks import make_splits  # noqa: E402
+from malora_runtime.adapters import load_adapter, save_adapter  # noqa: E402
+from malora_runtime.models.loader import load_model  # noqa: E402
+from malora_runtime.patching import linear_shapes  # noqa: E402
+from malora_runtime.training.data import write_jsonl  # noqa: E402
+from malora_runtime.training.evaluate import evaluate_offline  # noqa: E402
+from malora_runtime.training.trainer import TrainConfig, train  # noqa: E402
+
+log = logging.getLogger("examples.train")
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"
+MAX_TOKENS = 32
+EVAL_COUNT = 30
+TRAIN_COUNT = 2000
+MARGIN_SLACK = 0.15
+"""The test requires adapter - base >= (measured gap - this), rounded down to 0.05."""
+
+
+@dataclass
+class Example:
+    task: str
+    description: str
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _config(**overrides) -> TrainConfig:
+    settings = dict(method="malora", targets=["q_proj", "v_proj", "o_proj"], num_experts=2, rank=4,
+                    subspace_rank=8, top_k=2, steps=60, batch_size=8, lr=2e-3, warmup_steps=6,
+                    lb_weight=0.01, eval_every=0, dtype="float16")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+EXAMPLES: dict[str, Example] = {
+    "upper": Example("upper", "Answers `upper: <phrase>` with the phrase in upper case.", _config()),
+    "reverse": Example("reverse", "Answers `reverse: <words>` with the words in reverse order.", _config()),
+    "json": Example("json", "Turns `json: <sentence about a person>` into {\"name\", \"age\", \"city\"} JSON.",
+                    _config()),
+    "multitask": Example("multitask", "upper, reverse and json mixed; 4 experts, top-2: the router picks by task.",
+                         _config(num_experts=4, subspace_rank=16, top_k=2, steps=250, warmup_steps=10)),
+}
+
+
+def required_margin(base_accuracy: float, adapter_accuracy: float) -> float:
+    return max(0.0, math.floor((adapter_accuracy - base_accuracy - MARGIN_SLACK) * 20) / 20)
+
+
+def build(name: str, example: Example, model, tokenizer, model_name: str, out_root: Path) -> dict:
+    train_records, eval_records = make_splits(example.task, TRAIN_COUNT, EVAL_COUNT)
+    result = train(model, tokenizer, example.config, train_records, None, model_name)
+    out = out_root / name
+    result.adapter.config.description = example.description
+    save_adapter(result.adapter, out)
+    write_jsonl(out / "eval.jsonl", eval_records)
+    served = load_adapter(out, linear_shapes(model), dtype=torch.float32)  # what a server loads: the fp16 file
+    base = evaluate_offline(model, tokenizer, None, eval_records, MAX_TOKENS)
+    tuned = evaluate_offline(model, tokenizer, served, eval_records, MAX_TOKENS)
+    card = {
+        "name": name,
+        "task": example.task,
+        "description": example.description,
+        "base_model": model_name,
+        "prompt_example": eval_records[0]["prompt"],
+        "completion_example": eval_records[0]["completion"],
+        "eval_set": "eval.jsonl",
+        "eval_items": len(eval_records),
+        "max_tokens": MAX_TOKENS,
+        "scoring": "exact match after whitespace normalisation, greedy decoding, /v1/completions",
+        "base_accuracy": round(base.accuracy, 4),
+        "adapter_accuracy": round(tuned.accuracy, 4),
+        "required_margin": required_margin(base.accuracy, tuned.accuracy),
+        "trainable_parameters": result.trainable_parameters,
+        "size_bytes": served.num_bytes() // 2,
+        "train_seconds": round(result.seconds, 1),
+        "final_train_loss": round(result.losses[-1], 4),
+        "training": {k: v for k, v in asdict(example.config).items()},
+        "train_data": f"examples/tasks.py: make_splits({example.task!r}, {TRAIN_COUNT}, {EVAL_COUNT})",
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    log.info("%s: base %.2f, adapter %.2f, margin %.2f, %.0f s", name, base.accuracy, tuned.accuracy,
+             card["required_margin"], result.seconds)
+    return card
+
+
+def write_index(out_root: Path) -> None:
+    rows = ["| adapter | task | eval items | base accuracy | adapter accuracy | test margin | size (fp16) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for card_path in sorted(out_root.glob("*/card.json")):
+        c = json.loads(card_path.read_text())
+        rows.append(f"| `{c['name']}` | {c['description']} | {c['eval_items']} | {c['base_accuracy']:.2f} | "
+                    f"{c['adapter_accuracy']:.2f} | {c['required_margin']:.2f} | {c['size_bytes'] / 1e6:.1f} MB |")
+    (out_root / "README.md").write_text(
+        "# Example adapters\n\nTrained by `examples/train_examples.py` on synthetic tasks from `examples/tasks.py` "
+        "(base: SmolLM2-135M-Instruct). Prompts are plain text for `/v1/completions`, for example "
+        "`upper: quiet green river\\n`. Each directory holds the adapter, its `eval.jsonl` and a `card.json`; "
+        "`tests/training/test_examples_served.py` checks every served adapter against its card.\n\n"
+        + "\n".join(rows) + "\n\nReproduce: `.venv/bin/python examples/train_examples.py` "
+        "(score one: `malora eval examples/adapters/json/eval.jsonl --adapter examples/adapters/json`).\n"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(EXAMPLES), help="train only these")
+    parser.add_argument("--out", type=Path, default=ADAPTERS_DIR)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model, tokenizer, source = load_model(None)
+    for name in args.only or EXAMPLES:
+        build(name, EXAMPLES[name], model, tokenizer, source.name, args.out)
+    write_index(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
