@@ -89,6 +89,28 @@ def transposed_b(bank: SlotBank) -> torch.Tensor:
     return transposed
 
 
+_STACKED_SG: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # id(bank.S) -> (versions, [S; G])
+
+
+def stacked_sg(bank: SlotBank) -> torch.Tensor:
+    """[S; G] per slot: [num_slots, d_max + n_max, d_in], so the shared projection and the router
+    logits come from one product over x (MALORA.md's fused first step). Cached like `transposed_b`."""
+    S, G = bank.S, bank.G
+    try:
+        versions = (S._version, G._version)
+    except RuntimeError:  # inference-mode tensors keep no version counter: no cache
+        return torch.cat([S, G], dim=1)
+    key = id(S)
+    hit = _STACKED_SG.get(key)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(S, _STACKED_SG.pop, key, None)
+    stacked = torch.cat([S, G], dim=1)
+    _STACKED_SG[key] = (versions, stacked)
+    return stacked
+
+
 def _slot_view(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
     """tensor[slots] as a view when the slots are a contiguous range, else a gathered copy."""
     lo, hi = slots[0], slots[-1] + 1
@@ -172,11 +194,12 @@ def _run_group(
         valid = valid if padded else None
     xp = x.index_select(0, tokens.view(-1)).view(m, width, -1).to(f32)
 
-    S = _slot_view(bank.S, group.slots)[:, :d].to(f32)
-    G = _slot_view(bank.G, group.slots)[:, :n].to(f32)
+    d_max = bank.maxima[0]
+    SG = _slot_view(stacked_sg(bank), group.slots)[:, :d_max + n].to(f32)  # rows d..d_max are zero padding
     bias = _slot_view(bank.router_bias, group.slots)[:, :n].to(f32)
-    z = torch.bmm(xp, S.transpose(1, 2))  # [m, L, d]
-    logits = torch.baddbmm(bias.unsqueeze(1), xp, G.transpose(1, 2))  # [m, L, n]
+    zl = torch.bmm(xp, SG.transpose(1, 2))  # [m, L, d_max + n]: [S; G] x in one pass over x
+    z = zl[..., :d]  # [m, L, d]
+    logits = zl[..., d_max:] + bias.unsqueeze(1)  # [m, L, n]
     chosen, weights, kmask = _route(logits, infos, k_max)
 
     row_scale = torch.tensor([info.scale for info in infos], dtype=f32, device=dev).view(m, 1)
