@@ -114,7 +114,9 @@ def test_fuzzed_bodies_never_5xx(http, request):
 
 
 def test_still_ready_after_fuzz(http):
-    assert STATUSES[200] >= 40, (STATUSES, ERRS) # the fuzz reached the engine, not only validation
+    # The fuzz must reach the engine, not only validation: about a fifth of the bodies are valid
+    # (39 to 45 of 200 in runs here; the draw depends on hypothesis' derandomised seed and version).
+    assert STATUSES[200] >= 25, (STATUSES, ERRS)
     assert http.get("/ready").status_code == 200
     r = http.post("/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200
