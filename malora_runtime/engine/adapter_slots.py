@@ -232,7 +232,7 @@ class AdapterSlots:
         )
         if bank is not None:
             _copy_bank(bank, grown)
-        if self.context.count_experts:
+        if self.context.count_experts and self.device.type == "cuda":  # the CPU path records to a RoutingLog
             counts = torch.zeros(self.num_slots, grown.maxima[2], dtype=torch.int64, device=self.device)
             old = self.context.expert_counts.get(layer.path)
             if old is not None:

@@ -233,7 +233,7 @@ def _run_group(
             if valid is not None:
                 hits = hits * valid.unsqueeze(-1)
         if isinstance(expert_counts, RoutingLog):
-            expert_counts.record(group.slots, chosen, hits)  # counted later, off the hot path
+            expert_counts.record(group.slots, chosen, hits, n)  # counted later, off the hot path
             return
         per_slot = torch.zeros(m, n, dtype=torch.int64, device=dev)
         ones = torch.ones_like(chosen, dtype=torch.int64) if hits is None else hits

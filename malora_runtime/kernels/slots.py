@@ -196,26 +196,40 @@ class RoutingLog:
     """
 
     max_entries: int = 4096
-    entries: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    entries: list[tuple[list[int], torch.Tensor, torch.Tensor | None, int]] = field(default_factory=list)
     totals: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
 
-    def record(self, slots: list[int], chosen: torch.Tensor, hits: torch.Tensor | None) -> None:
-        """slots: the m slots of a group; chosen [m, L, k] expert ids; hits [m, L, k] 0/1 or None (all 1)."""
-        self.entries.append((slots, chosen, hits))
+    def record(self, slots: list[int], chosen: torch.Tensor, hits: torch.Tensor | None, num_experts: int) -> None:
+        """slots: the m slots of a group; chosen [m, L, k] expert ids (< num_experts); hits [m, L, k] 0/1
+        or None (all count)."""
+        self.entries.append((slots, chosen, hits, num_experts))
         if len(self.entries) >= self.max_entries:
             self._fold()
 
     def _fold(self) -> None:
         entries, self.entries = self.entries, []
-        num_slots = max(max(slots) for slots, _, _ in entries) + 1
-        width = max(int(chosen.max()) for _, chosen, _ in entries) + 1
-        flat, weights = [], []
-        for slots, chosen, hits in entries:
-            base = torch.tensor(slots, dtype=torch.int64).view(-1, 1, 1) * width
-            flat.append((base + chosen.cpu()).reshape(-1))
-            weights.append(torch.ones(chosen.numel(), dtype=torch.int64) if hits is None else hits.cpu().reshape(-1))
+        num_slots = max(max(slots) for slots, _, _, _ in entries) + 1
+        width = max(n for _, _, _, n in entries)
+        bases: dict[tuple[int, ...], torch.Tensor] = {}  # the same groups recur in every layer
+        plain: list[torch.Tensor] = []
+        weighted: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
+        for slots, chosen, hits, _ in entries:
+            key = tuple(slots)
+            base = bases.get(key)
+            if base is None:
+                base = bases[key] = torch.tensor(slots, dtype=torch.int64).view(-1, 1, 1) * width
+            index = (base + chosen.cpu()).reshape(-1)
+            if hits is None:
+                plain.append(index)
+            else:
+                weighted.append(index)
+                weights.append(hits.cpu().reshape(-1))
         counts = torch.zeros(num_slots * width, dtype=torch.int64)
-        counts.index_add_(0, torch.cat(flat), torch.cat(weights))
+        if plain:
+            counts += torch.bincount(torch.cat(plain), minlength=num_slots * width)
+        if weighted:
+            counts.index_add_(0, torch.cat(weighted), torch.cat(weights))
         rows, cols = max(num_slots, self.totals.shape[0]), max(width, self.totals.shape[1])
         if self.totals.shape != (rows, cols):
             grown = torch.zeros(rows, cols, dtype=torch.int64)

@@ -22,6 +22,6 @@ def test_routing_log_counts_equal_tensor_counts_and_stay_bounded() -> None:
         add_malora_delta_cpu(torch.zeros(97, 20), x, bank, token_slots, log)
     assert len(log.entries) < 3  # folded into totals past max_entries
     drained = log.drain(bank.num_slots)
-    width = drained.shape[1]  # the highest expert id chosen, plus one
+    width = drained.shape[1]  # the most experts of any recorded group
     assert torch.equal(drained, immediate[:, :width]) and immediate[:, width:].sum() == 0
     assert log.drain(bank.num_slots).sum() == 0
