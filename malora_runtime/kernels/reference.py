@@ -45,6 +45,23 @@ def route(
     return chosen, weights
 
 
+def project_and_route(
+    x: torch.Tensor,
+    S: torch.Tensor,
+    G: torch.Tensor,
+    top_k: int,
+    router_bias: torch.Tensor | None = None,
+    router_norm: str = ROUTER_TOPK_SOFTMAX,
+    router_temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = S x [T, d], and the chosen experts [T, k] with their weights [T, k] from G x (+ bias)."""
+    logits = x @ G.T
+    if router_bias is not None:
+        logits = logits + router_bias
+    chosen, weights = route(logits, top_k, router_norm, router_temperature)
+    return x @ S.T, chosen, weights
+
+
 def malora_delta_reference(
     x: torch.Tensor,
     S: torch.Tensor,
@@ -67,11 +84,7 @@ def malora_delta_reference(
     Shapes: x [T, d_in], S [d, d_in], G [N, d_in], P [N, r, d], B [N, d_out, r] -> [T, d_out].
     Computed in the dtype of the inputs, one token at a time, so it is obviously the formula.
     """
-    z = x @ S.T
-    logits = x @ G.T
-    if router_bias is not None:
-        logits = logits + router_bias
-    chosen, weights = route(logits, top_k, router_norm, router_temperature)
+    z, chosen, weights = project_and_route(x, S, G, top_k, router_bias, router_norm, router_temperature)
     out = x.new_zeros(x.shape[0], B.shape[1])
     for i in range(x.shape[0]):
         for slot in range(chosen.shape[1]):
@@ -99,12 +112,9 @@ def malora_delta_dense(
       delta   = scale * sum_t W[:, t] * (B_t (P_t (S x)))        # [T, d_out]
     Readable and exact (unchosen experts get weight 0); used by the single-adapter reference layer.
     """
-    z = x @ S.T  # [T, d]
-    logits = x @ G.T  # [T, N]
-    if router_bias is not None:
-        logits = logits + router_bias
-    chosen, weights = route(logits, top_k, router_norm, router_temperature)
-    dense_weights = torch.zeros_like(logits).scatter(-1, chosen, weights)  # [T, N]
+    z, chosen, weights = project_and_route(x, S, G, top_k, router_bias, router_norm, router_temperature)
+    dense_weights = torch.zeros(x.shape[0], G.shape[0], dtype=weights.dtype, device=x.device)
+    dense_weights = dense_weights.scatter(-1, chosen, weights)  # [T, N]
     expert_in = torch.einsum("nrd,td->tnr", P, z)  # [T, N, r]
     expert_out = torch.einsum("nor,tnr->tno", B, expert_in)  # [T, N, d_out]
     return scale * torch.einsum("tn,tno->to", dense_weights, expert_out)
