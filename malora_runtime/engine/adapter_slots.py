@@ -173,6 +173,7 @@ class AdapterSlots:
         harvested, self._harvested = self._harvested, {}
         return harvested
 
+    @torch.inference_mode()
     def _drain_routing_log(self) -> None:
         """Count the CPU path's recorded routing choices into per-slot totals."""
         drained = self.context.routing_log.drain(self.num_slots)
@@ -184,6 +185,7 @@ class AdapterSlots:
             self._logged = grown
         self._logged[:, :drained.shape[1]] += drained
 
+    @torch.inference_mode()
     def _harvest_slot(self, slot: int, state: SlotState) -> None:
         counts = [c[slot] for c in self.context.expert_counts.values()] + [self._logged[slot]]
         width = max(c.shape[0] for c in counts)

@@ -206,7 +206,10 @@ class RoutingLog:
         if len(self.entries) >= self.max_entries:
             self._fold()
 
+    @torch.inference_mode()
     def _fold(self) -> None:
+        # Always in inference mode: a fold may happen inside the forward (past max_entries) or outside
+        # it (harvest), and a tensor made in inference mode may only be updated in inference mode.
         entries, self.entries = self.entries, []
         num_slots = max(max(slots) for slots, _, _, _ in entries) + 1
         width = max(n for _, _, _, n in entries)
@@ -237,6 +240,7 @@ class RoutingLog:
             self.totals = grown
         self.totals[:num_slots, :width] += counts.view(num_slots, width)
 
+    @torch.inference_mode()
     def drain(self, num_slots: int) -> torch.Tensor:
         """Tokens per (slot, expert) since the last drain: [num_slots, max experts seen] int64, on the CPU."""
         if self.entries:

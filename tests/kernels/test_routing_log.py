@@ -25,3 +25,18 @@ def test_routing_log_counts_equal_tensor_counts_and_stay_bounded() -> None:
     width = drained.shape[1]  # the most experts of any recorded group
     assert torch.equal(drained, immediate[:, :width]) and immediate[:, width:].sum() == 0
     assert log.drain(bank.num_slots).sum() == 0
+
+
+def test_a_fold_inside_the_forward_can_be_drained_outside_it() -> None:
+    # The engine's forward runs in inference mode and the harvest does not: a fold in one and a drain
+    # in the other must both work (a tensor made in inference mode cannot be updated outside it).
+    gen = torch.Generator().manual_seed(1)
+    bank = make_bank([make_weights(spec, 24, 20, gen) for spec in MIXED_SPECS], torch.float32)
+    token_slots = TokenSlots.from_list([0, 1, 2, 3, 4, -1])
+    log = RoutingLog(max_entries=2)
+    for _ in range(3):
+        with torch.inference_mode():
+            add_malora_delta_cpu(torch.zeros(6, 20), torch.randn(6, 24), bank, token_slots, log)
+        log.drain(bank.num_slots)
+        add_malora_delta_cpu(torch.zeros(6, 20), torch.randn(6, 24), bank, token_slots, log)
+    assert log.drain(bank.num_slots).sum() > 0
