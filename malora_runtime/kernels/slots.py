@@ -213,21 +213,22 @@ class RoutingLog:
         entries, self.entries = self.entries, []
         num_slots = max(max(slots) for slots, _, _, _ in entries) + 1
         width = max(n for _, _, _, n in entries)
-        bases: dict[tuple[int, ...], torch.Tensor] = {}  # the same groups recur in every layer
+        # The same groups recur in every layer: bucket by group, one concatenation and add per bucket.
+        buckets: dict[tuple[tuple[int, ...], bool], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        for slots, chosen, hits, _ in entries:
+            buckets.setdefault((tuple(slots), hits is None), []).append((chosen, hits))
         plain: list[torch.Tensor] = []
         weighted: list[torch.Tensor] = []
         weights: list[torch.Tensor] = []
-        for slots, chosen, hits, _ in entries:
-            key = tuple(slots)
-            base = bases.get(key)
-            if base is None:
-                base = bases[key] = torch.tensor(slots, dtype=torch.int64).view(-1, 1, 1) * width
-            index = (base + chosen.cpu()).reshape(-1)
-            if hits is None:
+        for (slots, unweighted), members in buckets.items():
+            m = len(slots)
+            base = torch.tensor(slots, dtype=torch.int64).view(m, 1) * width
+            index = (base + torch.cat([c.reshape(m, -1) for c, _ in members], dim=1).cpu()).reshape(-1)
+            if unweighted:
                 plain.append(index)
             else:
                 weighted.append(index)
-                weights.append(hits.cpu().reshape(-1))
+                weights.append(torch.cat([h.reshape(m, -1) for _, h in members], dim=1).cpu().reshape(-1))
         counts = torch.zeros(num_slots * width, dtype=torch.int64)
         if plain:
             counts += torch.bincount(torch.cat(plain), minlength=num_slots * width)
