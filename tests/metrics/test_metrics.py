@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.server_helpers import API_KEY
+from tests.server.server_helpers import API_KEY, wait_idle
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORE_EOS = {"ignore_eos": True}
@@ -28,16 +28,6 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_idle(http: httpx.Client) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        stats = http.get("/v1/engine/stats").json()
-        if stats["kv_blocks_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"engine not idle: {stats}")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def traffic(metrics_server):
                 events += line.startswith("data:")
                 if events >= 3:
                     break
-        wait_idle(h)
+        wait_idle(h, timeout=60)
     # A one-token probe with the dropped stream's prompt: its prompt count is the aborted request's too.
     probe = client.completions.create(model="beta", prompt="The history of", max_tokens=1)
     sent["prompt"]["beta"] += 2 * probe.usage.prompt_tokens

@@ -72,3 +72,14 @@ def stop_server(process: subprocess.Popen, timeout: float = 30) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def wait_idle(http: httpx.Client, timeout: float = 30) -> dict:
+    """Poll `/v1/engine/stats` until no block, sequence or admitted request is left; return the stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = http.get("/v1/engine/stats").json()
+        if (stats["kv_blocks_used"], stats["num_running"], stats["num_waiting"], stats["num_admitted"]) == (0,) * 4:
+            return stats
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
 import pytest
-from server_helpers import API_KEY, MAX_BODY_BYTES, MAX_NUM_SEQS, MAX_WAITING
+from server_helpers import API_KEY, MAX_BODY_BYTES, MAX_NUM_SEQS, MAX_WAITING, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -122,16 +121,6 @@ def test_oversized_body_is_413(client, http):
     assert r.status_code == 413
 
 
-def wait_idle(http, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = http.get("/v1/engine/stats").json()
-        if (stats["kv_blocks_used"], stats["num_running"], stats["num_waiting"], stats["num_admitted"]) == (0,) * 4:
-            return stats
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.1)
-
-
 def test_full_queue_is_429_with_retry_after(live_server, http):
     limit = MAX_NUM_SEQS + MAX_WAITING
     n = 16
@@ -154,7 +143,7 @@ def test_full_queue_is_429_with_retry_after(live_server, http):
     assert rejected.status_code == 429, rejected.text
     assert int(rejected.headers["Retry-After"]) >= 1
     assert rejected.json()["error"]["code"] == "queue_full"
-    wait_idle(http)
+    wait_idle(http, timeout=30)
     assert http.post("/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 1}).status_code == 200
 
 

@@ -8,19 +8,9 @@ import time
 import httpx
 import openai
 import pytest
-from server_helpers import API_KEY
+from server_helpers import API_KEY, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def wait_idle(http, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = http.get("/v1/engine/stats").json()
-        if (stats["kv_blocks_used"], stats["num_running"], stats["num_waiting"], stats["num_admitted"]) == (0,) * 4:
-            return stats
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.05)
 
 
 def test_64_concurrent_streaming_clients(live_server, http):
@@ -51,7 +41,7 @@ def test_64_concurrent_streaming_clients(live_server, http):
 
     results = asyncio.run(scenario())
     assert len(results) == 64 and all(tokens >= 1 for _, tokens in results)
-    wait_idle(http)
+    wait_idle(http, timeout=10)
 
 
 def test_stream_disconnect_frees_blocks(live_server, http):
