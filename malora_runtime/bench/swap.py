@@ -133,6 +133,7 @@ async def _run(args: argparse.Namespace) -> dict:
     from ..engine.async_engine import AsyncEngine
     from ..patching import linear_shapes
 
+    threads = torch.get_num_threads()  # the engine thread's; from_config leaves this thread 1
     engine = AsyncEngine.from_config(EngineConfig(model=args.model, max_loaded_adapters=8))
     shapes = linear_shapes(engine.engine.runner.model)
     prompt_ids = list(engine.tokenizer(PROMPT)["input_ids"])
@@ -168,13 +169,13 @@ async def _run(args: argparse.Namespace) -> dict:
             await asyncio.to_thread(engine.shutdown, 5.0)
     itl = {key: {"p50_ms": percentile(g, 0.5) * 1e3, "p99_ms": percentile(g, 0.99) * 1e3, "tokens": len(g)}
            for key, g in phases.items()}
-    return {"load": loads, "itl": itl, "swaps": swaps,
+    return {"load": loads, "itl": itl, "swaps": swaps, "engine_threads": threads,
             "itl_ratio": itl["swap"]["p99_ms"] / itl["no_swap"]["p99_ms"],
             "slot_evictions": engine.engine.runner.adapters.num_evictions}
 
 
 def _markdown(results: dict, args: argparse.Namespace, command: str) -> str:
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.system()}, torch " \
+    machine = f"{platform.machine()}, {results['engine_threads']} torch threads (engine), {platform.system()}, torch " \
               f"{torch.__version__}, Python {platform.python_version()}"
     lines = ["## Adapter hot swap (`malora bench swap`)", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Model: {args.model or 'SmolLM2-135M-Instruct'} float32, 8 adapter slots.", "",
