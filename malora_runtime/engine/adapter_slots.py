@@ -206,7 +206,7 @@ class AdapterSlots:
         self._harvest_slot(slot, state)
         for layer in self.layers().values():
             if layer.bank is not None:
-                layer.bank.clear_slot(slot)
+                layer.bank.release_slot(slot)
         self.slots[slot] = None
         return state.cache_key
 
@@ -216,7 +216,7 @@ class AdapterSlots:
             weights = adapter.modules.get(path)
             if weights is None:
                 if layer.bank is not None:
-                    layer.bank.clear_slot(slot)
+                    layer.bank.release_slot(slot)
                 continue
             weights = weights.to(self.device, self.dtype)
             layer.bank = self._bank_that_fits(layer, weights)

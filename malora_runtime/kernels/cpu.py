@@ -23,7 +23,6 @@ a group's slots are a contiguous range; products are sliced to the group's real 
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -67,52 +66,6 @@ def plan_groups(segments: list[tuple[int, int, int]], bank: SlotBank) -> list[Se
         groups.append(SegmentGroup([s for s, _, _ in members], [a for _, a, _ in members],
                                    [b - a for _, a, b in members]))
     return groups
-
-
-_TRANSPOSED_B: dict[int, tuple[int, torch.Tensor]] = {}  # id(bank.B) -> (its version, B^T)
-
-
-def transposed_b(bank: SlotBank) -> torch.Tensor:
-    """bank.B as [num_slots, n_max, r_max, d_out] in float32 (each B_t transposed), so that every
-    row of B_t^T is a contiguous row of one table (see `_run_group`). Cached per B tensor and rebuilt
-    when its version counter moves (`set_slot` / `clear_slot` write B in place); costs one more copy
-    of B in memory (two for a half-precision bank)."""
-    B = bank.B
-    try:
-        version = B._version
-    except RuntimeError:  # inference-mode tensors keep no version counter: no cache
-        return B.transpose(-1, -2).to(torch.float32).contiguous()
-    key = id(B)
-    hit = _TRANSPOSED_B.get(key)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    if hit is None:
-        weakref.finalize(B, _TRANSPOSED_B.pop, key, None)
-    transposed = B.transpose(-1, -2).to(torch.float32).contiguous()
-    _TRANSPOSED_B[key] = (version, transposed)
-    return transposed
-
-
-_STACKED_SG: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # id(bank.S) -> (versions, [S; G])
-
-
-def stacked_sg(bank: SlotBank) -> torch.Tensor:
-    """[S; G] per slot: [num_slots, d_max + n_max, d_in], so the shared projection and the router
-    logits come from one product over x (MALORA.md's fused first step). Cached like `transposed_b`."""
-    S, G = bank.S, bank.G
-    try:
-        versions = (S._version, G._version)
-    except RuntimeError:  # inference-mode tensors keep no version counter: no cache
-        return torch.cat([S, G], dim=1)
-    key = id(S)
-    hit = _STACKED_SG.get(key)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
-    if hit is None:
-        weakref.finalize(S, _STACKED_SG.pop, key, None)
-    stacked = torch.cat([S, G], dim=1)
-    _STACKED_SG[key] = (versions, stacked)
-    return stacked
 
 
 def _slot_view(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -210,7 +163,7 @@ def _run_group(
     xp = x.index_select(0, tokens.view(-1)).view(m, width, -1).to(f32)
 
     d_max = bank.maxima[0]
-    SG = _slot_view(stacked_sg(bank), group.slots)[:, :d_max + n].to(f32)  # rows d..d_max are zero padding
+    SG = _slot_view(bank.stacked_sg(), group.slots)[:, :d_max + n].to(f32)  # rows d..d_max are zero padding
     bias = _slot_view(bank.router_bias, group.slots)[:, :n].to(f32)
     zl = torch.bmm(xp, SG.transpose(1, 2))  # [m, L, d_max + n]: [S; G] x in one pass over x
     z = zl[..., :d]  # [m, L, d]
@@ -226,7 +179,7 @@ def _run_group(
     # y = sum over the k chosen experts and r of (w u)[t, j, rho] * B_t^T[rho, :]: a weighted sum of
     # rows of the [slots * N * r, d_out] table of B^T, which embedding_bag computes in one pass,
     # reading only the chosen experts' rows (k r per token) and copying none of them.
-    Bt = transposed_b(bank)  # [num_slots, n_max, r_max, d_out] float32
+    Bt = bank.transposed_b()  # [num_slots, n_max, r_max, d_out] float32
     n_max, r_max = Bt.shape[1], Bt.shape[2]
     coefficients = u.gather(2, chosen.unsqueeze(-1).expand(m, width, k_max, r)) * weights.unsqueeze(-1)
     rows = (chosen * r_max).unsqueeze(-1) + _first_rows(tuple(group.slots), n_max * r_max, r, dev)  # [m, L, k, r]

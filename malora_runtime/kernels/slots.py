@@ -36,8 +36,9 @@ class SlotInfo:
 class SlotBank:
     """Padded weights of one target module for `num_slots` adapter slots.
 
-    Padding is exact: padded rows of S, P and B are zero, and padded experts have a router bias of
-    -inf so they are never chosen. A slot whose adapter does not target this module is inactive
+    Padding is exact: padded rows of S, P and B of an active slot are zero, and padded experts have
+    a router bias of -inf so they are never chosen. An inactive slot's weights are never read (a
+    released slot keeps stale ones). A slot whose adapter does not target this module is inactive
     (`infos[slot] is None`) and its tokens get no delta here.
     """
 
@@ -51,6 +52,10 @@ class SlotBank:
     router_temperature: torch.Tensor  # [num_slots] float32
     softmax_first: torch.Tensor  # [num_slots] bool: router_norm == "softmax_topk"
     infos: list[SlotInfo | None] = field(default_factory=list)
+    # Layouts of the same weights for the CPU path (kernels.cpu), built on first use and from then on
+    # kept in step by set_slot / clear_slot one slot at a time: a swap copies one adapter, not the bank.
+    _stacked_sg: torch.Tensor | None = field(default=None, repr=False)
+    _transposed_b: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def allocate(
@@ -97,6 +102,30 @@ class SlotBank:
         """(d_max, r_max, n_max)."""
         return self.S.shape[1], self.P.shape[2], self.P.shape[1]
 
+    def stacked_sg(self) -> torch.Tensor:
+        """[S; G] per slot, [num_slots, d_max + n_max, d_in]: the shared projection and the router
+        logits come from one product over x (MALORA.md's fused first step)."""
+        if self._stacked_sg is None:
+            with torch.inference_mode(False):  # a normal tensor: set_slot updates it outside inference mode
+                self._stacked_sg = torch.cat([self.S, self.G], dim=1)
+        return self._stacked_sg
+
+    def transposed_b(self) -> torch.Tensor:
+        """B with each B_t transposed, [num_slots, n_max, r_max, d_out], in float32: every row of
+        B_t^T is a contiguous row of one table, which the CPU path reads with embedding_bag."""
+        if self._transposed_b is None:
+            with torch.inference_mode(False):
+                self._transposed_b = self.B.transpose(-1, -2).to(torch.float32).contiguous()
+        return self._transposed_b
+
+    def _sync_layouts(self, slot: int) -> None:
+        if self._stacked_sg is not None:
+            d_max = self.S.shape[1]
+            self._stacked_sg[slot, :d_max].copy_(self.S[slot])
+            self._stacked_sg[slot, d_max:].copy_(self.G[slot])
+        if self._transposed_b is not None:
+            self._transposed_b[slot].copy_(self.B[slot].transpose(-1, -2))
+
     def fits(self, weights: ModuleWeights) -> str | None:
         """None when `weights` fit this bank, else a message saying which limit they exceed."""
         spec = weights.spec
@@ -116,7 +145,8 @@ class SlotBank:
             raise ValueError(problem)
         spec = weights.spec
         d, r, n = spec.d, spec.r, spec.num_experts
-        self.clear_slot(slot)
+        if (d, r, n) != self.maxima:  # padding to zero; a full-size adapter overwrites every element
+            self._zero_slot(slot)
         self.S[slot, :d].copy_(weights.S)
         self.G[slot, :n].copy_(weights.G)
         self.router_bias[slot, :n] = 0.0 if weights.router_bias is None else weights.router_bias.to(self.G.dtype)
@@ -132,9 +162,26 @@ class SlotBank:
             softmax_first=spec.router_norm == ROUTER_SOFTMAX_TOPK,
             has_router_bias=weights.router_bias is not None,
         )
+        self._sync_layouts(slot)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
+        """Make `slot` inactive and zero its weights."""
+        self._zero_slot(slot)
+        self._sync_layouts(slot)
+
+    @torch.no_grad()
+    def release_slot(self, slot: int) -> None:
+        """Make `slot` inactive without rewriting its weights (the cheap path of an unload or swap,
+        which runs between engine steps): no token is routed to a released slot, its scale and top_k
+        are 0 for kernels that read them per token, and `set_slot` writes every element it needs."""
+        if self.infos[slot] is None:
+            return
+        self.scale[slot] = 0.0
+        self.top_k[slot] = 0
+        self.infos[slot] = None
+
+    def _zero_slot(self, slot: int) -> None:
         self.S[slot].zero_()
         self.G[slot].zero_()
         self.router_bias[slot].fill_(float("-inf"))

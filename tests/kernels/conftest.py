@@ -170,6 +170,14 @@ def make_case(seed: int) -> Callable[..., Case]:
     return build
 
 
+def release(case: Case, slot: int) -> None:
+    """Release `slot` in the case's bank (stale weights stay) and expect no delta for its tokens."""
+    case.bank.release_slot(slot)
+    rows = torch.tensor([s == slot for s in case.slots])
+    case.expected[rows] = 0.0
+    case.expected_counts[slot] = 0
+
+
 def make_ties(weights: list[ModuleWeights | None], x: torch.Tensor, gen: torch.Generator) -> None:
     """Dyadic x and G (exact in every dtype and summation order), G rows duplicated -> exact ties.
 

@@ -9,7 +9,15 @@ from malora_runtime.adapters.format import ModuleSpec
 from malora_runtime.kernels import dispatch
 from malora_runtime.kernels.cpu import malora_delta_cpu, plan_groups
 from malora_runtime.kernels.slots import NO_SLOT, TokenSlots
-from tests.kernels.conftest import MIXED_SPECS, make_ties
+from tests.kernels.conftest import (
+    MIXED_SPECS,
+    make_bank,
+    make_ties,
+    make_weights,
+    random_slots,
+    reference_batch,
+    release,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -97,3 +105,42 @@ def test_dispatch_rejects_unknown_backend(make_case, monkeypatch):
     case = make_case([MIXED_SPECS[0]], slots=[0])
     with pytest.raises(ValueError, match="MALORA_KERNEL_BACKEND"):
         dispatch.add_malora_delta(torch.zeros(1, case.bank.d_out), case.x, case.bank, case.token_slots)
+
+
+def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed):
+    """The CPU path's [S; G] and B^T layouts are built on first use and then updated per slot by
+    set_slot / clear_slot: after a swap and a clear the delta must follow the new weights."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = MIXED_SPECS[:3]
+    weights = [make_weights(spec, 37, 45, gen) for spec in specs]
+    bank = make_bank(weights, torch.float32)
+    slots = random_slots(gen, 40, len(specs), none_fraction=0.1)
+    x, token_slots = torch.randn(40, 37, generator=gen), TokenSlots.from_list(slots)
+    malora_delta_cpu(x, bank, token_slots)  # builds the layouts
+
+    weights[0] = make_weights(specs[0], 37, 45, gen)  # a new version in slot 0
+    bank.set_slot(0, weights[0])
+    bank.clear_slot(2)
+    weights[2] = None
+    expected, _ = reference_batch(x, slots, weights, torch.float32, bank.maxima[2])
+    out = malora_delta_cpu(x, bank, token_slots, out=torch.full((40, 45), float("nan")))
+    error = float((out.double() - expected).abs().max() / expected.abs().max())
+    assert error <= 1e-5, f"relative error {error:.3g} after a swap (seed {seed})"
+    assert (out[torch.tensor([s == 2 for s in slots])] == 0).all()
+
+
+def test_layouts_built_in_inference_mode_accept_later_slot_writes(make_case):
+    """The engine runs forwards under inference_mode and writes slots outside it."""
+    case = make_case(MIXED_SPECS[:2], 9)
+    with torch.inference_mode():
+        malora_delta_cpu(case.x, case.bank, case.token_slots)
+    case.bank.clear_slot(0)  # raised "Inplace update to inference tensor" when the layouts were inference tensors
+    out = malora_delta_cpu(case.x, case.bank, case.token_slots)
+    assert (out[torch.tensor([s == 0 for s in case.slots])] == 0).all()
+
+
+def test_released_slot_gets_no_delta(make_case):
+    case = make_case(MIXED_SPECS[:3], 48, none_fraction=0.0)
+    release(case, 1)  # its weights stay in the bank, stale
+    out, counts = run_cpu(case)
+    case.check(out, "cpu released slot", counts)

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from malora_runtime.adapters.format import ModuleSpec  # noqa: E402
 from malora_runtime.kernels.slots import NO_SLOT  # noqa: E402
-from tests.kernels.conftest import MIXED_SPECS, make_ties  # noqa: E402
+from tests.kernels.conftest import MIXED_SPECS, make_ties, release  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
 if "malora_runtime.kernels.triton_malora" in sys.modules:
@@ -93,3 +93,11 @@ def test_mode_chooser_and_dispatch(make_case, monkeypatch):
         y = base.clone()
         dispatch.add_malora_delta(y, case.x, case.bank, case.token_slots)
         case.check(y - base, "dispatch triton")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_released_slot_gets_no_delta(make_case, mode):
+    case = make_case(MIXED_SPECS[:3], 24, none_fraction=0.0)
+    release(case, 1)  # its weights stay in the bank, stale
+    out, counts = run_triton(case, mode)
+    case.check(out, f"triton released slot {mode}", counts)
