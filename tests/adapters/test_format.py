@@ -115,6 +115,27 @@ def test_non_finite_values(adapter_dir: Path, shapes, value: float) -> None:
         load_adapter(adapter_dir, shapes)
 
 
+def test_inf_and_minus_inf_in_one_tensor_are_refused(adapter_dir: Path, shapes) -> None:
+    def poison(t: dict) -> None:  # their sum is NaN, not Inf: still refused
+        t["model.layers.0.self_attn.v_proj.G"][0, 0] = float("inf")
+        t["model.layers.0.self_attn.v_proj.G"][1, 0] = float("-inf")
+
+    edit_tensors(adapter_dir, poison)
+    with pytest.raises(E.NonFiniteTensorError, match=r"layers\.0\.self_attn\.v_proj\.G"):
+        load_adapter(adapter_dir, shapes)
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf(adapter_dir: Path, shapes) -> None:
+    """The finite check sums each tensor in float32; a sum that overflows must not refuse the adapter."""
+
+    def enlarge(t: dict) -> None:
+        t["model.layers.1.mlp.down_proj.B"] = t["model.layers.1.mlp.down_proj.B"].float().fill_(3e38)
+
+    edit_tensors(adapter_dir, enlarge)
+    adapter = load_adapter(adapter_dir, shapes)
+    assert float(adapter.modules["model.layers.1.mlp.down_proj"].B.max()) == pytest.approx(3e38)
+
+
 def test_top_k_greater_than_experts(adapter_dir: Path, shapes) -> None:
     edit_config(adapter_dir, lambda c: c["modules"]["q_proj"].__setitem__("top_k", 5))
     with pytest.raises(E.AdapterConfigError, match=r"top_k \(5\) > num_experts N \(4\)"):
