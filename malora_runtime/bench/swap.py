@@ -34,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams during the ITL phases")
     parser.add_argument("--output-tokens", type=int, default=32, help="tokens per stream request")
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each ITL phase")
-    parser.add_argument("--rounds", type=int, default=2, help="no-swap/swap phase pairs")
+    # Long phases: on a noisy VM a few slow steps decide a p99 drawn from too few gaps
+    # (docs/BENCHMARKS.md, "Why the ITL p99 needs long phases").
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each ITL phase")
+    parser.add_argument("--rounds", type=int, default=3, help="no-swap/swap phase pairs")
     parser.add_argument("--swap-interval", type=float, default=0.2, help="seconds between reloads")
     parser.add_argument("--load-reps", type=int, default=10, help="cold loads per example adapter")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")

@@ -12,6 +12,7 @@ from torch import nn
 from ..config import EngineConfig
 from ..kernels.slots import TokenSlots
 from ..layers import BatchContext
+from ..models.packed_linear import pack_linears
 from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
 from .attention import ATTENTION_NAME, AttentionMetadata, KVPool, PrefillSpan
@@ -58,6 +59,8 @@ class ModelRunner:
         for layer in wrapped_layers(model).values():
             layer.context, layer.adapter = self.context, None
         self.adapters = AdapterSlots(model, self.context, config.max_loaded_adapters)
+        if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:
+            log.info("packed %d base linear layers for oneDNN", pack_linears(model))
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)
 
