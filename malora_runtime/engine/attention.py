@@ -86,8 +86,11 @@ def paged_attention(
     if paged.decode_rows is not None:
         rows = paged.decode_rows
         q_dec = q[:, rows].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, hd]
-        k_dec = k_cache[paged.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
-        v_dec = v_cache[paged.decode_slots].transpose(1, 2)
+        # index_select on the flat slots: one row copy per slot (advanced indexing with the 2-D
+        # index was ~6x slower here and a tenth of a decode step).
+        flat, shape = paged.decode_slots.view(-1), (*paged.decode_slots.shape, *k_cache.shape[1:])
+        k_dec = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
+        v_dec = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q_dec, k_dec, v_dec, attn_mask=paged.decode_mask,
                                                   scale=scaling, enable_gqa=True)
         out[rows] = attended[:, :, 0]
@@ -99,8 +102,8 @@ def paged_attention(
             attended = F.scaled_dot_product_attention(q_span, k_span, v_span, is_causal=True, scale=scaling,
                                                       enable_gqa=True)
         else:
-            k_span = k_cache[span.context].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, hd]
-            v_span = v_cache[span.context].transpose(0, 1).unsqueeze(0)
+            k_span = k_cache.index_select(0, span.context).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, hd]
+            v_span = v_cache.index_select(0, span.context).transpose(0, 1).unsqueeze(0)
             context_len = span.context.shape[0]
             # Query i sits at absolute position context_len - length + i and sees keys up to there.
             query_pos = torch.arange(context_len - span.length, context_len, device=q.device)
