@@ -22,12 +22,11 @@ a group's slots are a contiguous range; products are sliced to the group's real 
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .slots import RoutingLog, SlotBank, SlotInfo, TokenSlots
+from .slots import RoutingLog, SlotBank, TokenSlots
 
 # A segment joins the current group while it is at least half as long as the group's longest one,
 # or shorter by at most this many tokens (a few padded rows cost less than another group's ops).
@@ -38,13 +37,68 @@ PAD_SLACK = 8
 class SegmentGroup:
     """Segments (of `TokenSlots.order`) padded together into one `[m, L, d_in]` block."""
 
-    slots: list[int]  # [m], ascending
+    slots: tuple[int, ...]  # [m], ascending
     starts: list[int]  # [m] offsets into `order`
     lengths: list[int]  # [m]
+    _layout: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @property
     def width(self) -> int:
         return max(self.lengths)
+
+    def token_layout(self, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens [m, L] rows of the packed batch, valid [m, L] bool or None when unpadded); built
+        once per step (plans are shared by the modules of a step)."""
+        if self._layout is None:
+            m, width, first = len(self.slots), self.width, self.starts[0]
+            padded = any(length != width for length in self.lengths)
+            if not padded and self.starts == list(range(first, first + m * width, width)):
+                self._layout = order[first: first + m * width].view(m, width), None  # consecutive, unpadded
+            else:
+                steps = torch.arange(width, device=order.device)
+                lengths = torch.tensor(self.lengths, device=order.device).view(m, 1)
+                valid = steps < lengths  # padded rows repeat the segment's first token, weight 0
+                starts = torch.tensor(self.starts, device=order.device).view(m, 1)
+                self._layout = order[starts + torch.where(valid, steps, 0)], valid if padded else None
+        return self._layout
+
+
+@dataclass(frozen=True)
+class GroupConstants:
+    """What a group's slots imply for the kernel, cached on the bank until its next slot write."""
+
+    d: int  # the group's largest d, r, N and top_k
+    r: int
+    n: int
+    k_max: int
+    temperatures: torch.Tensor | None  # [m, 1, 1]; None when every router temperature is 1
+    k_mask: torch.Tensor | None  # [m, 1, k_max] bool, j < the slot's top_k; None when all equal k_max
+    softmax_first: torch.Tensor | bool  # [m, 1, 1] bool when mixed, else the common value
+    first_rows: torch.Tensor  # [m, 1, 1, r]: each slot's first row in the flattened B^T table, + 0..r-1
+
+
+def group_constants(bank: SlotBank, slots: tuple[int, ...], device: torch.device) -> GroupConstants:
+    def compute() -> GroupConstants:
+        infos = [bank.infos[s] for s in slots]
+        m = len(slots)
+        d, r, n = (max(getattr(info, f) for info in infos) for f in ("d", "r", "num_experts"))
+        k_max = max(info.top_k for info in infos)
+        temps = [info.router_temperature for info in infos]
+        ks = [info.top_k for info in infos]
+        firsts = [info.softmax_first for info in infos]
+        _, r_max, n_max = bank.maxima
+        slot_ids = torch.tensor(slots, device=device).view(m, 1, 1, 1)
+        return GroupConstants(
+            d, r, n, k_max,
+            temperatures=None if all(t == 1.0 for t in temps)
+            else torch.tensor(temps, dtype=torch.float32, device=device).view(m, 1, 1),
+            k_mask=None if all(k == k_max for k in ks)
+            else torch.arange(k_max, device=device) < torch.tensor(ks, device=device).view(m, 1, 1),
+            softmax_first=firsts[0] if len(set(firsts)) == 1 else torch.tensor(firsts, device=device).view(m, 1, 1),
+            first_rows=slot_ids * (n_max * r_max) + torch.arange(r, device=device),
+        )
+
+    return bank.derived(("group", slots, str(device)), compute)
 
 
 def plan_groups(segments: list[tuple[int, int, int]], bank: SlotBank) -> list[SegmentGroup]:
@@ -63,25 +117,17 @@ def plan_groups(segments: list[tuple[int, int, int]], bank: SlotBank) -> list[Se
     groups = []
     for members in grouped:
         members.sort()
-        groups.append(SegmentGroup([s for s, _, _ in members], [a for _, a, _ in members],
+        groups.append(SegmentGroup(tuple(s for s, _, _ in members), [a for _, a, _ in members],
                                    [b - a for _, a, b in members]))
     return groups
 
 
-def _slot_view(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
+def _slot_view(tensor: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
     """tensor[slots] as a view when the slots are a contiguous range, else a gathered copy."""
     lo, hi = slots[0], slots[-1] + 1
     if hi - lo == len(slots):
         return tensor[lo:hi]
     return tensor[torch.tensor(slots, device=tensor.device)]
-
-
-@functools.lru_cache(maxsize=256)
-def _first_rows(slots: tuple[int, ...], rows_per_slot: int, r: int, device: torch.device) -> torch.Tensor:
-    """[m, 1, 1, r]: the row of each slot's first expert in the flattened B^T table, plus 0..r-1.
-    Cached: decode steps repeat the same slot sets, and this saves a few small ops per layer."""
-    slot_ids = torch.tensor(slots, device=device).view(-1, 1, 1, 1)
-    return slot_ids * rows_per_slot + torch.arange(r, device=device)
 
 
 def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,33 +152,27 @@ def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _route(
-    logits: torch.Tensor, infos: list[SlotInfo], k_max: int
+    logits: torch.Tensor, consts: GroupConstants
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-adapter routing of padded logits [m, L, N] -> (chosen [m, L, k], weights [m, L, k], k mask).
 
     Positions j >= an adapter's own top_k get weight 0 and are False in the mask (None: all valid).
     """
-    m = logits.shape[0]
-    dev = logits.device
-    temps = [info.router_temperature for info in infos]
-    if any(t != 1.0 for t in temps):
-        logits = logits / torch.tensor(temps, dtype=logits.dtype, device=dev).view(m, 1, 1)
-    top, chosen = _top_k(logits, k_max)
-    ks = [info.top_k for info in infos]
-    kmask = None
-    if any(k != k_max for k in ks):
-        kmask = torch.arange(k_max, device=dev) < torch.tensor(ks, device=dev).view(m, 1, 1)
+    if consts.temperatures is not None:
+        logits = logits / consts.temperatures
+    top, chosen = _top_k(logits, consts.k_max)
+    kmask = consts.k_mask
+    if kmask is not None:
         top = top.masked_fill(~kmask, float("-inf"))
     renormalised = torch.softmax(top, dim=-1)  # over the chosen k; masked positions get 0
-    firsts = [info.softmax_first for info in infos]
-    if not any(firsts):
+    if consts.softmax_first is False:
         return chosen, renormalised, kmask
     full = torch.softmax(logits, dim=-1).gather(-1, chosen)  # softmax over all N, then top-k
     if kmask is not None:
         full = full.masked_fill(~kmask, 0.0)
-    if all(firsts):
+    if consts.softmax_first is True:
         return chosen, full, kmask
-    return chosen, torch.where(torch.tensor(firsts, device=dev).view(m, 1, 1), full, renormalised), kmask
+    return chosen, torch.where(consts.softmax_first, full, renormalised), kmask
 
 
 def _run_group(
@@ -144,34 +184,23 @@ def _run_group(
     expert_counts: torch.Tensor | RoutingLog | None,
 ) -> None:
     """y[tokens of the group] += the group's MALoRA delta (scaled)."""
-    infos = [bank.infos[s] for s in group.slots]
     m, width, dev = len(group.slots), group.width, x.device
-    d, r, n = (max(getattr(info, f) for info in infos) for f in ("d", "r", "num_experts"))
-    k_max = max(info.top_k for info in infos)
+    consts = group_constants(bank, group.slots, dev)
+    d, r, n, k_max = consts.d, consts.r, consts.n, consts.k_max
     f32 = torch.float32
-
-    first, padded = group.starts[0], any(length != width for length in group.lengths)
-    if not padded and group.starts == list(range(first, first + m * width, width)):
-        tokens, valid = order[first: first + m * width].view(m, width), None  # consecutive, unpadded
-    else:
-        steps = torch.arange(width, device=dev)
-        lengths = torch.tensor(group.lengths, device=dev).view(m, 1)
-        valid = steps < lengths  # [m, L]; padded rows repeat the segment's first token, weight 0
-        starts = torch.tensor(group.starts, device=dev).view(m, 1)
-        tokens = order[starts + torch.where(valid, steps, 0)]
-        valid = valid if padded else None
+    tokens, valid = group.token_layout(order)
     xp = x.index_select(0, tokens.view(-1)).view(m, width, -1).to(f32)
 
     d_max = bank.maxima[0]
     SG = _slot_view(bank.stacked_sg(), group.slots)[:, :d_max + n].to(f32)  # rows d..d_max are zero padding
     bias = _slot_view(bank.router_bias, group.slots)[:, :n].to(f32)
-    if width == 1:  # decode: [S; G] rows times x, the weight-streaming (GEMV) form, 1.6x faster here
-        zl = torch.bmm(SG, xp.transpose(1, 2)).transpose(1, 2)  # [m, 1, d_max + n]
-    else:
-        zl = torch.bmm(xp, SG.transpose(1, 2))  # [m, L, d_max + n]: [S; G] x in one pass over x
+    # [S; G] x in one pass over x, [m, L, d_max + n]; at decode (L = 1) as [S; G] rows times x, the
+    # weight-streaming (GEMV) form, 1.6x faster here.
+    zl = (torch.bmm(SG, xp.transpose(1, 2)).transpose(1, 2) if width == 1
+          else torch.bmm(xp, SG.transpose(1, 2)))
     z = zl[..., :d]  # [m, L, d]
     logits = zl[..., d_max:] + bias.unsqueeze(1)  # [m, L, n]
-    chosen, weights, kmask = _route(logits, infos, k_max)
+    chosen, weights, kmask = _route(logits, consts)
 
     row_scale = _slot_view(bank.scale, group.slots).view(m, 1)  # float32
     if valid is not None:
@@ -183,9 +212,9 @@ def _run_group(
     # rows of the [slots * N * r, d_out] table of B^T, which embedding_bag computes in one pass,
     # reading only the chosen experts' rows (k r per token) and copying none of them.
     Bt = bank.transposed_b()  # [num_slots, n_max, r_max, d_out] float32
-    n_max, r_max = Bt.shape[1], Bt.shape[2]
+    r_max = Bt.shape[2]
     coefficients = u.gather(2, chosen.unsqueeze(-1).expand(m, width, k_max, r)) * weights.unsqueeze(-1)
-    rows = (chosen * r_max).unsqueeze(-1) + _first_rows(tuple(group.slots), n_max * r_max, r, dev)  # [m, L, k, r]
+    rows = (chosen * r_max).unsqueeze(-1) + consts.first_rows  # [m, L, k, r]
     out = torch.nn.functional.embedding_bag(rows.view(m * width, k_max * r), Bt.view(-1, Bt.shape[-1]),
                                             per_sample_weights=coefficients.view(m * width, k_max * r),
                                             mode="sum")  # [m L, d_out]
@@ -222,7 +251,11 @@ def add_malora_delta_cpu(
     y [T, d_out] (updated in place), x [T, d_in]; expert_counts [num_slots, n_max] int64 gets +1
     for every (token, chosen expert). Tokens without a slot, or of an inactive slot, are untouched.
     """
-    for group in plan_groups(token_slots.segments, bank):
+    active = bank.active_slots
+    groups = token_slots.plans.get(active)
+    if groups is None:  # the first module of the step with this set of active slots
+        groups = token_slots.plans[active] = plan_groups(token_slots.segments, bank)
+    for group in groups:
         _run_group(y, x, bank, token_slots.order, group, expert_counts)
 
 

@@ -8,7 +8,9 @@ built once per engine step and shared by every layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -16,6 +18,7 @@ from ..adapters.format import ModuleWeights
 from .reference import ROUTER_SOFTMAX_TOPK
 
 NO_SLOT = -1
+MAX_DERIVED = 256  # cached derived values per bank (group sets seen since the last slot write)
 
 
 @dataclass
@@ -56,6 +59,9 @@ class SlotBank:
     # kept in step by set_slot / clear_slot one slot at a time: a swap copies one adapter, not the bank.
     _stacked_sg: torch.Tensor | None = field(default=None, repr=False)
     _transposed_b: torch.Tensor | None = field(default=None, repr=False)
+    # Values computed from `infos` (active slots, a group's routing constants), dropped at every slot
+    # write: the fast path would otherwise recompute them in Python for every module of every step.
+    _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def allocate(
@@ -118,6 +124,19 @@ class SlotBank:
                 self._transposed_b = self.B.transpose(-1, -2).to(torch.float32).contiguous()
         return self._transposed_b
 
+    def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """`compute()` cached under `key` until the next slot write (bounded: cleared when full)."""
+        value = self._derived.get(key)
+        if value is None:
+            if len(self._derived) >= MAX_DERIVED:
+                self._derived.clear()
+            value = self._derived[key] = compute()
+        return value
+
+    @property
+    def active_slots(self) -> tuple[int, ...]:
+        return self.derived("active", lambda: tuple(s for s, info in enumerate(self.infos) if info is not None))
+
     def _sync_layouts(self, slot: int) -> None:
         if self._stacked_sg is not None:
             d_max = self.S.shape[1]
@@ -163,12 +182,14 @@ class SlotBank:
             has_router_bias=weights.router_bias is not None,
         )
         self._sync_layouts(slot)
+        self._derived.clear()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         """Make `slot` inactive and zero its weights."""
         self._zero_slot(slot)
         self._sync_layouts(slot)
+        self._derived.clear()
 
     @torch.no_grad()
     def release_slot(self, slot: int) -> None:
@@ -180,6 +201,7 @@ class SlotBank:
         self.scale[slot] = 0.0
         self.top_k[slot] = 0
         self.infos[slot] = None
+        self._derived.clear()
 
     def _zero_slot(self, slot: int) -> None:
         self.S[slot].zero_()
@@ -206,6 +228,9 @@ class TokenSlots:
     slots: torch.Tensor
     order: torch.Tensor
     segments: list[tuple[int, int, int]]
+    # Kernel plans for this step, keyed by a bank's active slots: every module with the same active
+    # slots (all of one adapter's targets, in every layer) shares one plan.
+    plans: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_list(cls, slots: list[int], device: torch.device | str = "cpu") -> TokenSlots:

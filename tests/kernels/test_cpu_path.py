@@ -109,7 +109,8 @@ def test_dispatch_rejects_unknown_backend(make_case, monkeypatch):
 
 def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed):
     """The CPU path's [S; G] and B^T layouts are built on first use and then updated per slot by
-    set_slot / clear_slot: after a swap and a clear the delta must follow the new weights."""
+    set_slot / clear_slot, and its cached per-group constants and per-step plans are dropped: after a
+    swap and a clear the delta (same TokenSlots object) must follow the new weights."""
     gen = torch.Generator().manual_seed(seed)
     specs = MIXED_SPECS[:3]
     weights = [make_weights(spec, 37, 45, gen) for spec in specs]
@@ -118,14 +119,24 @@ def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed):
     x, token_slots = torch.randn(40, 37, generator=gen), TokenSlots.from_list(slots)
     malora_delta_cpu(x, bank, token_slots)  # builds the layouts
 
-    weights[0] = make_weights(specs[0], 37, 45, gen)  # a new version in slot 0
+    # A new version in slot 0 with other routing (top_k, temperature, norm, bias): the group
+    # constants and plans cached during the first call must not survive the write.
+    new_spec = ModuleSpec(d=8, r=4, num_experts=4, top_k=3, alpha=2.0, router_norm="softmax_topk",
+                          router_temperature=0.5, router_bias=True)
+    weights[0] = make_weights(new_spec, 37, 45, gen)
+
+    def check(label: str) -> torch.Tensor:
+        expected, _ = reference_batch(x, slots, weights, torch.float32, bank.maxima[2])
+        out = malora_delta_cpu(x, bank, token_slots, out=torch.full((40, 45), float("nan")))
+        error = float((out.double() - expected).abs().max() / expected.abs().max())
+        assert error <= 1e-5, f"relative error {error:.3g} after {label} (seed {seed})"
+        return out
+
     bank.set_slot(0, weights[0])
+    check("a swap")
     bank.clear_slot(2)
     weights[2] = None
-    expected, _ = reference_batch(x, slots, weights, torch.float32, bank.maxima[2])
-    out = malora_delta_cpu(x, bank, token_slots, out=torch.full((40, 45), float("nan")))
-    error = float((out.double() - expected).abs().max() / expected.abs().max())
-    assert error <= 1e-5, f"relative error {error:.3g} after a swap (seed {seed})"
+    out = check("a clear")
     assert (out[torch.tensor([s == 2 for s in slots])] == 0).all()
 
 
