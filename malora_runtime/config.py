@@ -32,6 +32,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     count_expert_routing: bool = True
     """Accumulate per-expert token counts for metrics (cheap, on the device)."""
+    keep_freed_memory: bool = True
+    """On CPU with glibc, serve large tensors from the heap and keep freed memory for reuse (no page
+    faults on every prefill's fresh activations; 18% faster prefill; process-wide, see engine.allocator)."""
     pack_cpu_linears: bool = True
     """On CPU in float32, run the base linears through oneDNN on pre-packed weights (2.2-2.7x faster
     than torch's default matmul here; one more copy of the linear weights in memory)."""

@@ -133,6 +133,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         _bool)
     add("--pack-cpu-linears", "on CPU in float32, run the base linears through oneDNN on pre-packed weights",
         engine.pack_cpu_linears, _bool)
+    add("--keep-freed-memory", "on CPU with glibc, keep freed memory for reuse (faster prefill)",
+        engine.keep_freed_memory, _bool)
     return parser
 
 
@@ -160,7 +162,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             max_loaded_adapters=args.max_loaded_adapters, enable_prefix_caching=args.enable_prefix_caching,
-            pack_cpu_linears=args.pack_cpu_linears,
+            pack_cpu_linears=args.pack_cpu_linears, keep_freed_memory=args.keep_freed_memory,
         )
     except ValueError as exc:
         parser.error(str(exc))

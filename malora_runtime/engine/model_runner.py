@@ -15,6 +15,7 @@ from ..layers import BatchContext
 from ..models.packed_linear import pack_linears
 from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
+from .allocator import keep_freed_memory
 from .attention import ATTENTION_NAME, AttentionMetadata, KVPool, PrefillSpan
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class ModelRunner:
         for layer in wrapped_layers(model).values():
             layer.context, layer.adapter = self.context, None
         self.adapters = AdapterSlots(model, self.context, config.max_loaded_adapters)
+        if config.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:
             log.info("packed %d base linear layers for oneDNN", pack_linears(model))
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
