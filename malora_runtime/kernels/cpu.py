@@ -13,11 +13,14 @@ as a padded block per adapter, `[m, L, d_in]` (m segments, L the longest); every
            chosen experts' B, copies nothing, and beat both a gather + bmm and a dense bmm over all
            N experts (1.8x at T = 2048, 4x at T = 32 here)
 
-Decode (one token per adapter) is the case L = 1: the same few ops over all adapters at once.
-Segments of very different lengths are split into groups of similar length (`plan_groups`) so a
-long prefill segment does not pad many short decode segments. Weights are viewed, not copied, when
-a group's slots are a contiguous range; products are sliced to the group's real maxima of d, r, N
-(from `bank.infos`). Half-precision inputs are computed in float32.
+Decode (one token per adapter) is the case L = 1: the same few ops over all adapters at once, with
+[S; G] x as a GEMV over each adapter's rows. Segments of very different lengths are split into
+groups of similar length (`plan_groups`) so a long prefill segment does not pad many short decode
+segments. Weights are viewed, not copied, when a group's slots are a contiguous range; products are
+sliced to the group's real maxima of d, r, N. Python-side work is done once, not per module call:
+a group's constants (`group_constants`) are cached on the bank until its next slot write, and the
+plan (groups and their token layout) once per step for each set of active slots. Half-precision
+inputs are computed in float32.
 """
 
 from __future__ import annotations
