@@ -46,6 +46,8 @@ def create_app(engine: EngineClient | None, settings: ServerSettings, adapters: 
         state.draining = True
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
+        if adapters is not None:
+            adapters.registry.close()
 
     app = FastAPI(title="MALoRA Serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for one base model and many MALoRA adapters.")

@@ -113,6 +113,10 @@ class AdapterRegistry:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="malora-adapter-read",
                                           initializer=_lower_thread_priority)
 
+    def close(self) -> None:
+        """Stop the reader thread (reads already queued finish first)."""
+        self._reader.shutdown(wait=False)
+
     # ---- names and paths ----
     @staticmethod
     def check_name(name: str) -> str:

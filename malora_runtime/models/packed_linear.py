@@ -28,6 +28,10 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=PACKING_BATCH_HINT)
+
+
 class PackedLinear(nn.Linear):
     """An `nn.Linear` whose forward multiplies by a oneDNN-packed copy of its weight."""
 
@@ -36,8 +40,9 @@ class PackedLinear(nn.Linear):
     @classmethod
     def convert(cls, linear: nn.Linear) -> PackedLinear:
         """Make `linear` a PackedLinear in place (as torch.nn.utils.parametrize does, by changing its
-        class), so parents, hooks and tied parameters keep pointing at the same module."""
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size=PACKING_BATCH_HINT)
+        class), so parents, hooks and tied parameters keep pointing at the same module. Raises
+        RuntimeError (and leaves `linear` unchanged) when oneDNN cannot pack the weight."""
+        packed = pack_weight(linear.weight.detach())
         linear.__class__ = cls
         linear.register_buffer("packed_weight", packed, persistent=False)
         return linear  # type: ignore[return-value]
@@ -59,6 +64,11 @@ def pack_linears(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
-            PackedLinear.convert(module)
+            try:
+                PackedLinear.convert(module)
+            except RuntimeError as exc:  # e.g. a CPU oneDNN has no kernel for: serve with torch's matmul
+                log.warning("oneDNN cannot pack %dx%d weights (%s): the remaining linears use torch's "
+                            "default matmul", module.out_features, module.in_features, exc)
+                break
             count += 1
     return count

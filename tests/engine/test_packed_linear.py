@@ -67,3 +67,20 @@ def test_engine_switch(pack: bool) -> None:
     base = q_proj.base if isinstance(q_proj, MaloraLinear) else q_proj
     assert isinstance(base, PackedLinear) is pack
     assert runner.model is model
+
+
+def test_a_packing_failure_leaves_plain_linears_that_still_work(monkeypatch) -> None:
+    from malora_runtime.models import packed_linear
+
+    def refuse(weight):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        before = model(ids).logits
+    monkeypatch.setattr(packed_linear, "pack_weight", refuse)
+    assert pack_linears(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
