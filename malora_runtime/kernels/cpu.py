@@ -16,8 +16,11 @@ as a padded block per adapter, `[m, L, d_in]` (m segments, L the longest); every
 Decode (one token per adapter) is the case L = 1: the same few ops over all adapters at once, with
 [S; G] x as a GEMV over each adapter's rows. Segments of very different lengths are split into
 groups of similar length (`plan_groups`) so a long prefill segment does not pad many short decode
-segments. Weights are viewed, not copied, when a group's slots are a contiguous range; products are
-sliced to the group's real maxima of d, r, N. Python-side work is done once, not per module call:
+segments. A long segment (a prefill) is a group of its own: its [S; G] x and P z are then 2-D
+products through oneDNN (2x faster than the batched ones here), and when its tokens are consecutive
+rows of the batch, x and y are sliced instead of gathered and scattered. Weights are viewed, not
+copied, when a group's slots are a contiguous range; products are sliced to the group's real maxima
+of d, r, N. Python-side work is done once, not per module call:
 a group's constants (`group_constants`) are cached on the bank until its next slot write, and the
 plan (groups and their token layout) once per step for each set of active slots. Half-precision
 inputs are computed in float32.
@@ -29,11 +32,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.packed_linear import onednn_linear_available
 from .slots import RoutingLog, SlotBank, TokenSlots
 
 # A segment joins the current group while it is at least half as long as the group's longest one,
 # or shorter by at most this many tokens (a few padded rows cost less than another group's ops).
 PAD_SLACK = 8
+# A segment of at least this many tokens is a group of its own, its [S; G] x one 2-D product: oneDNN's
+# matmul beats the batched product from here on (1.3x at 128 tokens, 1.9x at 2048; BENCHMARKS.md).
+LONG_SEGMENT = 128
 
 
 @dataclass
@@ -43,6 +50,7 @@ class SegmentGroup:
     slots: tuple[int, ...]  # [m], ascending
     starts: list[int]  # [m] offsets into `order`
     lengths: list[int]  # [m]
+    first_row: int | None = None  # one segment on consecutive batch rows from here: x, y are sliced
     _layout: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @property
@@ -104,15 +112,19 @@ def group_constants(bank: SlotBank, slots: tuple[int, ...], device: torch.device
     return bank.derived(("group", slots, str(device)), compute)
 
 
-def plan_groups(segments: list[tuple[int, int, int]], bank: SlotBank) -> list[SegmentGroup]:
-    """Split the active segments into groups of similar length; inactive slots are dropped."""
+def plan_groups(
+    segments: list[tuple[int, int, int]], bank: SlotBank, segment_rows: list[int | None] | None = None
+) -> list[SegmentGroup]:
+    """Split the active segments into groups of similar length; inactive slots are dropped. A long
+    segment is a group of its own; `segment_rows` (see `TokenSlots`) lets one-segment groups slice."""
+    rows = dict(zip(segments, segment_rows)) if segment_rows else {}
     active = [seg for seg in segments if bank.infos[seg[0]] is not None]
     active.sort(key=lambda seg: seg[2] - seg[1], reverse=True)
     grouped: list[list[tuple[int, int, int]]] = []
     width = 0
     for seg in active:
         length = seg[2] - seg[1]
-        if grouped and (2 * length >= width or width - length <= PAD_SLACK):
+        if grouped and length < LONG_SEGMENT and (2 * length >= width or width - length <= PAD_SLACK):
             grouped[-1].append(seg)
         else:
             grouped.append([seg])
@@ -121,8 +133,17 @@ def plan_groups(segments: list[tuple[int, int, int]], bank: SlotBank) -> list[Se
     for members in grouped:
         members.sort()
         groups.append(SegmentGroup(tuple(s for s, _, _ in members), [a for _, a, _ in members],
-                                   [b - a for _, a, b in members]))
+                                   [b - a for _, a, b in members],
+                                   first_row=rows.get(members[0]) if len(members) == 1 else None))
     return groups
+
+
+def _times_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for 2-D float32 CPU tensors through oneDNN (b's rows contiguous; no packing, so b may
+    be a view of the bank), else torch's matmul."""
+    if a.device.type == "cpu" and onednn_linear_available():
+        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), None, "none", [], "")
+    return a @ b.T
 
 
 def _slot_view(tensor: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
@@ -154,6 +175,15 @@ def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(values, -1), torch.cat(indices, -1)
 
 
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension. For many rows of a few (k or N) scores, as exp(s - max) / sum:
+    torch.softmax vectorises along the short last dimension and runs 2-3x slower there."""
+    if scores.numel() < 4096:
+        return torch.softmax(scores, dim=-1)
+    exps = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+    return exps.div_(exps.sum(dim=-1, keepdim=True))
+
+
 def _route(
     logits: torch.Tensor, consts: GroupConstants
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -167,10 +197,10 @@ def _route(
     kmask = consts.k_mask
     if kmask is not None:
         top = top.masked_fill(~kmask, float("-inf"))
-    renormalised = torch.softmax(top, dim=-1)  # over the chosen k; masked positions get 0
+    renormalised = _softmax(top)  # over the chosen k; masked positions get 0
     if consts.softmax_first is False:
         return chosen, renormalised, kmask
-    full = torch.softmax(logits, dim=-1).gather(-1, chosen)  # softmax over all N, then top-k
+    full = _softmax(logits).gather(-1, chosen)  # softmax over all N, then top-k
     if kmask is not None:
         full = full.masked_fill(~kmask, 0.0)
     if consts.softmax_first is True:
@@ -191,16 +221,24 @@ def _run_group(
     consts = group_constants(bank, group.slots, dev)
     d, r, n, k_max = consts.d, consts.r, consts.n, consts.k_max
     f32 = torch.float32
-    tokens, valid = group.token_layout(order)
-    xp = x.index_select(0, tokens.view(-1)).view(m, width, -1).to(f32)
+    if group.first_row is not None:  # consecutive rows: views, no gather or scatter
+        batch_rows = slice(group.first_row, group.first_row + width)
+        xp, valid = x[batch_rows].unsqueeze(0).to(f32), None
+    else:
+        tokens, valid = group.token_layout(order)
+        xp = x.index_select(0, tokens.view(-1)).view(m, width, -1).to(f32)
 
     d_max = bank.maxima[0]
     SG = _slot_view(bank.stacked_sg(), group.slots)[:, :d_max + n].to(f32)  # rows d..d_max are zero padding
     bias = _slot_view(bank.router_bias, group.slots)[:, :n].to(f32)
     # [S; G] x in one pass over x, [m, L, d_max + n]; at decode (L = 1) as [S; G] rows times x, the
     # weight-streaming (GEMV) form, 1.6x faster here.
-    zl = (torch.bmm(SG, xp.transpose(1, 2)).transpose(1, 2) if width == 1
-          else torch.bmm(xp, SG.transpose(1, 2)))
+    if width == 1:
+        zl = torch.bmm(SG, xp.transpose(1, 2)).transpose(1, 2)
+    elif m == 1 and width >= LONG_SEGMENT:
+        zl = _times_transposed(xp[0], SG[0]).unsqueeze(0)
+    else:
+        zl = torch.bmm(xp, SG.transpose(1, 2))
     z = zl[..., :d]  # [m, L, d]
     logits = zl[..., d_max:] + bias.unsqueeze(1)  # [m, L, n]
     chosen, weights, kmask = _route(logits, consts)
@@ -210,7 +248,10 @@ def _run_group(
         row_scale = row_scale * valid
     weights = weights * row_scale.unsqueeze(-1)  # [m, L, k], the scale folded in
     P = _slot_view(bank.P, group.slots)[:, :n, :r, :d].to(f32).reshape(m, n * r, d)
-    u = torch.bmm(z, P.transpose(1, 2)).view(m, width, n, r)
+    if m == 1 and width >= LONG_SEGMENT:
+        u = _times_transposed(z[0], P[0]).view(m, width, n, r)
+    else:
+        u = torch.bmm(z, P.transpose(1, 2)).view(m, width, n, r)
     # y = sum over the k chosen experts and r of (w u)[t, j, rho] * B_t^T[rho, :]: a weighted sum of
     # rows of the [slots * N * r, d_out] table of B^T, which embedding_bag computes in one pass,
     # reading only the chosen experts' rows (k r per token) and copying none of them.
@@ -221,7 +262,10 @@ def _run_group(
     out = torch.nn.functional.embedding_bag(rows.view(m * width, k_max * r), Bt.view(-1, Bt.shape[-1]),
                                             per_sample_weights=coefficients.view(m * width, k_max * r),
                                             mode="sum")  # [m L, d_out]
-    y.index_add_(0, tokens.view(-1), out.view(m * width, -1).to(y.dtype))
+    if group.first_row is not None:
+        y[batch_rows] += out.to(y.dtype)
+    else:
+        y.index_add_(0, tokens.view(-1), out.view(m * width, -1).to(y.dtype))
 
     if expert_counts is not None:
         hits = None
@@ -257,7 +301,7 @@ def add_malora_delta_cpu(
     active = bank.active_slots
     groups = token_slots.plans.get(active)
     if groups is None:  # the first module of the step with this set of active slots
-        groups = token_slots.plans[active] = plan_groups(token_slots.segments, bank)
+        groups = token_slots.plans[active] = plan_groups(token_slots.segments, bank, token_slots.segment_rows)
     for group in groups:
         _run_group(y, x, bank, token_slots.order, group, expert_counts)
 

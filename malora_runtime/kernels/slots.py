@@ -223,11 +223,14 @@ class TokenSlots:
     slots:    [T] int64, NO_SLOT (-1) for tokens on the base model
     order:    [T'] int64, indices of adapter tokens sorted by slot (stable), T' = adapter tokens
     segments: (slot, start, end) over `order`, one per distinct slot present
+    segment_rows: per segment, the batch row of its first token when its tokens are consecutive
+              rows of the batch (a prefill's prompt), else None: such a segment is a slice of x and y
     """
 
     slots: torch.Tensor
     order: torch.Tensor
     segments: list[tuple[int, int, int]]
+    segment_rows: list[int | None] = field(default_factory=list, compare=False)
     # Kernel plans for this step, keyed by a bank's active slots: every module with the same active
     # slots (all of one adapter's targets, in every layer) shares one plan.
     plans: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -242,11 +245,13 @@ class TokenSlots:
                 by_slot.setdefault(slot, []).append(index)
         order: list[int] = []
         segments: list[tuple[int, int, int]] = []
+        segment_rows: list[int | None] = []
         for slot in sorted(by_slot):
-            start = len(order)
-            order.extend(by_slot[slot])
+            start, rows = len(order), by_slot[slot]
+            order.extend(rows)
             segments.append((slot, start, len(order)))
-        return cls(slot_tensor, torch.tensor(order, dtype=torch.int64, device=device), segments)
+            segment_rows.append(rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None)  # ascending rows
+        return cls(slot_tensor, torch.tensor(order, dtype=torch.int64, device=device), segments, segment_rows)
 
     @property
     def num_tokens(self) -> int:

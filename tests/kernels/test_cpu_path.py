@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from malora_runtime.adapters.format import ModuleSpec
+from malora_runtime.kernels import cpu as cpu_kernels
 from malora_runtime.kernels import dispatch
-from malora_runtime.kernels.cpu import malora_delta_cpu, plan_groups
+from malora_runtime.kernels.cpu import LONG_SEGMENT, malora_delta_cpu, plan_groups
 from malora_runtime.kernels.slots import NO_SLOT, TokenSlots
 from tests.kernels.conftest import (
     MIXED_SPECS,
@@ -73,6 +74,31 @@ def test_skewed_segments_split_into_groups(make_case):
     assert len(plan_groups(case.token_slots.segments, case.bank)) > 1
     out, counts = run_cpu(case)
     case.check(out, "cpu skewed", counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-matmul"])
+def test_long_segments_run_on_their_own_rows(make_case, monkeypatch, dtype, onednn):
+    """Prefill-length segments are groups of their own: consecutive ones slice x and y (no gather),
+    an interleaved one is gathered; decode tokens and base tokens share the batch. Their 2-D
+    products go through oneDNN where torch has it, else through torch's matmul."""
+    if not onednn:
+        monkeypatch.setattr(cpu_kernels, "onednn_linear_available", lambda: False)
+    interleaved = [val for pair in zip([2] * LONG_SEGMENT, [4] * LONG_SEGMENT) for val in pair]
+    slots = [1, NO_SLOT, 3] + [0] * (LONG_SEGMENT + 73) + [1] * LONG_SEGMENT + interleaved + [NO_SLOT, 3]
+    specs = [MIXED_SPECS[i % len(MIXED_SPECS)] for i in range(5)]
+    case = make_case(specs, slots=slots, dtype=dtype)
+    groups = plan_groups(case.token_slots.segments, case.bank, case.token_slots.segment_rows)
+    alone = {g.slots[0]: g.first_row for g in groups if len(g.slots) == 1}
+    assert alone == {0: 3, 1: None, 2: None, 3: None, 4: None}, alone  # slot 1 starts apart, at row 0
+    out, counts = run_cpu(case)
+    case.check(out, "cpu long segments", counts)
+
+
+def test_segment_rows_mark_consecutive_tokens_only():
+    token_slots = TokenSlots.from_list([5, 5, NO_SLOT, 2, 2, 2, 5, 7])
+    assert token_slots.segments == [(2, 0, 3), (5, 3, 6), (7, 6, 7)]
+    assert token_slots.segment_rows == [3, None, 7]
 
 
 def test_only_base_and_inactive_tokens_give_zero(make_case):
