@@ -11,6 +11,7 @@ from malora_runtime.adapters.init import random_adapter
 from malora_runtime.config import EngineConfig
 from malora_runtime.engine.async_engine import AsyncEngine
 from malora_runtime.engine.llm_engine import LLMEngine
+from malora_runtime.kernels.cpu import LONG_SEGMENT
 from malora_runtime.models.loader import load_model
 from malora_runtime.models.packed_linear import pack_linears
 from malora_runtime.offline import greedy_generate
@@ -85,16 +86,19 @@ def run_all(engine: LLMEngine, params: SamplingParams, count: int = len(PROMPTS)
     return tokens
 
 
-def assert_same_or_tied(model, tokenizer, i: int, adapters, got: list[int], expected: list[int]) -> None:
+def assert_same_or_tied(model, tokenizer, i: int, adapters, got: list[int], expected: list[int],
+                        prompt: str | None = None, name: str | None = None) -> None:
     """The engine's greedy tokens equal the reference's, except after a step where the reference's
     own top two logits tie to float32 rounding (different but equally exact summation orders may
-    pick either; one prompt here has a gap of 1e-5 at 25.5). A real bug diverges without a tie."""
-    name = ADAPTER_OF[i % len(ADAPTER_OF)]
+    pick either; one prompt here has a gap of 1e-5 at 25.5). A real bug diverges without a tie.
+    Request i is PROMPTS[i] on ADAPTER_OF's choice unless `prompt` and `name` say otherwise."""
+    if prompt is None:
+        prompt, name = PROMPTS[i], ADAPTER_OF[i % len(ADAPTER_OF)]
     if got == expected:
         return
     assert len(got) == len(expected), f"request {i} on adapter {name}: {len(got)} tokens, expected {len(expected)}"
     step = next(j for j, (a, b) in enumerate(zip(got, expected)) if a != b)
-    prompt_ids = tokenizer(PROMPTS[i])["input_ids"] + expected[:step]
+    prompt_ids = tokenizer(prompt)["input_ids"] + expected[:step]
     set_adapter(model, adapters.get(name))
     try:
         with torch.inference_mode():
@@ -118,6 +122,37 @@ def test_sixteen_mixed_requests_match_the_reference_token_for_token(reference_mo
     for i in range(len(PROMPTS)):
         assert_same_or_tied(model, tokenizer, i, adapters, got[f"r{i}"], expected[i])
     # Adapters matter: the same prompt under an adapter differs from the base model somewhere.
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_prompts_longer_than_a_long_segment_match_the_reference(reference_model, adapters) -> None:
+    """Prompts of LONG_SEGMENT tokens or more take the CPU path's own route in prefill (2-D oneDNN
+    products on sliced rows, or gathered when a short prompt shares the adapter), beside a request on
+    the base model. The first token's logprob is compared: it reads every prompt position's delta."""
+    model, tokenizer = reference_model
+    requests = [(" ".join(PROMPTS) * 2, "sparse8"), ("\n".join(reversed(PROMPTS)) * 3, "dense4"),
+                (PROMPTS[3], "sparse8"), (" ".join(PROMPTS), None)]
+    assert all(len(tokenizer(prompt)["input_ids"]) >= LONG_SEGMENT for prompt, _ in requests[:2])
+    engine = build_engine(adapters, kv_cache_memory=64 << 20)
+    for i, (prompt, name) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=0), adapter=name)
+    got: dict[str, tuple[int, float]] = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            for completion in output.outputs:
+                got[output.request_id] = (completion.token_ids[0], completion.logprobs[0].logprob)
+    for i, (prompt, name) in enumerate(requests):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        set_adapter(model, adapters.get(name))
+        try:
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(model(ids).logits[0, -1].double(), dim=-1)
+        finally:
+            set_adapter(model, None)
+        token, logprob = got[f"r{i}"]
+        assert float(logprobs.max() - logprobs[token]) <= 1e-4, f"request {i} ({name}): not the greedy token"
+        assert abs(logprob - float(logprobs[token])) <= 1e-3, (
+            f"request {i} ({name}): logprob {logprob:.6f}, reference {float(logprobs[token]):.6f}")
     assert engine.stats().kv_blocks_used == 0
 
 
