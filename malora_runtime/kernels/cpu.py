@@ -263,7 +263,7 @@ def _run_group(
                                             per_sample_weights=coefficients.view(m * width, k_max * r),
                                             mode="sum")  # [m L, d_out]
     if group.first_row is not None:
-        y[batch_rows] += out.to(y.dtype)
+        y[batch_rows].add_(out.view(width, -1).to(y.dtype))  # in place: `+=` would also copy the view back
     else:
         y.index_add_(0, tokens.view(-1), out.view(m * width, -1).to(y.dtype))
 
