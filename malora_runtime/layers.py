@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .adapters.format import ModuleWeights
-from .kernels.dispatch import add_malora_delta, choose_backend
+from .kernels.dispatch import CPU_BACKENDS, add_malora_delta, choose_backend
 from .kernels.reference import malora_delta_dense
 from .kernels.slots import RoutingLog, SlotBank, TokenSlots
 
@@ -72,7 +72,7 @@ class MaloraLinear(nn.Module):
             flat_y = y.view(-1, y.shape[-1])
             counts = None
             if self.context.count_experts:
-                cpu = choose_backend(x) == "cpu"
+                cpu = choose_backend(x) in CPU_BACKENDS
                 counts = self.context.routing_log if cpu else self.context.expert_counts.get(self.path)
             add_malora_delta(flat_y, x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts)
         return y

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import EngineConfig
+from ..kernels.dispatch import choose_backend
 from ..kernels.slots import TokenSlots
 from ..layers import BatchContext
 from ..models.packed_linear import pack_linears
@@ -64,6 +65,9 @@ class ModelRunner:
             keep_freed_memory()
         if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:
             log.info("packed %d base linear layers for oneDNN", pack_linears(model))
+        # Resolved now, not at the first request: builds the native kernel once per machine (a second or
+        # two) and refuses a bad MALORA_KERNEL_BACKEND at start-up.
+        log.info("MALoRA delta kernels: %s", choose_backend(torch.empty(0, device=self.device)))
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)
 

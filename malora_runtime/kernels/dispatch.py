@@ -1,8 +1,10 @@
-"""The one facade the engine calls for the MALoRA delta: picks the CPU path, Triton or the reference.
+"""The one facade the engine calls for the MALoRA delta: picks the native CPU kernel, the torch CPU
+path, Triton or the reference.
 
-`MALORA_KERNEL_BACKEND` overrides the choice: `auto` (default: Triton for CUDA tensors, else the CPU
-path), `cpu`, `triton` (CPU tensors only under `TRITON_INTERPRET=1`), or `reference` (slow and
-obviously correct: one call of `reference.malora_delta_reference` per adapter segment).
+`MALORA_KERNEL_BACKEND` overrides the choice: `auto` (default: Triton for CUDA tensors; on the CPU the
+native kernel, or the torch path where it cannot be built), `native` (an error where it cannot be
+built), `cpu` (the torch path), `triton` (CPU tensors only under `TRITON_INTERPRET=1`), or `reference`
+(slow and obviously correct: one call of `reference.malora_delta_reference` per adapter segment).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import os
 import torch
 
 from .cpu import add_malora_delta_cpu
+from .native import add_malora_delta_native, native_kernel
 from .reference import malora_delta_reference, route
 from .slots import RoutingLog, SlotBank, TokenSlots
 
 BACKEND_ENV = "MALORA_KERNEL_BACKEND"
-BACKENDS = ("auto", "cpu", "triton", "reference")
+BACKENDS = ("auto", "native", "cpu", "triton", "reference")
+CPU_BACKENDS = ("native", "cpu")  # those that record routing into a RoutingLog
 
 
 def choose_backend(x: torch.Tensor) -> str:
@@ -25,7 +29,9 @@ def choose_backend(x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "cpu"
+        if x.is_cuda:
+            return "triton"
+        return "native" if native_kernel() is not None else "cpu"
     return backend
 
 
@@ -52,6 +58,9 @@ def add_malora_delta(
     if not token_slots.any_adapter:
         return
     backend = choose_backend(x)
+    if backend == "native":
+        add_malora_delta_native(y, x, bank, token_slots, expert_counts)
+        return
     if backend == "cpu":
         add_malora_delta_cpu(y, x, bank, token_slots, expert_counts)
         return

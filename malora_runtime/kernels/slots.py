@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -19,6 +19,16 @@ from .reference import ROUTER_SOFTMAX_TOPK
 
 NO_SLOT = -1
 MAX_DERIVED = 256  # cached derived values per bank (group sets seen since the last slot write)
+
+
+class SlotLayout(Protocol):
+    """A kernel's own copy of a bank's weights (see `SlotBank.layout`)."""
+
+    def write_slot(self, bank: SlotBank, slot: int) -> None:
+        """Bring `slot` in step with the bank (called after every set_slot / clear_slot)."""
+
+
+LayoutT = TypeVar("LayoutT", bound=SlotLayout)
 
 
 @dataclass
@@ -59,6 +69,7 @@ class SlotBank:
     # kept in step by set_slot / clear_slot one slot at a time: a swap copies one adapter, not the bank.
     _stacked_sg: torch.Tensor | None = field(default=None, repr=False)
     _transposed_b: torch.Tensor | None = field(default=None, repr=False)
+    _layouts: dict[str, SlotLayout] = field(default_factory=dict, repr=False)
     # Values computed from `infos` (active slots, a group's routing constants), dropped at every slot
     # write: the fast path would otherwise recompute them in Python for every module of every step.
     _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False)
@@ -124,6 +135,15 @@ class SlotBank:
                 self._transposed_b = self.B.transpose(-1, -2).to(torch.float32).contiguous()
         return self._transposed_b
 
+    def layout(self, name: str, build: Callable[[SlotBank], LayoutT]) -> LayoutT:
+        """The layout `name`, built by `build(bank)` on first use and from then on kept in step by every
+        slot write (`write_slot`), like the two above."""
+        layout = self._layouts.get(name)
+        if layout is None:
+            with torch.inference_mode(False):  # normal tensors: slot writes update them outside inference mode
+                layout = self._layouts[name] = build(self)
+        return layout  # type: ignore[return-value]
+
     def derived(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """`compute()` cached under `key` until the next slot write (bounded: cleared when full)."""
         value = self._derived.get(key)
@@ -144,6 +164,8 @@ class SlotBank:
             self._stacked_sg[slot, d_max:].copy_(self.G[slot])
         if self._transposed_b is not None:
             self._transposed_b[slot].copy_(self.B[slot].transpose(-1, -2))
+        for layout in self._layouts.values():
+            layout.write_slot(self, slot)
 
     def fits(self, weights: ModuleWeights) -> str | None:
         """None when `weights` fit this bank, else a message saying which limit they exceed."""
@@ -266,7 +288,7 @@ class TokenSlots:
 class RoutingLog:
     """Expert choices recorded as they happen and counted only when read.
 
-    The CPU path appends references to its routing tensors, so counting costs the step loop no
+    The CPU paths append references to their routing tensors, so counting costs the step loop no
     arithmetic; `drain` counts everything recorded since the last call in one pass (the engine
     calls it about once a second, and before it reuses a slot). Past `max_entries` the records are
     folded into running totals, so memory stays bounded when nobody drains.
@@ -274,13 +296,22 @@ class RoutingLog:
 
     max_entries: int = 4096
     entries: list[tuple[list[int], torch.Tensor, torch.Tensor | None, int]] = field(default_factory=list)
+    row_entries: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     totals: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
 
     def record(self, slots: list[int], chosen: torch.Tensor, hits: torch.Tensor | None, num_experts: int) -> None:
         """slots: the m slots of a group; chosen [m, L, k] expert ids (< num_experts); hits [m, L, k] 0/1
         or None (all count)."""
         self.entries.append((slots, chosen, hits, num_experts))
-        if len(self.entries) >= self.max_entries:
+        self._fold_when_full()
+
+    def record_rows(self, row_slots: torch.Tensor, chosen: torch.Tensor) -> None:
+        """row_slots [R] int64, each row's slot; chosen [R, w] expert ids (< w), -1 where none."""
+        self.row_entries.append((row_slots, chosen))
+        self._fold_when_full()
+
+    def _fold_when_full(self) -> None:
+        if len(self.entries) + len(self.row_entries) >= self.max_entries:
             self._fold()
 
     @torch.inference_mode()
@@ -288,8 +319,10 @@ class RoutingLog:
         # Always in inference mode: a fold may happen inside the forward (past max_entries) or outside
         # it (harvest), and a tensor made in inference mode may only be updated in inference mode.
         entries, self.entries = self.entries, []
-        num_slots = max(max(slots) for slots, _, _, _ in entries) + 1
-        width = max(n for _, _, _, n in entries)
+        row_entries, self.row_entries = self.row_entries, []
+        num_slots = max([max(slots) + 1 for slots, _, _, _ in entries]
+                        + [int(rows.max()) + 1 for rows, _ in row_entries if rows.numel()], default=0)
+        width = max([n for _, _, _, n in entries] + [c.shape[1] for _, c in row_entries], default=0)
         # The same groups recur in every layer: bucket by group, one concatenation and add per bucket.
         buckets: dict[tuple[tuple[int, ...], bool], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
         for slots, chosen, hits, _ in entries:
@@ -306,6 +339,9 @@ class RoutingLog:
             else:
                 weighted.append(index)
                 weights.append(torch.cat([h.reshape(m, -1) for _, h in members], dim=1).cpu().reshape(-1))
+        for rows, chosen in row_entries:
+            hit = chosen >= 0
+            plain.append((rows.unsqueeze(1) * width + chosen)[hit])
         counts = torch.zeros(num_slots * width, dtype=torch.int64)
         if plain:
             counts += torch.bincount(torch.cat(plain), minlength=num_slots * width)
@@ -321,7 +357,7 @@ class RoutingLog:
     @torch.inference_mode()
     def drain(self, num_slots: int) -> torch.Tensor:
         """Tokens per (slot, expert) since the last drain: [num_slots, max experts seen] int64, on the CPU."""
-        if self.entries:
+        if self.entries or self.row_entries:
             self._fold()
         totals, self.totals = self.totals, torch.zeros(0, 0, dtype=torch.int64)
         out = torch.zeros(num_slots, totals.shape[1], dtype=torch.int64)

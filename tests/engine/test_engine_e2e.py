@@ -12,6 +12,7 @@ from malora_runtime.config import EngineConfig
 from malora_runtime.engine.async_engine import AsyncEngine
 from malora_runtime.engine.llm_engine import LLMEngine
 from malora_runtime.kernels.cpu import LONG_SEGMENT
+from malora_runtime.kernels.dispatch import BACKEND_ENV
 from malora_runtime.models.loader import load_model
 from malora_runtime.models.packed_linear import pack_linears
 from malora_runtime.offline import greedy_generate
@@ -111,9 +112,14 @@ def assert_same_or_tied(model, tokenizer, i: int, adapters, got: list[int], expe
 
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+# Both CPU implementations of the delta, end to end: the native kernel (the default) and the torch path.
+CPU_BACKENDS = pytest.mark.parametrize("backend", ["native", "cpu"])
 
 
-def test_sixteen_mixed_requests_match_the_reference_token_for_token(reference_model, adapters, expected) -> None:
+@CPU_BACKENDS
+def test_sixteen_mixed_requests_match_the_reference_token_for_token(reference_model, adapters, expected,
+                                                                     monkeypatch, backend) -> None:
+    monkeypatch.setenv(BACKEND_ENV, backend)
     engine = build_engine(adapters, kv_cache_memory=64 << 20)
     got = run_all(engine, GREEDY)
     base_outputs = [expected[i] for i in range(0, 16, 5)]
@@ -125,10 +131,14 @@ def test_sixteen_mixed_requests_match_the_reference_token_for_token(reference_mo
     assert engine.stats().kv_blocks_used == 0
 
 
-def test_prompts_longer_than_a_long_segment_match_the_reference(reference_model, adapters) -> None:
-    """Prompts of LONG_SEGMENT tokens or more take the CPU path's own route in prefill (2-D oneDNN
-    products on sliced rows, or gathered when a short prompt shares the adapter), beside a request on
-    the base model. The first token's logprob is compared: it reads every prompt position's delta."""
+@CPU_BACKENDS
+def test_prompts_longer_than_a_long_segment_match_the_reference(reference_model, adapters, monkeypatch,
+                                                                backend) -> None:
+    """Prompts of LONG_SEGMENT tokens or more take the torch path's own route in prefill (2-D oneDNN
+    products on sliced rows, or gathered when a short prompt shares the adapter) and several of the
+    native kernel's blocks, beside a request on the base model. The first token's logprob is
+    compared: it reads every prompt position's delta."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
     model, tokenizer = reference_model
     requests = [(" ".join(PROMPTS) * 2, "sparse8"), ("\n".join(reversed(PROMPTS)) * 3, "dense4"),
                 (PROMPTS[3], "sparse8"), (" ".join(PROMPTS), None)]

@@ -170,6 +170,18 @@ def make_case(seed: int) -> Callable[..., Case]:
     return build
 
 
+def out_of_place(add: Callable[..., None]) -> Callable[..., torch.Tensor]:
+    """From add(y, x, bank, token_slots, expert_counts), which adds the delta into y, the form
+    f(x, bank, token_slots, out=None, expert_counts=None) -> out, every row written (0: no delta)."""
+
+    def delta(x, bank, token_slots, out=None, expert_counts=None) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], bank.d_out, dtype=x.dtype) if out is None else out.zero_()
+        add(out, x, bank, token_slots, expert_counts)
+        return out
+
+    return delta
+
+
 def release(case: Case, slot: int) -> None:
     """Release `slot` in the case's bank (stale weights stay) and expect no delta for its tokens."""
     case.bank.release_slot(slot)

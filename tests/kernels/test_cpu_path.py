@@ -1,4 +1,5 @@
-"""The CPU path and the dispatch facade against the float64 reference of whole heterogeneous batches."""
+"""The CPU paths (torch and native) and the dispatch facade against the float64 reference of whole
+heterogeneous batches."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from malora_runtime.adapters.format import ModuleSpec
 from malora_runtime.kernels import cpu as cpu_kernels
 from malora_runtime.kernels import dispatch
 from malora_runtime.kernels.cpu import LONG_SEGMENT, malora_delta_cpu, plan_groups
+from malora_runtime.kernels.native import add_malora_delta_native
 from malora_runtime.kernels.slots import NO_SLOT, TokenSlots
 from tests.kernels.conftest import (
     MIXED_SPECS,
     make_bank,
     make_ties,
     make_weights,
+    out_of_place,
     random_slots,
     reference_batch,
     release,
@@ -23,29 +26,35 @@ from tests.kernels.conftest import (
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def run_cpu(case):
+@pytest.fixture(params=[malora_delta_cpu, out_of_place(add_malora_delta_native)], ids=["torch", "native"])
+def delta(request):
+    """Each CPU implementation: f(x, bank, token_slots, out=None, expert_counts=None) -> out."""
+    return request.param
+
+
+def run_cpu(delta, case):
     out, counts = case.poisoned(), case.new_counts()
-    result = malora_delta_cpu(case.x, case.bank, case.token_slots, out=out, expert_counts=counts)
+    result = delta(case.x, case.bank, case.token_slots, out=out, expert_counts=counts)
     assert result is out
     return out, counts
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [1, 33, 257])
-def test_mixed_batch(make_case, dtype, num_tokens):
+def test_mixed_batch(make_case, dtype, num_tokens, delta):
     case = make_case([*MIXED_SPECS, None], num_tokens, dtype=dtype)
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(delta, case)
     case.check(out, "cpu mixed", counts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_router_ties_pick_the_lower_index(make_case, dtype, top_k):
+def test_router_ties_pick_the_lower_index(make_case, dtype, top_k, delta):
     specs = [ModuleSpec(d=6, r=3, num_experts=6, top_k=top_k, alpha=2.0),
              ModuleSpec(d=4, r=2, num_experts=4, top_k=min(top_k, 4), alpha=1.0, router_bias=True,
                         router_norm="softmax_topk", router_temperature=0.5)]
     case = make_case(specs, 64, dtype=dtype, transform=make_ties)
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(delta, case)
     case.check(out, f"cpu ties k={top_k}", counts)
 
 
@@ -55,24 +64,24 @@ def test_router_ties_pick_the_lower_index(make_case, dtype, top_k):
     ModuleSpec(d=6, r=2, num_experts=5, top_k=5, alpha=1.0, router_norm="softmax_topk", router_bias=True),
     ModuleSpec(d=3, r=4, num_experts=7, top_k=2, alpha=3.0, router_temperature=0.25, router_bias=True),
 ], ids=["lora", "k=N", "k=N-softmax_topk-bias", "temperature-bias"])
-def test_single_adapter_kinds(make_case, spec):
+def test_single_adapter_kinds(make_case, spec, delta):
     case = make_case([spec], 57, none_fraction=0.0)
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(delta, case)
     case.check(out, "cpu single", counts)
 
 
-def test_decode_every_token_its_own_adapter(make_case):
+def test_decode_every_token_its_own_adapter(make_case, delta):
     specs = [MIXED_SPECS[i % len(MIXED_SPECS)] for i in range(32)]
     case = make_case(specs, slots=list(range(31, -1, -1)), d_in=64, d_out=40)
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(delta, case)
     case.check(out, "cpu decode", counts)
 
 
-def test_skewed_segments_split_into_groups(make_case):
+def test_skewed_segments_split_into_groups(make_case, delta):
     slots = [0] * 150 + list(range(1, 9)) + [NO_SLOT] * 3 + [3] * 20
     case = make_case([MIXED_SPECS[i % len(MIXED_SPECS)] for i in range(9)], slots=slots)
     assert len(plan_groups(case.token_slots.segments, case.bank)) > 1
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(delta, case)
     case.check(out, "cpu skewed", counts)
 
 
@@ -91,7 +100,7 @@ def test_long_segments_run_on_their_own_rows(make_case, monkeypatch, dtype, oned
     groups = plan_groups(case.token_slots.segments, case.bank, case.token_slots.segment_rows)
     alone = {g.slots[0]: g.first_row for g in groups if len(g.slots) == 1}
     assert alone == {0: 3, 1: None, 2: None, 3: None, 4: None}, alone  # slot 1 starts apart, at row 0
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(malora_delta_cpu, case)
     case.check(out, "cpu long segments", counts)
 
 
@@ -101,13 +110,13 @@ def test_segment_rows_mark_consecutive_tokens_only():
     assert token_slots.segment_rows == [3, None, 7]
 
 
-def test_only_base_and_inactive_tokens_give_zero(make_case):
+def test_only_base_and_inactive_tokens_give_zero(make_case, delta):
     case = make_case([MIXED_SPECS[0], None], slots=[NO_SLOT, 1, 1, NO_SLOT])
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(delta, case)
     assert torch.equal(out, torch.zeros_like(out)) and not counts.any(), f"seed={case.seed}"
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+@pytest.mark.parametrize("backend", ["native", "cpu", "reference", "auto"])
 def test_dispatch_adds_into_y(make_case, monkeypatch, backend):
     monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
     case = make_case([*MIXED_SPECS, None], 70)
@@ -133,7 +142,7 @@ def test_dispatch_rejects_unknown_backend(make_case, monkeypatch):
         dispatch.add_malora_delta(torch.zeros(1, case.bank.d_out), case.x, case.bank, case.token_slots)
 
 
-def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed):
+def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed, delta):
     """The CPU path's [S; G] and B^T layouts are built on first use and then updated per slot by
     set_slot / clear_slot, and its cached per-group constants and per-step plans are dropped: after a
     swap and a clear the delta (same TokenSlots object) must follow the new weights."""
@@ -143,7 +152,7 @@ def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed):
     bank = make_bank(weights, torch.float32)
     slots = random_slots(gen, 40, len(specs), none_fraction=0.1)
     x, token_slots = torch.randn(40, 37, generator=gen), TokenSlots.from_list(slots)
-    malora_delta_cpu(x, bank, token_slots)  # builds the layouts
+    delta(x, bank, token_slots)  # builds the layouts
 
     # A new version in slot 0 with other routing (top_k, temperature, norm, bias): the group
     # constants and plans cached during the first call must not survive the write.
@@ -153,7 +162,7 @@ def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed):
 
     def check(label: str) -> torch.Tensor:
         expected, _ = reference_batch(x, slots, weights, torch.float32, bank.maxima[2])
-        out = malora_delta_cpu(x, bank, token_slots, out=torch.full((40, 45), float("nan")))
+        out = delta(x, bank, token_slots, out=torch.full((40, 45), float("nan")))
         error = float((out.double() - expected).abs().max() / expected.abs().max())
         assert error <= 1e-5, f"relative error {error:.3g} after {label} (seed {seed})"
         return out
@@ -166,18 +175,18 @@ def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed):
     assert (out[torch.tensor([s == 2 for s in slots])] == 0).all()
 
 
-def test_layouts_built_in_inference_mode_accept_later_slot_writes(make_case):
+def test_layouts_built_in_inference_mode_accept_later_slot_writes(make_case, delta):
     """The engine runs forwards under inference_mode and writes slots outside it."""
     case = make_case(MIXED_SPECS[:2], 9)
     with torch.inference_mode():
-        malora_delta_cpu(case.x, case.bank, case.token_slots)
+        delta(case.x, case.bank, case.token_slots)
     case.bank.clear_slot(0)  # raised "Inplace update to inference tensor" when the layouts were inference tensors
-    out = malora_delta_cpu(case.x, case.bank, case.token_slots)
+    out = delta(case.x, case.bank, case.token_slots)
     assert (out[torch.tensor([s == 0 for s in case.slots])] == 0).all()
 
 
-def test_released_slot_gets_no_delta(make_case):
+def test_released_slot_gets_no_delta(make_case, delta):
     case = make_case(MIXED_SPECS[:3], 48, none_fraction=0.0)
     release(case, 1)  # its weights stay in the bank, stale
-    out, counts = run_cpu(case)
+    out, counts = run_cpu(delta, case)
     case.check(out, "cpu released slot", counts)

@@ -1,0 +1,288 @@
+"""The MALoRA delta on CPU through a native kernel (`native/malora_cpu.cpp`), computed in float32.
+
+Why: per adapter the delta is a few small products over a few dozen tokens. Through torch that is a
+dozen batched ops per module, each gathering, padding or scattering a copy of the tokens; the native
+kernel makes one pass per block of an adapter's tokens: [S; G] x register-blocked over the gathered
+rows of x, routing and P z in a per-thread buffer, and the chosen experts' rows of B^T added straight
+into y. `malora bench kernels` compares it with the torch path (`kernels.cpu`) and the base linear.
+
+Build: the source is compiled once per machine by the system's C++ compiler (`$CXX`, else `c++`)
+into `$MALORA_CACHE/kernels/`, under a name that hashes the source, the flags, the compiler's version
+and the CPU's feature flags (it is built with -march=native), then loaded with ctypes. Its OpenMP
+threads are torch's own (one libgomp per process); it uses as many as torch does on the calling
+thread. Where no compiler works, `native_kernel()` returns None once, with the reason logged, and the
+dispatch falls back to the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.loader import cache_root
+from .slots import RoutingLog, SlotBank, TokenSlots
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "malora_cpu.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+ABI_VERSION = 1
+LANES = 16  # the kernel's vector width in floats: padded widths are multiples of it
+# Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
+# best at T = 2048 over 32 adapters (32: 1.13x slower, 128: 1.03x; docs/BENCHMARKS.md).
+BLOCK = 64
+
+
+class NativeKernelError(RuntimeError):
+    """The native kernel cannot be built or loaded here."""
+
+
+def _round_up(n: int) -> int:
+    return -(-n // LANES) * LANES
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise NativeKernelError("no C++ compiler found (set CXX, or install g++)")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def build_native_kernel(directory: Path | None = None) -> Path:
+    """Compile the kernel (once: the result is cached by content) and return the shared library's path."""
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    directory = directory or cache_root() / "kernels"
+    target = directory / f"malora_cpu-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent builders (several servers, test workers) never
+    # load a half-written library.
+    fd, partial = tempfile.mkstemp(prefix=target.stem, suffix=".so.partial", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                check=False)
+        if result.returncode != 0:
+            raise NativeKernelError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    log.info("built the native MALoRA kernel: %s", target)
+    return target
+
+
+class _BankDescriptor(ctypes.Structure):
+    """Mirrors `struct Bank` in malora_cpu.cpp."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("sgt", "pt", "bt", "bias", "meta", "fmeta")] + [
+        (name, ctypes.c_int64) for name in ("d_in", "d_out", "d_max", "r_max", "n_max", "dp", "up")]
+
+
+@dataclass(frozen=True)
+class NativeKernel:
+    """The loaded library's entry point."""
+
+    library: ctypes.CDLL
+    delta_f32: ctypes._CFuncPtr  # type: ignore[name-defined]
+
+    @classmethod
+    def load(cls, path: Path) -> NativeKernel:
+        library = ctypes.CDLL(str(path))
+        if library.malora_kernel_abi_version() != ABI_VERSION:
+            raise NativeKernelError(f"{path}: ABI version {library.malora_kernel_abi_version()}, want {ABI_VERSION}")
+        function = library.malora_delta_f32
+        c_ptr, c_long = ctypes.c_void_p, ctypes.c_int64
+        function.argtypes = [c_ptr, c_ptr, c_long, c_ptr, c_long, c_ptr, c_ptr, c_long, c_long, c_ptr, c_long,
+                             ctypes.c_int]
+        function.restype = ctypes.c_int
+        return cls(library, function)
+
+
+@functools.cache
+def _load() -> NativeKernel | NativeKernelError:
+    try:
+        return NativeKernel.load(build_native_kernel())
+    except (NativeKernelError, OSError) as exc:
+        return exc if isinstance(exc, NativeKernelError) else NativeKernelError(str(exc))
+
+
+def native_kernel() -> NativeKernel | None:
+    """The kernel, built and loaded on first call; None (logged once) where it cannot be."""
+    loaded = _load()
+    if isinstance(loaded, NativeKernelError):
+        if not getattr(loaded, "logged", False):
+            log.warning("native MALoRA kernel unavailable, using the torch CPU path: %s", loaded)
+            loaded.logged = True  # type: ignore[attr-defined]
+        return None
+    return loaded
+
+
+def require_native_kernel() -> NativeKernel:
+    """The kernel, or NativeKernelError saying why it cannot be built or loaded."""
+    loaded = _load()
+    if isinstance(loaded, NativeKernelError):
+        raise loaded
+    return loaded
+
+
+@dataclass
+class NativeWeights:
+    """The bank's [S; G] and P in the kernel's layout (float32), one block per slot, kept in step per
+    slot by `SlotBank`. A slot's block is row-major with the slot's own padded row length, so a small
+    adapter in a bank sized for a large one reads only its own columns."""
+
+    sgt: torch.Tensor  # [num_slots, d_in * dp]: [S; G]^T, row length round_up(d + n)
+    pt: torch.Tensor  # [num_slots, d_max * up]: P^T ([d, n r], column t r + rho), row length round_up(n r)
+    dp: int  # round_up(d_max + n_max)
+    up: int  # round_up(n_max * r_max)
+
+    @classmethod
+    def build(cls, bank: SlotBank) -> NativeWeights:
+        d_max, r_max, n_max = bank.maxima
+        dp, up = _round_up(d_max + n_max), _round_up(n_max * r_max)
+        weights = cls(torch.zeros(bank.num_slots, bank.d_in * dp, device=bank.S.device),
+                      torch.zeros(bank.num_slots, d_max * up, device=bank.S.device), dp, up)
+        for slot, info in enumerate(bank.infos):
+            if info is not None:
+                weights.write_slot(bank, slot)
+        return weights
+
+    @torch.no_grad()
+    def write_slot(self, bank: SlotBank, slot: int) -> None:
+        self.sgt[slot].zero_()
+        self.pt[slot].zero_()
+        info = bank.infos[slot]
+        if info is None:
+            return
+        d, r, n = info.d, info.r, info.num_experts
+        sg_width, u_width = _round_up(d + n), _round_up(n * r)
+        sg = self.sgt[slot, :bank.d_in * sg_width].view(bank.d_in, sg_width)
+        sg[:, :d].copy_(bank.S[slot, :d].T)
+        sg[:, d:d + n].copy_(bank.G[slot, :n].T)
+        pt = self.pt[slot, :d * u_width].view(d, u_width)
+        pt[:, :n * r].copy_(bank.P[slot, :n, :r, :d].reshape(n * r, d).T)
+
+
+@dataclass(frozen=True)
+class _Descriptor:
+    """The ctypes view of a bank for the kernel, with the tensors it points into kept alive; rebuilt
+    after every slot write (it carries the slots' sizes and routing settings)."""
+
+    struct: _BankDescriptor
+    address: int
+    tensors: tuple[torch.Tensor, ...]
+
+
+def _descriptor(bank: SlotBank) -> _Descriptor:
+    def compute() -> _Descriptor:
+        weights = bank.layout("native", NativeWeights.build)
+        bt = bank.transposed_b()
+        bias = bank.router_bias.to(torch.float32).contiguous()
+        meta = torch.zeros(bank.num_slots, 4, dtype=torch.int32)
+        fmeta = torch.zeros(bank.num_slots, 3, dtype=torch.float32)
+        for slot, info in enumerate(bank.infos):
+            if info is not None:  # inactive slots keep top_k 0: the kernel skips their tokens
+                meta[slot] = torch.tensor([info.d, info.r, info.num_experts, info.top_k])
+                fmeta[slot] = torch.tensor([info.scale, 1.0 / info.router_temperature, float(info.softmax_first)])
+        tensors = (weights.sgt, weights.pt, bt, bias, meta, fmeta)
+        d_max, r_max, n_max = bank.maxima
+        struct = _BankDescriptor(*(t.data_ptr() for t in tensors), bank.d_in, bank.d_out, d_max, r_max, n_max,
+                                 weights.dp, weights.up)
+        return _Descriptor(struct, ctypes.addressof(struct), tensors)
+
+    return bank.derived("native", compute)
+
+
+@dataclass(frozen=True)
+class NativePlan:
+    """A step's work items for one set of active slots: blocks of at most BLOCK tokens of one slot."""
+
+    items: torch.Tensor  # [n_items, 3] int64: slot, start, end over TokenSlots.order
+    row_slots: torch.Tensor  # [len(order)] int64: the slot of each token in `order`
+
+    @classmethod
+    def build(cls, token_slots: TokenSlots, bank: SlotBank) -> NativePlan:
+        items = [(slot, first, min(first + BLOCK, end)) for slot, start, end in token_slots.segments
+                 if bank.infos[slot] is not None for first in range(start, end, BLOCK)]
+        return cls(torch.tensor(items, dtype=torch.int64).view(-1, 3), token_slots.slots[token_slots.order])
+
+
+def _plan(token_slots: TokenSlots, bank: SlotBank) -> NativePlan:
+    key = ("native", bank.active_slots)
+    plan = token_slots.plans.get(key)
+    if plan is None:
+        plan = token_slots.plans[key] = NativePlan.build(token_slots, bank)
+    return plan
+
+
+@torch.no_grad()
+def add_malora_delta_native(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    bank: SlotBank,
+    token_slots: TokenSlots,
+    expert_counts: torch.Tensor | RoutingLog | None = None,
+    kernel: NativeKernel | None = None,
+) -> None:
+    """Semantics (as `dispatch.add_malora_delta`):
+      y[i] += scale[s] * sum_{t in T_i} w_it B[s, t] (P[s, t] (S[s] x[i]))   for s = slots[i] != -1
+    y [T, d_out] (in place), x [T, d_in], both on the CPU; computed in float32 (other dtypes are
+    converted on the way in and out). expert_counts: [num_slots, n_max] int64 (+1 per token and
+    chosen expert) or a RoutingLog (choices recorded, counted when drained).
+    """
+    if x.device.type != "cpu" or y.device.type != "cpu":
+        raise ValueError("the native kernel runs on CPU tensors")
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != bank.d_in or y.shape[1] != bank.d_out \
+            or not x.shape[0] == y.shape[0] == token_slots.num_tokens:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit the bank "
+                         f"({bank.d_in} -> {bank.d_out}) and {token_slots.num_tokens} tokens")
+    kernel = kernel or require_native_kernel()
+    plan = _plan(token_slots, bank)
+    if plan.items.shape[0] == 0:
+        return
+    descriptor = _descriptor(bank)
+    xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.to(torch.float32).contiguous()
+    direct = y.dtype == torch.float32 and y.stride(1) == 1
+    out = y if direct else torch.zeros(y.shape, dtype=torch.float32)
+    width = bank.maxima[2]
+    chosen = None
+    if expert_counts is not None:  # rows of inactive slots are not written by the kernel
+        chosen = torch.full((token_slots.order.shape[0], width), -1, dtype=torch.int32)
+    kernel.delta_f32(descriptor.address, xf.data_ptr(), xf.stride(0), out.data_ptr(), out.stride(0),
+                     token_slots.order.data_ptr(), plan.items.data_ptr(), plan.items.shape[0], BLOCK,
+                     None if chosen is None else chosen.data_ptr(), width, torch.get_num_threads())
+    if not direct:
+        y.add_(out.to(y.dtype))
+    if chosen is None:
+        return
+    if isinstance(expert_counts, RoutingLog):
+        expert_counts.record_rows(plan.row_slots, chosen)
+        return
+    hit = chosen >= 0
+    index = (plan.row_slots.unsqueeze(1) * expert_counts.shape[1] + chosen)[hit]
+    expert_counts.view(-1).index_add_(0, index, torch.ones_like(index))
+

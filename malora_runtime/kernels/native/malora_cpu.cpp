@@ -1,0 +1,302 @@
+// The MALoRA delta on CPU as one fused pass per block of tokens (float32).
+//
+// Semantics (see malora_runtime/kernels/dispatch.py):
+//   for each token i of a work item (slot s, a run of `order`):
+//     [z; logits] = [S; G][s] x[i]                       one pass over x[i]
+//     T, w        = route(logits + bias[s])              top-k, ties to the lower index
+//     y[i]       += scale[s] * sum_{t in T} w_t B[s, t] (P[s, t] z)
+//
+// Why a native kernel: on the CPU the delta is many small products (a few dozen tokens per adapter),
+// where torch's batched ops pay for gathering x, scattering into y and a dozen intermediate tensors.
+// Here each token's row of x is read once, [S; G] x is a register-blocked product over the gathered
+// rows, routing and P z stay in a small per-thread buffer, and only the k chosen experts' rows of
+// B^T are read, added straight into y's row. Plain C++ with GCC vector types: the compiler emits
+// AVX-512 where the CPU has it, AVX2 pairs elsewhere. Threads come from the OpenMP runtime torch
+// already loaded (libgomp.so.1), so there is one thread team, not two.
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+inline vf splat(float v) { return vf{} + v; }
+inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The weights of one module for every slot, laid out for this kernel (kernels/native.py builds it).
+struct Bank {
+  // Per slot, in the first d_in * dp (d_max * up) elements of its block, row-major with the slot's own
+  // row length round_up(d + n) (round_up(n r)), zero past its real columns:
+  const float* sgt;      // [num_slots, d_in * dp]: [S; G]^T, columns 0..d-1 from S, d..d+n-1 from G
+  const float* pt;       // [num_slots, d_max * up]: P^T, column t r + rho is row rho of P_t
+  const float* bt;       // [num_slots, n_max, r_max, d_out]: every row of B_t^T contiguous
+  const float* bias;     // [num_slots, n_max]
+  const int32_t* meta;   // [num_slots, 4]: d, r, n, top_k (top_k 0: inactive slot)
+  const float* fmeta;    // [num_slots, 3]: scale, 1 / router temperature, softmax-then-top-k (0 or 1)
+  int64_t d_in, d_out, d_max, r_max, n_max, dp, up;  // dp, up: multiples of 16
+};
+
+// acc[R][CV] = x rows (R of them) times CV vectors of columns of w ([K, ldw]), stored to out.
+template <int R, int CV>
+inline void project_block(const float* const* xr, const float* w, int64_t ldw, int64_t K, float* out,
+                          int64_t ldo) {
+  vf acc[R][CV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) acc[r][c] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * ldw;
+    vf wv[CV];
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) wv[c] = load(wk + c * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf xb = splat(xr[r][k]);
+#pragma GCC unroll 4
+      for (int c = 0; c < CV; ++c) acc[r][c] += xb * wv[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) store(out + r * ldo + c * kLanes, acc[r][c]);
+}
+
+template <int CV>
+void project_rows(const float* const* xr, int rows, const float* w, int64_t ldw, int64_t K, float* out,
+                  int64_t ldo) {
+  // 24 accumulators at most: 8 rows of up to 3 vectors, 6 rows of 4.
+  constexpr int kRows = CV <= 3 ? 8 : 6;
+  int i = 0;
+  for (; i + kRows <= rows; i += kRows) project_block<kRows, CV>(xr + i, w, ldw, K, out + i * ldo, ldo);
+  switch (rows - i) {
+    case 0: break;
+    case 1: project_block<1, CV>(xr + i, w, ldw, K, out + i * ldo, ldo); break;
+    case 2: project_block<2, CV>(xr + i, w, ldw, K, out + i * ldo, ldo); break;
+    case 3: project_block<3, CV>(xr + i, w, ldw, K, out + i * ldo, ldo); break;
+    case 4: project_block<4, CV>(xr + i, w, ldw, K, out + i * ldo, ldo); break;
+    case 5: project_block<5, CV>(xr + i, w, ldw, K, out + i * ldo, ldo); break;
+    case 6: project_block<6, CV>(xr + i, w, ldw, K, out + i * ldo, ldo); break;
+    default: project_block<7, CV>(xr + i, w, ldw, K, out + i * ldo, ldo); break;
+  }
+}
+
+// out[i, 0:cols] = x[i] . w[:, 0:cols] for `rows` rows; cols is a multiple of kLanes.
+void project(const float* const* xr, int rows, const float* w, int64_t ldw, int64_t K, int64_t cols, float* out,
+             int64_t ldo) {
+  for (int64_t c = 0; c < cols;) {
+    const int64_t left = (cols - c) / kLanes;
+    if (left >= 4) {
+      project_rows<4>(xr, rows, w + c, ldw, K, out + c, ldo);
+      c += 4 * kLanes;
+    } else if (left == 3) {
+      project_rows<3>(xr, rows, w + c, ldw, K, out + c, ldo);
+      c += 3 * kLanes;
+    } else if (left == 2) {
+      project_rows<2>(xr, rows, w + c, ldw, K, out + c, ldo);
+      c += 2 * kLanes;
+    } else {
+      project_rows<1>(xr, rows, w + c, ldw, K, out + c, ldo);
+      c += kLanes;
+    }
+  }
+}
+
+// The chosen experts and their weights from the logits of one token (MALORA.md's routing).
+// Returns how many were chosen (the slot's top_k); chosen[j], weight[j] for j < that.
+int route(const float* logits, const float* bias, int n, int k, float inv_temperature, bool softmax_first,
+          float* scores, int* chosen, float* weight) {
+  for (int e = 0; e < n; ++e) scores[e] = (logits[e] + bias[e]) * inv_temperature;
+  for (int j = 0; j < k; ++j) {  // k rounds of a first-maximum scan: ties go to the lower index
+    int best = -1;
+    for (int e = 0; e < n; ++e) {
+      bool taken = false;
+      for (int q = 0; q < j; ++q) taken |= chosen[q] == e;
+      if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
+    }
+    chosen[j] = best;
+  }
+  const float top = scores[chosen[0]];
+  float total = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    weight[j] = std::exp(scores[chosen[j]] - top);
+    total += weight[j];
+  }
+  if (softmax_first) {  // softmax over all n, not renormalised over the chosen k
+    total = 0.0f;
+    for (int e = 0; e < n; ++e) total += std::exp(scores[e] - top);
+  }
+  const float inv_total = 1.0f / total;
+  for (int j = 0; j < k; ++j) weight[j] *= inv_total;
+  return k;
+}
+
+// For R tokens that chose the same expert: y_t[0:d_out] += sum_rho coef_t[rho] * bt[rho][0:d_out].
+// Each row of B_t^T is loaded once for R tokens (the product is bound by reading B, not by FMAs).
+template <int R>
+void up_project(float* const* y_rows, const float* const* coef, const float* bt, int64_t r, int64_t d_out) {
+  constexpr int kChunk = 4;  // vectors of each y row per pass: R * kChunk accumulators
+  int64_t c = 0;
+  for (; c + kChunk * kLanes <= d_out; c += kChunk * kLanes) {
+    vf acc[R][kChunk];
+#pragma GCC unroll 4
+    for (int t = 0; t < R; ++t)
+#pragma GCC unroll 4
+      for (int v = 0; v < kChunk; ++v) acc[t][v] = load(y_rows[t] + c + v * kLanes);
+    for (int64_t rho = 0; rho < r; ++rho) {
+      const float* row = bt + rho * d_out + c;
+      vf b[kChunk];
+#pragma GCC unroll 4
+      for (int v = 0; v < kChunk; ++v) b[v] = load(row + v * kLanes);
+#pragma GCC unroll 4
+      for (int t = 0; t < R; ++t) {
+        const vf s = splat(coef[t][rho]);
+#pragma GCC unroll 4
+        for (int v = 0; v < kChunk; ++v) acc[t][v] += s * b[v];
+      }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < R; ++t)
+#pragma GCC unroll 4
+      for (int v = 0; v < kChunk; ++v) store(y_rows[t] + c + v * kLanes, acc[t][v]);
+  }
+  for (; c + kLanes <= d_out; c += kLanes) {
+    vf acc[R];
+#pragma GCC unroll 4
+    for (int t = 0; t < R; ++t) acc[t] = load(y_rows[t] + c);
+    for (int64_t rho = 0; rho < r; ++rho) {
+      const vf b = load(bt + rho * d_out + c);
+#pragma GCC unroll 4
+      for (int t = 0; t < R; ++t) acc[t] += splat(coef[t][rho]) * b;
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < R; ++t) store(y_rows[t] + c, acc[t]);
+  }
+  for (; c < d_out; ++c) {
+    for (int t = 0; t < R; ++t) {
+      float acc = y_rows[t][c];
+      for (int64_t rho = 0; rho < r; ++rho) acc += coef[t][rho] * bt[rho * d_out + c];
+      y_rows[t][c] = acc;
+    }
+  }
+}
+
+void up_project_all(float* const* y_rows, const float* const* coef, int count, const float* bt, int64_t r,
+                    int64_t d_out) {
+  int i = 0;
+  for (; i + 4 <= count; i += 4) up_project<4>(y_rows + i, coef + i, bt, r, d_out);
+  switch (count - i) {
+    case 0: break;
+    case 1: up_project<1>(y_rows + i, coef + i, bt, r, d_out); break;
+    case 2: up_project<2>(y_rows + i, coef + i, bt, r, d_out); break;
+    default: up_project<3>(y_rows + i, coef + i, bt, r, d_out); break;
+  }
+}
+
+// Per-thread buffers, sized once per call.
+struct Scratch {
+  std::vector<float> zl;            // [block, dp]: [z; logits] per token
+  std::vector<float> u;             // [block, up]: P_t z for every expert t of the slot
+  std::vector<float> coef;          // [block, k_max, r]: scale * w_t * (P_t z), per chosen expert
+  std::vector<const float*> xrows;  // [block]
+  std::vector<const float*> zrows;  // [block]
+  std::vector<float> scores, weight;
+  std::vector<int> chosen;
+  // Tokens of the block by chosen expert: y rows and coefficient rows, [n_max][block].
+  std::vector<float*> expert_y;
+  std::vector<const float*> expert_coef;
+  std::vector<int> expert_count;
+
+  Scratch(int64_t block, const Bank& bank)
+      : zl(block * bank.dp), u(block * bank.up), coef(block * bank.n_max * bank.r_max), xrows(block),
+        zrows(block), scores(bank.n_max), weight(bank.n_max), chosen(bank.n_max),
+        expert_y(bank.n_max * block), expert_coef(bank.n_max * block), expert_count(bank.n_max) {}
+};
+
+void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
+              int32_t slot, int64_t start, int64_t end, int32_t* chosen_out, int64_t chosen_width, Scratch& s) {
+  const int32_t* meta = bank.meta + 4 * slot;
+  const int d = meta[0], r = meta[1], n = meta[2], k = meta[3] < meta[2] ? meta[3] : meta[2];
+  if (k <= 0) return;  // inactive slot: its tokens get no delta
+  const float scale = bank.fmeta[3 * slot], inv_temperature = bank.fmeta[3 * slot + 1];
+  const bool softmax_first = bank.fmeta[3 * slot + 2] != 0.0f;
+  const int64_t dp = bank.dp, up = bank.up;
+  const int rows = static_cast<int>(end - start);
+
+  // [z; logits] = [S; G] x for the block's tokens, then u = P z for every expert (N r d is cheap).
+  for (int i = 0; i < rows; ++i) s.xrows[i] = x + order[start + i] * ldx;
+  const int64_t sg_cols = round_up(d + n), u_cols = round_up(n * r);  // the slot's own widths
+  project(s.xrows.data(), rows, bank.sgt + slot * bank.d_in * dp, sg_cols, bank.d_in, sg_cols, s.zl.data(), dp);
+  for (int i = 0; i < rows; ++i) s.zrows[i] = s.zl.data() + i * dp;
+  project(s.zrows.data(), rows, bank.pt + slot * bank.d_max * up, u_cols, d, u_cols, s.u.data(), up);
+
+  // Route every token; queue it under each chosen expert with its coefficients.
+  const float* bias = bank.bias + slot * bank.n_max;
+  for (int e = 0; e < n; ++e) s.expert_count[e] = 0;
+  for (int i = 0; i < rows; ++i) {
+    route(s.zl.data() + i * dp + d, bias, n, k, inv_temperature, softmax_first, s.scores.data(), s.chosen.data(),
+          s.weight.data());
+    float* y_row = y + order[start + i] * ldy;
+    for (int j = 0; j < k; ++j) {
+      const int e = s.chosen[j];
+      const float w = scale * s.weight[j];
+      const float* u = s.u.data() + i * up + e * r;
+      float* c = s.coef.data() + (i * bank.n_max + j) * bank.r_max;
+      for (int rho = 0; rho < r; ++rho) c[rho] = w * u[rho];
+      const int q = e * static_cast<int>(s.expert_y.size() / bank.n_max) + s.expert_count[e]++;
+      s.expert_y[q] = y_row;
+      s.expert_coef[q] = c;
+    }
+    if (chosen_out != nullptr) {
+      int32_t* out = chosen_out + (start + i) * chosen_width;
+      for (int j = 0; j < chosen_width; ++j) out[j] = j < k ? s.chosen[j] : -1;
+    }
+  }
+
+  // y += the chosen experts' B_t (coefficients), expert by expert: B_t's rows are read once per block.
+  const int64_t per_expert = static_cast<int64_t>(s.expert_y.size()) / bank.n_max;
+  const float* bt_slot = bank.bt + slot * bank.n_max * bank.r_max * bank.d_out;
+  for (int e = 0; e < n; ++e) {
+    if (s.expert_count[e] == 0) continue;
+    up_project_all(s.expert_y.data() + e * per_expert, s.expert_coef.data() + e * per_expert, s.expert_count[e],
+                   bt_slot + e * bank.r_max * bank.d_out, r, bank.d_out);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Work items [n_items, 3] int64: (slot, start, end) over `order` (token rows of x and y grouped by
+// slot), each at most `block` tokens. chosen_out: [len(order), chosen_width] int32 or null; row q
+// gets the experts chosen for token order[q] (-1 past its adapter's top_k).
+int malora_delta_f32(const Bank* bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
+                     const int64_t* items, int64_t n_items, int64_t block, int32_t* chosen_out,
+                     int64_t chosen_width, int num_threads) {
+  const int threads = n_items > 1 && num_threads > 1 ? num_threads : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch scratch(block, *bank);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < n_items; ++q) {
+      const int64_t* item = items + 3 * q;
+      run_item(*bank, x, ldx, y, ldy, order, static_cast<int32_t>(item[0]), item[1], item[2], chosen_out,
+               chosen_width, scratch);
+    }
+  }
+  return 0;
+}
+
+int malora_kernel_abi_version() { return 1; }
+
+}  // extern "C"

@@ -1,0 +1,143 @@
+"""The native CPU kernel beyond the shared CPU-path cases (tests/kernels/test_cpu_path.py runs those on
+it too): sizes around its vector and block widths, batch invariance, strided tensors, bad calls, and
+how it is built and chosen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from malora_runtime.adapters.format import ModuleSpec
+from malora_runtime.kernels import dispatch, native
+from malora_runtime.kernels.native import BLOCK, NativeKernelError, add_malora_delta_native
+from malora_runtime.kernels.slots import NO_SLOT, RoutingLog, TokenSlots
+from tests.kernels.conftest import MIXED_SPECS, make_bank, make_weights, out_of_place
+
+malora_delta_native = out_of_place(add_malora_delta_native)
+
+# [S; G] wider than 64 columns and N r wider than 64 (several column chunks), next to small adapters.
+WIDE_SPECS = [
+    ModuleSpec(d=70, r=7, num_experts=12, top_k=5, alpha=7.0, router_bias=True),
+    ModuleSpec(d=3, r=1, num_experts=2, top_k=2, alpha=1.0, router_norm="softmax_topk"),
+    MIXED_SPECS[1],  # LoRA
+]
+
+
+def run_native(case):
+    out, counts = case.poisoned(), case.new_counts()
+    malora_delta_native(case.x, case.bank, case.token_slots, out=out, expert_counts=counts)
+    return out, counts
+
+
+@pytest.mark.parametrize("d_in, d_out", [(1, 1), (37, 45), (64, 16), (577, 200), (96, 1030)])
+def test_sizes_around_vector_widths(make_case, d_in, d_out):
+    # d_out 1030 = 16 chunks of 64 + 6 scalars; 200 = 3 chunks + 8 scalars; 45 = 2 vectors + 13.
+    case = make_case([*WIDE_SPECS, None], 90, d_in=d_in, d_out=d_out)
+    out, counts = run_native(case)
+    case.check(out, f"native {d_in}x{d_out}", counts)
+
+
+@pytest.mark.parametrize("length", [BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 7])
+def test_segments_across_block_boundaries(make_case, length):
+    # One long run per adapter, an interleaved pair, decode tokens and base tokens in one batch.
+    interleaved = [s for pair in zip([1] * length, [2] * length) for s in pair]
+    slots = [0] * length + interleaved + [NO_SLOT, 2, 1, NO_SLOT, 0]
+    case = make_case([*WIDE_SPECS], slots=slots, d_in=50, d_out=70)
+    out, counts = run_native(case)
+    case.check(out, f"native segments of {length}", counts)
+
+
+def test_each_token_is_batch_and_thread_invariant(make_case):
+    """A token's delta does not depend on which tokens share its batch or block, nor on the thread
+    count: bit for bit (seeded sampling relies on rows that do not change with the batch)."""
+    case = make_case([*WIDE_SPECS, *MIXED_SPECS], 150, d_in=40, d_out=33, none_fraction=0.1)
+    whole = malora_delta_native(case.x, case.bank, case.token_slots)
+    for i in range(0, len(case.slots), 7):
+        alone = malora_delta_native(case.x[i:i + 1], case.bank, TokenSlots.from_list([case.slots[i]]))
+        assert torch.equal(alone[0], whole[i]), f"token {i} (seed {case.seed})"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = malora_delta_native(case.x, case.bank, case.token_slots)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, whole), f"seed {case.seed}"
+
+
+def test_strided_x_and_y(make_case):
+    case = make_case(MIXED_SPECS, 40, d_in=37, d_out=45)
+    wide_x = torch.randn(40, 60)
+    wide_x[:, 5:42] = case.x
+    wide_y = torch.full((40, 50), float("nan"))
+    y = wide_y[:, 2:47]
+    y.zero_()
+    counts = case.new_counts()
+    add_malora_delta_native(y, wide_x[:, 5:42], case.bank, case.token_slots, counts)
+    case.check(y.clone(), "native strided", counts)
+    assert wide_y[:, :2].isnan().all() and wide_y[:, 47:].isnan().all()  # nothing written outside y
+
+
+def test_shapes_that_do_not_fit_are_refused(make_case):
+    case = make_case(MIXED_SPECS[:2], 8)
+    y = torch.zeros(8, case.bank.d_out)
+    with pytest.raises(ValueError, match="do not fit"):
+        add_malora_delta_native(y, torch.zeros(8, case.bank.d_in + 1), case.bank, case.token_slots)
+    with pytest.raises(ValueError, match="do not fit"):  # fewer rows than the TokenSlots index
+        add_malora_delta_native(y[:5], case.x[:5], case.bank, case.token_slots)
+    assert not y.any()
+
+
+def test_routing_log_counts_equal_tensor_counts(make_case):
+    case = make_case([*WIDE_SPECS, None, *MIXED_SPECS], 120)
+    log = RoutingLog(max_entries=2)
+    for _ in range(3):
+        malora_delta_native(case.x, case.bank, case.token_slots, expert_counts=log)
+    drained = log.drain(case.bank.num_slots)
+    expected = case.expected_counts * 3
+    assert torch.equal(drained, expected[:, :drained.shape[1]]) and not expected[:, drained.shape[1]:].any()
+
+
+def test_build_is_cached_by_content(tmp_path):
+    first = native.build_native_kernel(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build_native_kernel(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_build_failures_say_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(NativeKernelError, match="false failed to build malora_cpu.cpp"):
+        native.build_native_kernel(tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(NativeKernelError, match="no C\\+\\+ compiler"):
+        native.build_native_kernel(tmp_path)
+
+
+def test_auto_uses_native_and_falls_back_to_torch(make_case, monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "auto")
+    case = make_case(MIXED_SPECS, 30)
+    assert dispatch.choose_backend(case.x) == "native"
+    monkeypatch.setattr(dispatch, "native_kernel", lambda: None)  # a machine where it cannot be built
+    assert dispatch.choose_backend(case.x) == "cpu"
+    y, counts = torch.zeros(case.expected.shape), case.new_counts()
+    dispatch.add_malora_delta(y, case.x, case.bank, case.token_slots, counts)
+    case.check(y, "auto without native", counts)
+
+
+def test_bank_growth_and_new_slots_reach_the_native_layout(seed):
+    """The layout is built on first use and rewritten per slot: an adapter written after that (or a
+    slot cleared) must be what the next call computes with."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [make_weights(spec, 30, 20, gen) for spec in MIXED_SPECS[:2]] + [None]
+    bank = make_bank(weights, torch.float32)
+    token_slots = TokenSlots.from_list([0, 1, 2, 2, 1])
+    x = torch.randn(5, 30, generator=gen)
+    before = malora_delta_native(x, bank, token_slots)
+    assert not before[2:4].any()
+    bank.set_slot(2, make_weights(MIXED_SPECS[0], 30, 20, gen))
+    after = malora_delta_native(x, bank, token_slots)
+    assert after[2:4].abs().sum() > 0 and torch.equal(after[[0, 1, 4]], before[[0, 1, 4]])
+    bank.clear_slot(0)
+    assert not malora_delta_native(x, bank, token_slots)[0].any()
