@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .adapters.format import ModuleWeights
-from .kernels.dispatch import CPU_BACKENDS, add_malora_delta, choose_backend
+from .kernels.dispatch import add_malora_delta, choose_backend
 from .kernels.reference import malora_delta_dense
 from .kernels.slots import RoutingLog, SlotBank, TokenSlots
 
@@ -26,11 +26,14 @@ class BatchContext:
     """Per-step adapter metadata shared by every wrapped layer of one model (set by the runner)."""
 
     token_slots: TokenSlots | None = None
-    # [num_slots, n_max] per bank path: tokens routed to each expert, accumulated on the device (GPU).
+    # [num_slots, n_max] per bank path: tokens routed to each expert, counted by the kernels themselves
+    # (Triton on the GPU, the native kernel on the CPU).
     expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    # The CPU path records its routing choices here instead and they are counted when harvested.
+    # The torch CPU path records its routing choices here instead and they are counted when harvested.
     routing_log: RoutingLog = field(default_factory=RoutingLog)
     count_experts: bool = False
+    # The delta's backend (`kernels.dispatch.choose_backend`), resolved once per step; None: per call.
+    backend: str | None = None
 
 
 class MaloraLinear(nn.Module):
@@ -70,11 +73,12 @@ class MaloraLinear(nn.Module):
         token_slots = self.context.token_slots
         if self.bank is not None and token_slots is not None and token_slots.any_adapter:
             flat_y = y.view(-1, y.shape[-1])
+            backend = self.context.backend or choose_backend(x)
             counts = None
             if self.context.count_experts:
-                cpu = choose_backend(x) in CPU_BACKENDS
-                counts = self.context.routing_log if cpu else self.context.expert_counts.get(self.path)
-            add_malora_delta(flat_y, x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts)
+                deferred = backend == "cpu"  # the torch path defers its counting to a RoutingLog
+                counts = self.context.routing_log if deferred else self.context.expert_counts.get(self.path)
+            add_malora_delta(flat_y, x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts, backend)
         return y
 
     def extra_repr(self) -> str:

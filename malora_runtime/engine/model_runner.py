@@ -133,9 +133,10 @@ class ModelRunner:
         """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
         ids, positions, meta, token_slots, logit_rows = self.prepare(chunks)
         self.context.token_slots = TokenSlots.from_list(token_slots, self.device)
+        self.context.backend = choose_backend(ids) if self.context.token_slots.any_adapter else None
         try:
             hidden = self.model.model(input_ids=ids, position_ids=positions, use_cache=False, paged=meta)
         finally:
-            self.context.token_slots = None
+            self.context.token_slots, self.context.backend = None, None
         last = hidden.last_hidden_state[0, logit_rows]  # [num_logits, hidden]
         return self.model.lm_head(last).float()

@@ -20,7 +20,6 @@ from .slots import RoutingLog, SlotBank, TokenSlots
 
 BACKEND_ENV = "MALORA_KERNEL_BACKEND"
 BACKENDS = ("auto", "native", "cpu", "triton", "reference")
-CPU_BACKENDS = ("native", "cpu")  # those that record routing into a RoutingLog
 
 
 def choose_backend(x: torch.Tensor) -> str:
@@ -41,6 +40,7 @@ def add_malora_delta(
     bank: SlotBank,
     token_slots: TokenSlots,
     expert_counts: torch.Tensor | RoutingLog | None = None,
+    backend: str | None = None,
 ) -> None:
     """Add every token's MALoRA delta, from its own adapter slot, into the base layer's output.
 
@@ -52,21 +52,21 @@ def add_malora_delta(
         y[i]  += scale[s] * sum_{t in T} w_t B[s, t] (P[s, t] z)   # [d_out]
         expert_counts[s, t] += 1 for t in T                  # when expert_counts is given
     y [T, d_out] (in place), x [T, d_in], expert_counts [num_slots, n_max] int64, or a `RoutingLog`
-    (CPU path: choices recorded now, counted when drained), or None.
+    (the torch CPU path only: choices recorded now, counted when drained), or None.
     Tokens without an adapter are untouched; a batch with no adapter token returns at once.
+    `backend`: one already chosen by `choose_backend` (the engine resolves it once per step).
     """
     if not token_slots.any_adapter:
         return
-    backend = choose_backend(x)
-    if backend == "native":
-        add_malora_delta_native(y, x, bank, token_slots, expert_counts)
-        return
+    backend = backend or choose_backend(x)
     if backend == "cpu":
         add_malora_delta_cpu(y, x, bank, token_slots, expert_counts)
         return
     if isinstance(expert_counts, RoutingLog):
         raise TypeError(f"the {backend} backend counts into a tensor, not a RoutingLog")
-    if backend == "triton":
+    if backend == "native":
+        add_malora_delta_native(y, x, bank, token_slots, expert_counts)
+    elif backend == "triton":
         from .triton_malora import add_malora_delta_triton
 
         add_malora_delta_triton(y, x, bank, token_slots, expert_counts)

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from ..models.loader import cache_root
-from .slots import RoutingLog, SlotBank, TokenSlots
+from .slots import SlotBank, TokenSlots
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "malora_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 1
+ABI_VERSION = 2
 LANES = 16  # the kernel's vector width in floats: padded widths are multiples of it
 # Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
 # best at T = 2048 over 32 adapters (32: 1.13x slower, 128: 1.03x; docs/BENCHMARKS.md).
@@ -189,12 +189,17 @@ class NativeWeights:
 
 @dataclass(frozen=True)
 class _Descriptor:
-    """The ctypes view of a bank for the kernel, with the tensors it points into kept alive; rebuilt
-    after every slot write (it carries the slots' sizes and routing settings)."""
+    """The ctypes view of a bank for the kernel, with the tensors it points into kept alive, and the
+    sizes a call checks as plain ints; rebuilt after every slot write (it carries the slots' sizes and
+    routing settings)."""
 
     struct: _BankDescriptor
     address: int
     tensors: tuple[torch.Tensor, ...]
+    d_in: int
+    d_out: int
+    num_slots: int
+    n_max: int
 
 
 def _descriptor(bank: SlotBank) -> _Descriptor:
@@ -212,7 +217,7 @@ def _descriptor(bank: SlotBank) -> _Descriptor:
         d_max, r_max, n_max = bank.maxima
         struct = _BankDescriptor(*(t.data_ptr() for t in tensors), bank.d_in, bank.d_out, d_max, r_max, n_max,
                                  weights.dp, weights.up)
-        return _Descriptor(struct, ctypes.addressof(struct), tensors)
+        return _Descriptor(struct, ctypes.addressof(struct), tensors, bank.d_in, bank.d_out, bank.num_slots, n_max)
 
     return bank.derived("native", compute)
 
@@ -222,13 +227,18 @@ class NativePlan:
     """A step's work items for one set of active slots: blocks of at most BLOCK tokens of one slot."""
 
     items: torch.Tensor  # [n_items, 3] int64: slot, start, end over TokenSlots.order
-    row_slots: torch.Tensor  # [len(order)] int64: the slot of each token in `order`
+    num_items: int
+    order: torch.Tensor  # TokenSlots.order, kept alive for the pointer below
+    pointers: tuple[int, int]  # (order, items) data pointers
+    num_tokens: int  # rows the batch must have
 
     @classmethod
     def build(cls, token_slots: TokenSlots, bank: SlotBank) -> NativePlan:
-        items = [(slot, first, min(first + BLOCK, end)) for slot, start, end in token_slots.segments
-                 if bank.infos[slot] is not None for first in range(start, end, BLOCK)]
-        return cls(torch.tensor(items, dtype=torch.int64).view(-1, 3), token_slots.slots[token_slots.order])
+        items = torch.tensor([(slot, first, min(first + BLOCK, end)) for slot, start, end in token_slots.segments
+                              if bank.infos[slot] is not None for first in range(start, end, BLOCK)],
+                             dtype=torch.int64).view(-1, 3)
+        order = token_slots.order.contiguous()
+        return cls(items, items.shape[0], order, (order.data_ptr(), items.data_ptr()), token_slots.num_tokens)
 
 
 def _plan(token_slots: TokenSlots, bank: SlotBank) -> NativePlan:
@@ -245,44 +255,39 @@ def add_malora_delta_native(
     x: torch.Tensor,
     bank: SlotBank,
     token_slots: TokenSlots,
-    expert_counts: torch.Tensor | RoutingLog | None = None,
+    expert_counts: torch.Tensor | None = None,
     kernel: NativeKernel | None = None,
 ) -> None:
     """Semantics (as `dispatch.add_malora_delta`):
       y[i] += scale[s] * sum_{t in T_i} w_it B[s, t] (P[s, t] (S[s] x[i]))   for s = slots[i] != -1
+      expert_counts[s, t] += 1 for t in T_i                                 when expert_counts is given
     y [T, d_out] (in place), x [T, d_in], both on the CPU; computed in float32 (other dtypes are
-    converted on the way in and out). expert_counts: [num_slots, n_max] int64 (+1 per token and
-    chosen expert) or a RoutingLog (choices recorded, counted when drained).
+    converted on the way in and out). expert_counts: [num_slots, >= n_max] int64, counted by the
+    kernel itself (a few atomic adds per token: no cost worth deferring, unlike the torch path).
+    The kernel reads through raw pointers, so every shape is checked first (on cached ints: this
+    runs for every adapted module of every step).
     """
-    if x.device.type != "cpu" or y.device.type != "cpu":
-        raise ValueError("the native kernel runs on CPU tensors")
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != bank.d_in or y.shape[1] != bank.d_out \
-            or not x.shape[0] == y.shape[0] == token_slots.num_tokens:
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit the bank "
-                         f"({bank.d_in} -> {bank.d_out}) and {token_slots.num_tokens} tokens")
     kernel = kernel or require_native_kernel()
     plan = _plan(token_slots, bank)
-    if plan.items.shape[0] == 0:
+    if plan.num_items == 0:
         return
-    descriptor = _descriptor(bank)
+    bank_view = _descriptor(bank)
+    if not (x.is_cpu and y.is_cpu and x.dim() == 2 and y.dim() == 2 and x.shape[1] == bank_view.d_in
+            and y.shape[1] == bank_view.d_out and x.shape[0] == y.shape[0] == plan.num_tokens):
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} (on {x.device}, {y.device}) do not fit the bank "
+                         f"({bank_view.d_in} -> {bank_view.d_out}, CPU) and {plan.num_tokens} tokens")
+    counts, ld_counts = None, 0
+    if expert_counts is not None:
+        if not (isinstance(expert_counts, torch.Tensor) and expert_counts.dtype == torch.int64 and expert_counts.is_cpu
+                and expert_counts.dim() == 2 and expert_counts.stride(1) == 1
+                and expert_counts.shape[0] == bank_view.num_slots and expert_counts.shape[1] >= bank_view.n_max):
+            raise TypeError("the native kernel counts into an int64 CPU tensor [num_slots, >= n_max]")
+        counts, ld_counts = expert_counts.data_ptr(), expert_counts.stride(0)
     xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.to(torch.float32).contiguous()
     direct = y.dtype == torch.float32 and y.stride(1) == 1
     out = y if direct else torch.zeros(y.shape, dtype=torch.float32)
-    width = bank.maxima[2]
-    chosen = None
-    if expert_counts is not None:  # rows of inactive slots are not written by the kernel
-        chosen = torch.full((token_slots.order.shape[0], width), -1, dtype=torch.int32)
-    kernel.delta_f32(descriptor.address, xf.data_ptr(), xf.stride(0), out.data_ptr(), out.stride(0),
-                     token_slots.order.data_ptr(), plan.items.data_ptr(), plan.items.shape[0], BLOCK,
-                     None if chosen is None else chosen.data_ptr(), width, torch.get_num_threads())
+    order, items = plan.pointers
+    kernel.delta_f32(bank_view.address, xf.data_ptr(), xf.stride(0), out.data_ptr(), out.stride(0), order, items,
+                     plan.num_items, BLOCK, counts, ld_counts, torch.get_num_threads())
     if not direct:
         y.add_(out.to(y.dtype))
-    if chosen is None:
-        return
-    if isinstance(expert_counts, RoutingLog):
-        expert_counts.record_rows(plan.row_slots, chosen)
-        return
-    hit = chosen >= 0
-    index = (plan.row_slots.unsqueeze(1) * expert_counts.shape[1] + chosen)[hit]
-    expert_counts.view(-1).index_add_(0, index, torch.ones_like(index))
-

@@ -288,7 +288,7 @@ class TokenSlots:
 class RoutingLog:
     """Expert choices recorded as they happen and counted only when read.
 
-    The CPU paths append references to their routing tensors, so counting costs the step loop no
+    The torch CPU path appends references to its routing tensors, so counting costs the step loop no
     arithmetic; `drain` counts everything recorded since the last call in one pass (the engine
     calls it about once a second, and before it reuses a slot). Past `max_entries` the records are
     folded into running totals, so memory stays bounded when nobody drains.
@@ -296,22 +296,13 @@ class RoutingLog:
 
     max_entries: int = 4096
     entries: list[tuple[list[int], torch.Tensor, torch.Tensor | None, int]] = field(default_factory=list)
-    row_entries: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     totals: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
 
     def record(self, slots: list[int], chosen: torch.Tensor, hits: torch.Tensor | None, num_experts: int) -> None:
         """slots: the m slots of a group; chosen [m, L, k] expert ids (< num_experts); hits [m, L, k] 0/1
         or None (all count)."""
         self.entries.append((slots, chosen, hits, num_experts))
-        self._fold_when_full()
-
-    def record_rows(self, row_slots: torch.Tensor, chosen: torch.Tensor) -> None:
-        """row_slots [R] int64, each row's slot; chosen [R, w] expert ids (< w), -1 where none."""
-        self.row_entries.append((row_slots, chosen))
-        self._fold_when_full()
-
-    def _fold_when_full(self) -> None:
-        if len(self.entries) + len(self.row_entries) >= self.max_entries:
+        if len(self.entries) >= self.max_entries:
             self._fold()
 
     @torch.inference_mode()
@@ -319,10 +310,8 @@ class RoutingLog:
         # Always in inference mode: a fold may happen inside the forward (past max_entries) or outside
         # it (harvest), and a tensor made in inference mode may only be updated in inference mode.
         entries, self.entries = self.entries, []
-        row_entries, self.row_entries = self.row_entries, []
-        num_slots = max([max(slots) + 1 for slots, _, _, _ in entries]
-                        + [int(rows.max()) + 1 for rows, _ in row_entries if rows.numel()], default=0)
-        width = max([n for _, _, _, n in entries] + [c.shape[1] for _, c in row_entries], default=0)
+        num_slots = max(max(slots) for slots, _, _, _ in entries) + 1
+        width = max(n for _, _, _, n in entries)
         # The same groups recur in every layer: bucket by group, one concatenation and add per bucket.
         buckets: dict[tuple[tuple[int, ...], bool], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
         for slots, chosen, hits, _ in entries:
@@ -339,9 +328,6 @@ class RoutingLog:
             else:
                 weighted.append(index)
                 weights.append(torch.cat([h.reshape(m, -1) for _, h in members], dim=1).cpu().reshape(-1))
-        for rows, chosen in row_entries:
-            hit = chosen >= 0
-            plain.append((rows.unsqueeze(1) * width + chosen)[hit])
         counts = torch.zeros(num_slots * width, dtype=torch.int64)
         if plain:
             counts += torch.bincount(torch.cat(plain), minlength=num_slots * width)
@@ -357,7 +343,7 @@ class RoutingLog:
     @torch.inference_mode()
     def drain(self, num_slots: int) -> torch.Tensor:
         """Tokens per (slot, expert) since the last drain: [num_slots, max experts seen] int64, on the CPU."""
-        if self.entries or self.row_entries:
+        if self.entries:
             self._fold()
         totals, self.totals = self.totals, torch.zeros(0, 0, dtype=torch.int64)
         out = torch.zeros(num_slots, totals.shape[1], dtype=torch.int64)

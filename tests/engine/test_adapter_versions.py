@@ -12,6 +12,7 @@ from malora_runtime.adapters.init import random_adapter
 from malora_runtime.config import EngineConfig
 from malora_runtime.engine.adapter_slots import NoFreeSlotError
 from malora_runtime.engine.llm_engine import LLMEngine
+from malora_runtime.kernels.dispatch import BACKEND_ENV
 from malora_runtime.offline import greedy_generate
 from malora_runtime.patching import linear_shapes
 from malora_runtime.sampling_params import SamplingParams
@@ -106,3 +107,24 @@ def test_lru_eviction_skips_adapters_in_use_and_pinned(tokenizer) -> None:
     assert engine.runner.adapters.num_evictions == 1
     engine.add_request("on-c", PROMPT, GREEDY, adapter="c")
     assert drain(engine)["on-c"] == reference(make_adapter(6))
+
+
+@pytest.mark.parametrize("backend", ["native", "cpu"])
+def test_routing_counts_reach_each_adapter_name(tokenizer, monkeypatch, backend) -> None:
+    """Every adapted module counts top_k experts per processed token (the native kernel in its counters,
+    the torch path in the RoutingLog); a harvest attributes them by name, also for a slot cleared
+    since the last harvest, and starts again from zero."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    engine = engine_with(tokenizer, slots=2)
+    engine.add_adapter("a", make_adapter(1))
+    engine.add_adapter("b", make_adapter(2))
+    for name, prompt, adapter in [("r1", PROMPT, "a"), ("r2", PROMPT, "b"), ("r3", PROMPT[::-1], "b"),
+                                  ("base", PROMPT, None)]:
+        engine.add_request(name, prompt, GREEDY, adapter=adapter)
+    drain(engine)
+    engine.remove_adapter("a")  # its slot is cleared before the harvest
+    counts = engine.runner.adapters.harvest_expert_counts()
+    per_request = (len(PROMPT) + GREEDY.max_tokens - 1) * 6 * 2  # tokens x (2 layers x 3 modules) x top_k
+    assert sorted(counts) == ["a", "b"] and len(counts["a"]) == len(counts["b"]) == 3
+    assert sum(counts["a"]) == per_request and sum(counts["b"]) == 2 * per_request
+    assert all(sum(c) == 0 for c in engine.runner.adapters.harvest_expert_counts().values())

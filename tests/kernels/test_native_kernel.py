@@ -87,14 +87,18 @@ def test_shapes_that_do_not_fit_are_refused(make_case):
     assert not y.any()
 
 
-def test_routing_log_counts_equal_tensor_counts(make_case):
-    case = make_case([*WIDE_SPECS, None, *MIXED_SPECS], 120)
-    log = RoutingLog(max_entries=2)
+def test_expert_counts_accumulate_across_calls_and_threads(make_case):
+    """The kernel counts with atomic adds from both threads into the caller's tensor, which may be wider
+    than the bank's n_max (the engine's grow with the bank); a RoutingLog is for the torch path only."""
+    case = make_case([*WIDE_SPECS, None, *MIXED_SPECS], 300)
+    wide = torch.zeros(case.bank.num_slots, case.bank.maxima[2] + 3, dtype=torch.int64)
     for _ in range(3):
-        malora_delta_native(case.x, case.bank, case.token_slots, expert_counts=log)
-    drained = log.drain(case.bank.num_slots)
-    expected = case.expected_counts * 3
-    assert torch.equal(drained, expected[:, :drained.shape[1]]) and not expected[:, drained.shape[1]:].any()
+        malora_delta_native(case.x, case.bank, case.token_slots, expert_counts=wide)
+    assert torch.equal(wide[:, :case.bank.maxima[2]], 3 * case.expected_counts) and not wide[:, -3:].any()
+    with pytest.raises(TypeError, match="int64 CPU tensor"):
+        malora_delta_native(case.x, case.bank, case.token_slots, expert_counts=RoutingLog())
+    with pytest.raises(TypeError, match="int64 CPU tensor"):
+        malora_delta_native(case.x, case.bank, case.token_slots, expert_counts=torch.zeros(2, 2, dtype=torch.int64))
 
 
 def test_build_is_cached_by_content(tmp_path):

@@ -224,7 +224,7 @@ struct Scratch {
 };
 
 void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
-              int32_t slot, int64_t start, int64_t end, int32_t* chosen_out, int64_t chosen_width, Scratch& s) {
+              int32_t slot, int64_t start, int64_t end, int64_t* counts, int64_t ld_counts, Scratch& s) {
   const int32_t* meta = bank.meta + 4 * slot;
   const int d = meta[0], r = meta[1], n = meta[2], k = meta[3] < meta[2] ? meta[3] : meta[2];
   if (k <= 0) return;  // inactive slot: its tokens get no delta
@@ -257,9 +257,8 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
       s.expert_y[q] = y_row;
       s.expert_coef[q] = c;
     }
-    if (chosen_out != nullptr) {
-      int32_t* out = chosen_out + (start + i) * chosen_width;
-      for (int j = 0; j < chosen_width; ++j) out[j] = j < k ? s.chosen[j] : -1;
+    if (counts != nullptr) {  // other threads count other tokens of the same slot
+      for (int j = 0; j < k; ++j) __atomic_fetch_add(counts + slot * ld_counts + s.chosen[j], 1, __ATOMIC_RELAXED);
     }
   }
 
@@ -278,11 +277,11 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
 extern "C" {
 
 // Work items [n_items, 3] int64: (slot, start, end) over `order` (token rows of x and y grouped by
-// slot), each at most `block` tokens. chosen_out: [len(order), chosen_width] int32 or null; row q
-// gets the experts chosen for token order[q] (-1 past its adapter's top_k).
+// slot), each at most `block` tokens. counts: null, or [num_slots, ld_counts] int64 that gets +1 per
+// token and chosen expert.
 int malora_delta_f32(const Bank* bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
-                     const int64_t* items, int64_t n_items, int64_t block, int32_t* chosen_out,
-                     int64_t chosen_width, int num_threads) {
+                     const int64_t* items, int64_t n_items, int64_t block, int64_t* counts, int64_t ld_counts,
+                     int num_threads) {
   const int threads = n_items > 1 && num_threads > 1 ? num_threads : 1;
 #pragma omp parallel num_threads(threads)
   {
@@ -290,13 +289,13 @@ int malora_delta_f32(const Bank* bank, const float* x, int64_t ldx, float* y, in
 #pragma omp for schedule(dynamic, 1)
     for (int64_t q = 0; q < n_items; ++q) {
       const int64_t* item = items + 3 * q;
-      run_item(*bank, x, ldx, y, ldy, order, static_cast<int32_t>(item[0]), item[1], item[2], chosen_out,
-               chosen_width, scratch);
+      run_item(*bank, x, ldx, y, ldy, order, static_cast<int32_t>(item[0]), item[1], item[2], counts, ld_counts,
+               scratch);
     }
   }
   return 0;
 }
 
-int malora_kernel_abi_version() { return 1; }
+int malora_kernel_abi_version() { return 2; }
 
 }  // extern "C"
