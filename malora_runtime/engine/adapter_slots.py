@@ -23,7 +23,7 @@ from torch import nn
 from ..adapters.format import MaloraAdapter, ModuleWeights
 from ..kernels.slots import NO_SLOT, SlotBank
 from ..layers import BatchContext, MaloraLinear
-from ..patching import wrap_linears
+from ..patching import wrap_linears, wrapped_layers
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class AdapterSlots:
         # Routing counts collected from the kernels' counters and the RoutingLog, not yet attributed to
         # an adapter name: [num_slots, most experts seen] int64, on the CPU.
         self._pending = torch.zeros(self.num_slots, 0, dtype=torch.int64)
+        self._layers: dict[str, MaloraLinear] | None = None
 
     # ---- queries ----
     @property
@@ -78,7 +79,11 @@ class AdapterSlots:
         return state is not None and (version is None or state.version == version)
 
     def layers(self) -> dict[str, MaloraLinear]:
-        return {p: m for p, m in self.model.named_modules() if isinstance(m, MaloraLinear)}
+        """The model's wrapped layers; walking the model's modules costs ~1 ms, so the result is kept
+        until `_write` wraps more."""
+        if self._layers is None:
+            self._layers = wrapped_layers(self.model)
+        return self._layers
 
     # ---- references held by requests ----
     def acquire(self, name: str | None) -> tuple[int, int | None]:
@@ -218,7 +223,9 @@ class AdapterSlots:
         return state.cache_key
 
     def _write(self, slot: int, adapter: MaloraAdapter) -> None:
-        wrap_linears(self.model, adapter.modules, self.context)
+        if not self.layers().keys() >= adapter.modules.keys():
+            wrap_linears(self.model, adapter.modules, self.context)
+            self._layers = None
         for path, layer in self.layers().items():
             weights = adapter.modules.get(path)
             if weights is None:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "malora_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 2
+ABI_VERSION = 3
 LANES = 16  # the kernel's vector width in floats: padded widths are multiples of it
 # Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
 # best at T = 2048 over 32 adapters (32: 1.13x slower, 128: 1.03x; docs/BENCHMARKS.md).
@@ -108,6 +108,7 @@ class NativeKernel:
 
     library: ctypes.CDLL
     delta_f32: ctypes._CFuncPtr  # type: ignore[name-defined]
+    pack_slot_f32: ctypes._CFuncPtr  # type: ignore[name-defined]
 
     @classmethod
     def load(cls, path: Path) -> NativeKernel:
@@ -119,7 +120,10 @@ class NativeKernel:
         function.argtypes = [c_ptr, c_ptr, c_long, c_ptr, c_long, c_ptr, c_ptr, c_long, c_long, c_ptr, c_long,
                              ctypes.c_int]
         function.restype = ctypes.c_int
-        return cls(library, function)
+        pack = library.malora_pack_slot_f32
+        pack.argtypes = [c_ptr, c_ptr, c_ptr] + [c_long] * 6 + [c_ptr, c_ptr]
+        pack.restype = ctypes.c_int
+        return cls(library, function, pack)
 
 
 @functools.cache
@@ -152,8 +156,8 @@ def require_native_kernel() -> NativeKernel:
 @dataclass
 class NativeWeights:
     """The bank's [S; G] and P in the kernel's layout (float32), one block per slot, kept in step per
-    slot by `SlotBank`. A slot's block is row-major with the slot's own padded row length, so a small
-    adapter in a bank sized for a large one reads only its own columns."""
+    slot by `SlotBank`. A slot's block starts with its own rows, row-major with the slot's own padded
+    row length, so a small adapter in a bank sized for a large one reads only its own columns."""
 
     sgt: torch.Tensor  # [num_slots, d_in * dp]: [S; G]^T, row length round_up(d + n)
     pt: torch.Tensor  # [num_slots, d_max * up]: P^T ([d, n r], column t r + rho), row length round_up(n r)
@@ -173,18 +177,16 @@ class NativeWeights:
 
     @torch.no_grad()
     def write_slot(self, bank: SlotBank, slot: int) -> None:
-        self.sgt[slot].zero_()
-        self.pt[slot].zero_()
+        """Rewrite the slot's own rows, by the kernel library (`malora_pack_slot_f32`); the rest of the
+        slot's block is never read. An inactive slot is left as it is: it is never read either."""
         info = bank.infos[slot]
         if info is None:
             return
-        d, r, n = info.d, info.r, info.num_experts
-        sg_width, u_width = _round_up(d + n), _round_up(n * r)
-        sg = self.sgt[slot, :bank.d_in * sg_width].view(bank.d_in, sg_width)
-        sg[:, :d].copy_(bank.S[slot, :d].T)
-        sg[:, d:d + n].copy_(bank.G[slot, :n].T)
-        pt = self.pt[slot, :d * u_width].view(d, u_width)
-        pt[:, :n * r].copy_(bank.P[slot, :n, :r, :d].reshape(n * r, d).T)
+        d_max, r_max, _ = bank.maxima
+        S, G, P = (t[slot].to(torch.float32).contiguous() for t in (bank.S, bank.G, bank.P))
+        require_native_kernel().pack_slot_f32(S.data_ptr(), G.data_ptr(), P.data_ptr(), bank.d_in, d_max, r_max,
+                                              info.d, info.r, info.num_experts, self.sgt[slot].data_ptr(),
+                                              self.pt[slot].data_ptr())
 
 
 @dataclass(frozen=True)

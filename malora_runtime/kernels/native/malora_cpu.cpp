@@ -296,6 +296,30 @@ int malora_delta_f32(const Bank* bank, const float* x, int64_t ldx, float* y, in
   return 0;
 }
 
-int malora_kernel_abi_version() { return 2; }
+// One slot's blocks of Bank.sgt and Bank.pt from the bank's padded slot tensors (float32, contiguous):
+//   S [d_max, d_in], G [n_max, d_in], P [n_max, r_max, d_max]; the slot's real d, r, n.
+//   sgt[c][j] = S[j][c] (j < d), G[j - d][c] (d <= j < d + n), 0 up to the row length round_up(d + n)
+//   pt[c][t r + rho] = P[t][rho][c] (c < d), 0 up to the row length round_up(n r)
+// Done here, not with torch ops: a swap writes every adapted module (210 on the default model) between
+// two engine steps, and as torch ops these transposes cost ~30 us a module.
+int malora_pack_slot_f32(const float* S, const float* G, const float* P, int64_t d_in, int64_t d_max,
+                         int64_t r_max, int64_t d, int64_t r, int64_t n, float* sgt, float* pt) {
+  const int64_t sg_width = round_up(d + n), u_width = round_up(n * r);
+  for (int64_t c = 0; c < d_in; ++c) {
+    float* row = sgt + c * sg_width;
+    for (int64_t j = 0; j < d; ++j) row[j] = S[j * d_in + c];
+    for (int64_t j = 0; j < n; ++j) row[d + j] = G[j * d_in + c];
+    for (int64_t j = d + n; j < sg_width; ++j) row[j] = 0.0f;
+  }
+  for (int64_t c = 0; c < d; ++c) {
+    float* row = pt + c * u_width;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t rho = 0; rho < r; ++rho) row[t * r + rho] = P[(t * r_max + rho) * d_max + c];
+    for (int64_t j = n * r; j < u_width; ++j) row[j] = 0.0f;
+  }
+  return 0;
+}
+
+int malora_kernel_abi_version() { return 3; }
 
 }  // extern "C"
