@@ -156,11 +156,13 @@ def require_native_kernel() -> NativeKernel:
 @dataclass
 class NativeWeights:
     """The bank's [S; G] and P in the kernel's layout (float32), one block per slot, kept in step per
-    slot by `SlotBank`. A slot's block starts with its own rows, row-major with the slot's own padded
-    row length, so a small adapter in a bank sized for a large one reads only its own columns."""
+    slot by `SlotBank`. A slot's block starts with its own rows, row-major and as wide as the slot's
+    real sizes, so the kernel reads exactly the adapter's weights (a small adapter in a bank sized
+    for a large one reads no padding); the block is sized for the bank's maxima, which leaves room
+    for the kernel's whole-vector reads past a row's end."""
 
-    sgt: torch.Tensor  # [num_slots, d_in * dp]: [S; G]^T, row length round_up(d + n)
-    pt: torch.Tensor  # [num_slots, d_max * up]: P^T ([d, n r], column t r + rho), row length round_up(n r)
+    sgt: torch.Tensor  # [num_slots, d_in * dp]: [S; G]^T, rows of d + n (unpadded)
+    pt: torch.Tensor  # [num_slots, d_max * up]: P^T ([d, n r], column t r + rho), rows of n r
     dp: int  # round_up(d_max + n_max)
     up: int  # round_up(n_max * r_max)
 

@@ -34,8 +34,10 @@ inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; 
 
 // The weights of one module for every slot, laid out for this kernel (kernels/native.py builds it).
 struct Bank {
-  // Per slot, in the first d_in * dp (d_max * up) elements of its block, row-major with the slot's own
-  // row length round_up(d + n) (round_up(n r)), zero past its real columns:
+  // Per slot, at the start of its block of d_in * dp (d_max * up) elements, row-major with the slot's
+  // own row length d + n (n r), unpadded: a product reads whole vectors of 16 from each row start,
+  // running into the next row (or the block's unused tail), and ignores those columns of its output.
+  // Rows of exactly the real width are what decode, bound by reading weights, needs.
   const float* sgt;      // [num_slots, d_in * dp]: [S; G]^T, columns 0..d-1 from S, d..d+n-1 from G
   const float* pt;       // [num_slots, d_max * up]: P^T, column t r + rho is row rho of P_t
   const float* bt;       // [num_slots, n_max, r_max, d_out]: every row of B_t^T contiguous
@@ -91,7 +93,8 @@ void project_rows(const float* const* xr, int rows, const float* w, int64_t ldw,
   }
 }
 
-// out[i, 0:cols] = x[i] . w[:, 0:cols] for `rows` rows; cols is a multiple of kLanes.
+// out[i, 0:cols] = x[i] . w[:, 0:cols] for `rows` rows, w's rows ldw apart; cols is a multiple of
+// kLanes and may exceed ldw (the columns past ldw read the next row: their outputs are not used).
 void project(const float* const* xr, int rows, const float* w, int64_t ldw, int64_t K, int64_t cols, float* out,
              int64_t ldo) {
   for (int64_t c = 0; c < cols;) {
@@ -235,10 +238,11 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
 
   // [z; logits] = [S; G] x for the block's tokens, then u = P z for every expert (N r d is cheap).
   for (int i = 0; i < rows; ++i) s.xrows[i] = x + order[start + i] * ldx;
-  const int64_t sg_cols = round_up(d + n), u_cols = round_up(n * r);  // the slot's own widths
-  project(s.xrows.data(), rows, bank.sgt + slot * bank.d_in * dp, sg_cols, bank.d_in, sg_cols, s.zl.data(), dp);
+  // Columns computed: the real widths rounded up to whole vectors (see Bank.sgt for the rows' stride).
+  const int64_t sg_cols = round_up(d + n), u_cols = round_up(n * r);
+  project(s.xrows.data(), rows, bank.sgt + slot * bank.d_in * dp, d + n, bank.d_in, sg_cols, s.zl.data(), dp);
   for (int i = 0; i < rows; ++i) s.zrows[i] = s.zl.data() + i * dp;
-  project(s.zrows.data(), rows, bank.pt + slot * bank.d_max * up, u_cols, d, u_cols, s.u.data(), up);
+  project(s.zrows.data(), rows, bank.pt + slot * bank.d_max * up, n * r, d, u_cols, s.u.data(), up);
 
   // Route every token; queue it under each chosen expert with its coefficients.
   const float* bias = bank.bias + slot * bank.n_max;
@@ -298,24 +302,21 @@ int malora_delta_f32(const Bank* bank, const float* x, int64_t ldx, float* y, in
 
 // One slot's blocks of Bank.sgt and Bank.pt from the bank's padded slot tensors (float32, contiguous):
 //   S [d_max, d_in], G [n_max, d_in], P [n_max, r_max, d_max]; the slot's real d, r, n.
-//   sgt[c][j] = S[j][c] (j < d), G[j - d][c] (d <= j < d + n), 0 up to the row length round_up(d + n)
-//   pt[c][t r + rho] = P[t][rho][c] (c < d), 0 up to the row length round_up(n r)
+//   sgt[c][j] = S[j][c] (j < d), G[j - d][c] (d <= j < d + n)    rows of d + n
+//   pt[c][t r + rho] = P[t][rho][c] (c < d)                          rows of n r
 // Done here, not with torch ops: a swap writes every adapted module (210 on the default model) between
 // two engine steps, and as torch ops these transposes cost ~30 us a module.
 int malora_pack_slot_f32(const float* S, const float* G, const float* P, int64_t d_in, int64_t d_max,
                          int64_t r_max, int64_t d, int64_t r, int64_t n, float* sgt, float* pt) {
-  const int64_t sg_width = round_up(d + n), u_width = round_up(n * r);
   for (int64_t c = 0; c < d_in; ++c) {
-    float* row = sgt + c * sg_width;
+    float* row = sgt + c * (d + n);
     for (int64_t j = 0; j < d; ++j) row[j] = S[j * d_in + c];
     for (int64_t j = 0; j < n; ++j) row[d + j] = G[j * d_in + c];
-    for (int64_t j = d + n; j < sg_width; ++j) row[j] = 0.0f;
   }
   for (int64_t c = 0; c < d; ++c) {
-    float* row = pt + c * u_width;
+    float* row = pt + c * (n * r);
     for (int64_t t = 0; t < n; ++t)
       for (int64_t rho = 0; rho < r; ++rho) row[t * r + rho] = P[(t * r_max + rho) * d_max + c];
-    for (int64_t j = n * r; j < u_width; ++j) row[j] = 0.0f;
   }
   return 0;
 }
