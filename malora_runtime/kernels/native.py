@@ -41,6 +41,7 @@ LANES = 16  # the kernel's vector width in floats: padded widths are multiples o
 # Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
 # best at T = 2048 over 32 adapters (32: 1.13x slower, 128: 1.03x; docs/BENCHMARKS.md).
 BLOCK = 64
+BUILD_TIMEOUT_S = 300  # the build takes about a second; a stuck compiler must not hold the server's start
 
 
 class NativeKernelError(RuntimeError):
@@ -66,10 +67,17 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _run_compiler(command: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise NativeKernelError(f"`{' '.join(command[:2])} ...` did not finish in {BUILD_TIMEOUT_S} s") from exc
+
+
 def build_native_kernel(directory: Path | None = None) -> Path:
     """Compile the kernel (once: the result is cached by content) and return the shared library's path."""
     compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    version = _run_compiler([compiler, "--version"]).stdout
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
@@ -83,8 +91,7 @@ def build_native_kernel(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(prefix=target.stem, suffix=".so.partial", dir=directory)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                                check=False)
+        result = _run_compiler([compiler, *FLAGS, str(SOURCE), "-o", partial])
         if result.returncode != 0:
             raise NativeKernelError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
         os.replace(partial, target)

@@ -113,8 +113,15 @@ def test_build_failures_say_why(tmp_path, monkeypatch):
     with pytest.raises(NativeKernelError, match="false failed to build malora_cpu.cpp"):
         native.build_native_kernel(tmp_path)
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
+    stuck = tmp_path / "stuck-compiler"
+    stuck.write_text("#!/bin/sh\nsleep 30\n")
+    stuck.chmod(0o755)
+    monkeypatch.setenv("CXX", str(stuck))
+    monkeypatch.setattr(native, "BUILD_TIMEOUT_S", 0.5)
+    with pytest.raises(NativeKernelError, match="did not finish in 0.5 s"):
+        native.build_native_kernel(tmp_path / "out")
     monkeypatch.setenv("CXX", "")
-    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(NativeKernelError, match="no C\\+\\+ compiler"):
         native.build_native_kernel(tmp_path)
 
