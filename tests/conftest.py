@@ -15,6 +15,17 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _native_kernel_missing() -> bool:
+    from malora_runtime.kernels.native import native_kernel
+
+    return native_kernel() is None
+
+
+# For tests of the native CPU kernel: skipped, with the reason shown, where no C++ compiler can build it
+# (the server then serves with the torch CPU path, which its own tests cover).
+requires_native = pytest.mark.skipif(_native_kernel_missing(), reason="the native kernel cannot be built here")
+
+
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -205,10 +205,10 @@ class AdapterSlots:
     def _harvest_slot(self, slot: int, state: SlotState) -> None:
         """Attribute `slot`'s collected counts to its adapter's name."""
         n = max((w.spec.num_experts for w in state.adapter.modules.values()), default=self._pending.shape[1])
-        merged = self._harvested.setdefault(state.name, [0] * n)
+        merged = self._harvested.setdefault(state.name, [])
+        merged.extend([0] * (n - len(merged)))  # versions of one name may have different N
         for expert, value in enumerate(self._pending[slot, :n].tolist()):
-            if expert < len(merged):
-                merged[expert] += value
+            merged[expert] += value
         self._pending[slot] = 0
 
     def _clear(self, slot: int) -> int:
@@ -248,12 +248,13 @@ class AdapterSlots:
         )
         if bank is not None:
             _copy_bank(bank, grown)
-        if self.context.count_experts:  # kernels count here; the torch CPU path records to the RoutingLog
-            counts = torch.zeros(self.num_slots, grown.maxima[2], dtype=torch.int64, device=self.device)
-            old = self.context.expert_counts.get(layer.path)
-            if old is not None:
-                counts[:, :old.shape[1]] = old
-            self.context.expert_counts[layer.path] = counts
+        # The kernels' routing counters (the torch CPU path records to the RoutingLog instead); allocated
+        # even while counting is off, so that turning it on later counts.
+        counts = torch.zeros(self.num_slots, grown.maxima[2], dtype=torch.int64, device=self.device)
+        old = self.context.expert_counts.get(layer.path)
+        if old is not None:
+            counts[:, :old.shape[1]] = old
+        self.context.expert_counts[layer.path] = counts
         return grown
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .cpu import add_malora_delta_cpu
-from .native import add_malora_delta_native, native_kernel
+from .native import add_malora_delta_native, native_kernel, require_native_kernel
 from .reference import malora_delta_reference, route
 from .slots import RoutingLog, SlotBank, TokenSlots
 
@@ -23,14 +23,20 @@ BACKENDS = ("auto", "native", "cpu", "triton", "reference")
 
 
 def choose_backend(x: torch.Tensor) -> str:
-    """The backend for `x` after the environment override; `auto` resolves by device."""
+    """The backend for `x` after the environment override; `auto` resolves by device. An explicit
+    `native` is refused for tensors off the CPU, or where the kernel cannot be built (NativeKernelError
+    says why), so the engine fails at start-up rather than at its first adapter request."""
     backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
         if x.is_cuda:
             return "triton"
-        return "native" if native_kernel() is not None else "cpu"
+        return "native" if x.is_cpu and native_kernel() is not None else "cpu"
+    if backend == "native":
+        if not x.is_cpu:
+            raise ValueError(f"{BACKEND_ENV}=native runs on the CPU; the model is on {x.device}")
+        require_native_kernel()
     return backend
 
 

@@ -10,8 +10,9 @@ Build: the source is compiled once per machine by the system's C++ compiler (`$C
 into `$MALORA_CACHE/kernels/`, under a name that hashes the source, the flags, the compiler's version
 and the CPU's feature flags (it is built with -march=native), then loaded with ctypes. Its OpenMP
 threads are torch's own (one libgomp per process); it uses as many as torch does on the calling
-thread. Where no compiler works, `native_kernel()` returns None once, with the reason logged, and the
-dispatch falls back to the torch path.
+thread (or runs single-threaded where torch's runtime is not libgomp.so.1). Where no compiler works,
+`native_kernel()` returns None once, with the reason logged, and the dispatch falls back to the
+torch path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from .slots import SlotBank, TokenSlots
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "malora_cpu.cpp"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 ABI_VERSION = 3
 LANES = 16  # the kernel's vector width in floats: padded widths are multiples of it
 # Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
@@ -67,19 +69,41 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _run_compiler(command: list[str]) -> subprocess.CompletedProcess[str]:
+def _run_compiler(command: list[str]) -> tuple[int, str, str]:
+    """(return code, stdout, stderr). The compiler runs in its own process group, so a timeout stops
+    the whole pipeline (the driver's cc1plus and ld too), not only the driver."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise NativeKernelError(f"`{' '.join(command[:2])} ...` did not finish in {BUILD_TIMEOUT_S} s") from exc
+    return process.returncode, out, err
+
+
+def _torch_uses_libgomp() -> bool:
+    """Whether the process's OpenMP runtime, loaded by torch, is `libgomp.so.1`, the one g++'s -fopenmp
+    links: the kernel's threads are then torch's own. A torch that bundles a renamed libgomp (or
+    Intel's runtime) would get a second thread pool beside its own, oversubscribing the cores, so the
+    kernel is built single-threaded there."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        raise NativeKernelError(f"`{' '.join(command[:2])} ...` did not finish in {BUILD_TIMEOUT_S} s") from exc
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
+    except OSError:
+        return False
 
 
 def build_native_kernel(directory: Path | None = None) -> Path:
     """Compile the kernel (once: the result is cached by content) and return the shared library's path."""
     compiler = _compiler()
-    version = _run_compiler([compiler, "--version"]).stdout
+    version = _run_compiler([compiler, "--version"])[1]
+    flags = (*FLAGS, "-fopenmp") if _torch_uses_libgomp() else (*FLAGS, "-Wno-unknown-pragmas")
+    if "-fopenmp" not in flags:
+        log.warning("torch's OpenMP runtime is not libgomp.so.1: the native MALoRA kernel runs single-threaded")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     directory = directory or cache_root() / "kernels"
     target = directory / f"malora_cpu-{key}.so"
@@ -91,9 +115,9 @@ def build_native_kernel(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(prefix=target.stem, suffix=".so.partial", dir=directory)
     os.close(fd)
     try:
-        result = _run_compiler([compiler, *FLAGS, str(SOURCE), "-o", partial])
-        if result.returncode != 0:
-            raise NativeKernelError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
+        code, _, err = _run_compiler([compiler, *flags, str(SOURCE), "-o", partial])
+        if code != 0:
+            raise NativeKernelError(f"{compiler} failed to build {SOURCE.name}:\n{err.strip()[-2000:]}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -137,8 +161,10 @@ class NativeKernel:
 def _load() -> NativeKernel | NativeKernelError:
     try:
         return NativeKernel.load(build_native_kernel())
-    except (NativeKernelError, OSError) as exc:
-        return exc if isinstance(exc, NativeKernelError) else NativeKernelError(str(exc))
+    except NativeKernelError as exc:
+        return exc
+    except Exception as exc:  # anything else the build or the loader raises: serve without the kernel
+        return NativeKernelError(f"{type(exc).__name__}: {exc}")
 
 
 def native_kernel() -> NativeKernel | None:
@@ -175,10 +201,12 @@ class NativeWeights:
 
     @classmethod
     def build(cls, bank: SlotBank) -> NativeWeights:
+        if not bank.S.is_cpu:
+            raise ValueError(f"the native kernel's layout is for CPU banks, this one is on {bank.S.device}")
         d_max, r_max, n_max = bank.maxima
         dp, up = _round_up(d_max + n_max), _round_up(n_max * r_max)
-        weights = cls(torch.zeros(bank.num_slots, bank.d_in * dp, device=bank.S.device),
-                      torch.zeros(bank.num_slots, d_max * up, device=bank.S.device), dp, up)
+        weights = cls(torch.zeros(bank.num_slots, bank.d_in * dp, dtype=torch.float32),
+                      torch.zeros(bank.num_slots, d_max * up, dtype=torch.float32), dp, up)
         for slot, info in enumerate(bank.infos):
             if info is not None:
                 weights.write_slot(bank, slot)
@@ -278,15 +306,18 @@ def add_malora_delta_native(
     The kernel reads through raw pointers, so every shape is checked first (on cached ints: this
     runs for every adapted module of every step).
     """
+    if not (x.is_cpu and y.is_cpu and bank.S.is_cpu):
+        raise ValueError(f"the native kernel runs on CPU tensors: x on {x.device}, y on {y.device}, "
+                         f"the bank on {bank.S.device}")
     kernel = kernel or require_native_kernel()
     plan = _plan(token_slots, bank)
     if plan.num_items == 0:
         return
     bank_view = _descriptor(bank)
-    if not (x.is_cpu and y.is_cpu and x.dim() == 2 and y.dim() == 2 and x.shape[1] == bank_view.d_in
-            and y.shape[1] == bank_view.d_out and x.shape[0] == y.shape[0] == plan.num_tokens):
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} (on {x.device}, {y.device}) do not fit the bank "
-                         f"({bank_view.d_in} -> {bank_view.d_out}, CPU) and {plan.num_tokens} tokens")
+    if not (x.dim() == 2 and y.dim() == 2 and x.shape[1] == bank_view.d_in and y.shape[1] == bank_view.d_out
+            and x.shape[0] == y.shape[0] == plan.num_tokens):
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit the bank "
+                         f"({bank_view.d_in} -> {bank_view.d_out}) and {plan.num_tokens} tokens")
     counts, ld_counts = None, 0
     if expert_counts is not None:
         if not (isinstance(expert_counts, torch.Tensor) and expert_counts.dtype == torch.int64 and expert_counts.is_cpu
@@ -295,7 +326,7 @@ def add_malora_delta_native(
             raise TypeError("the native kernel counts into an int64 CPU tensor [num_slots, >= n_max]")
         counts, ld_counts = expert_counts.data_ptr(), expert_counts.stride(0)
     xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.to(torch.float32).contiguous()
-    direct = y.dtype == torch.float32 and y.stride(1) == 1
+    direct = y.dtype == torch.float32 and y.stride(1) == 1 and y.stride(0) >= y.shape[1]  # rows do not overlap
     out = y if direct else torch.zeros(y.shape, dtype=torch.float32)
     order, items = plan.pointers
     kernel.delta_f32(bank_view.address, xf.data_ptr(), xf.stride(0), out.data_ptr(), out.stride(0), order, items,

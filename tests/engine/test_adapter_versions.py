@@ -16,7 +16,7 @@ from malora_runtime.kernels.dispatch import BACKEND_ENV
 from malora_runtime.offline import greedy_generate
 from malora_runtime.patching import linear_shapes
 from malora_runtime.sampling_params import SamplingParams
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, requires_native
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPT = [5, 17, 3, 99, 42, 7]
@@ -109,7 +109,7 @@ def test_lru_eviction_skips_adapters_in_use_and_pinned(tokenizer) -> None:
     assert drain(engine)["on-c"] == reference(make_adapter(6))
 
 
-@pytest.mark.parametrize("backend", ["native", "cpu"])
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=requires_native), "cpu"])
 def test_routing_counts_reach_each_adapter_name(tokenizer, monkeypatch, backend) -> None:
     """Every adapted module counts top_k experts per processed token (the native kernel in its counters,
     the torch path in the RoutingLog); a harvest attributes them by name, also for a slot cleared
@@ -128,3 +128,27 @@ def test_routing_counts_reach_each_adapter_name(tokenizer, monkeypatch, backend)
     assert sorted(counts) == ["a", "b"] and len(counts["a"]) == len(counts["b"]) == 3
     assert sum(counts["a"]) == per_request and sum(counts["b"]) == 2 * per_request
     assert all(sum(c) == 0 for c in engine.runner.adapters.harvest_expert_counts().values())
+
+
+def test_routing_counts_follow_versions_with_different_experts_and_reused_slots(tokenizer) -> None:
+    """Two versions of one name with N = 3 and N = 5 (the old one cleared mid-window) add up under the
+    name with the larger N; a slot freed and reused by another adapter starts that adapter from zero."""
+    engine = engine_with(tokenizer, slots=2)
+    shapes = linear_shapes(make_tiny_llama())
+    wide = random_adapter(shapes, "tiny", ["q_proj", "v_proj", "up_proj"], 5, 4, 6, 2, seed=7, dtype="float32")
+    engine.add_adapter("a", make_adapter(1), version=1)
+    engine.add_request("old", PROMPT, GREEDY, adapter="a")
+    got: dict[str, list[int]] = {}
+    step(engine, got)
+    engine.add_adapter("a", wide, version=2)  # another slot; v1's is cleared when "old" ends
+    engine.add_request("new", PROMPT[::-1], GREEDY, adapter="a")
+    drain(engine, got)
+    per_request = (len(PROMPT) + GREEDY.max_tokens - 1) * 6 * 2
+    counts = engine.runner.adapters.harvest_expert_counts()
+    assert len(counts["a"]) == 5 and sum(counts["a"]) == 2 * per_request, counts
+    engine.remove_adapter("a")
+    engine.add_adapter("b", make_adapter(2))  # reuses a freed slot
+    engine.add_request("on-b", PROMPT, GREEDY, adapter="b")
+    drain(engine)
+    counts = engine.runner.adapters.harvest_expert_counts()
+    assert sum(counts["b"]) == per_request and sum(counts.get("a", [])) == 0, counts

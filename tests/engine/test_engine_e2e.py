@@ -18,6 +18,7 @@ from malora_runtime.models.packed_linear import pack_linears
 from malora_runtime.offline import greedy_generate
 from malora_runtime.patching import linear_shapes, set_adapter
 from malora_runtime.sampling_params import SamplingParams
+from tests.conftest import requires_native
 
 PROMPTS = [
     "Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite colour is",
@@ -113,7 +114,7 @@ def assert_same_or_tied(model, tokenizer, i: int, adapters, got: list[int], expe
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 # Both CPU implementations of the delta, end to end: the native kernel (the default) and the torch path.
-CPU_BACKENDS = pytest.mark.parametrize("backend", ["native", "cpu"])
+CPU_BACKENDS = pytest.mark.parametrize("backend", [pytest.param("native", marks=requires_native), "cpu"])
 
 
 @CPU_BACKENDS

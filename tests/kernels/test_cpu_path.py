@@ -12,6 +12,7 @@ from malora_runtime.kernels import dispatch
 from malora_runtime.kernels.cpu import LONG_SEGMENT, malora_delta_cpu, plan_groups
 from malora_runtime.kernels.native import add_malora_delta_native
 from malora_runtime.kernels.slots import NO_SLOT, TokenSlots
+from tests.conftest import requires_native
 from tests.kernels.conftest import (
     MIXED_SPECS,
     make_bank,
@@ -26,7 +27,8 @@ from tests.kernels.conftest import (
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=[malora_delta_cpu, out_of_place(add_malora_delta_native)], ids=["torch", "native"])
+@pytest.fixture(params=[pytest.param(malora_delta_cpu, id="torch"),
+                        pytest.param(out_of_place(add_malora_delta_native), id="native", marks=requires_native)])
 def delta(request):
     """Each CPU implementation: f(x, bank, token_slots, out=None, expert_counts=None) -> out."""
     return request.param
@@ -116,7 +118,7 @@ def test_only_base_and_inactive_tokens_give_zero(make_case, delta):
     assert torch.equal(out, torch.zeros_like(out)) and not counts.any(), f"seed={case.seed}"
 
 
-@pytest.mark.parametrize("backend", ["native", "cpu", "reference", "auto"])
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=requires_native), "cpu", "reference", "auto"])
 def test_dispatch_adds_into_y(make_case, monkeypatch, backend):
     monkeypatch.setenv(dispatch.BACKEND_ENV, backend)
     case = make_case([*MIXED_SPECS, None], 70)

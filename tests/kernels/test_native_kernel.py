@@ -1,6 +1,6 @@
 """The native CPU kernel beyond the shared CPU-path cases (tests/kernels/test_cpu_path.py runs those on
 it too): sizes around its vector and block widths, batch invariance, strided tensors, bad calls, and
-how it is built and chosen."""
+how it is chosen (how it is built: test_native_build.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from malora_runtime.adapters.format import ModuleSpec
-from malora_runtime.kernels import dispatch, native
-from malora_runtime.kernels.native import BLOCK, NativeKernelError, add_malora_delta_native
+from malora_runtime.kernels import dispatch
+from malora_runtime.kernels.native import BLOCK, add_malora_delta_native
 from malora_runtime.kernels.slots import NO_SLOT, RoutingLog, TokenSlots
-from tests.kernels.conftest import MIXED_SPECS, make_bank, make_weights, out_of_place
+from tests.conftest import requires_native
+from tests.kernels.conftest import MIXED_SPECS, make_bank, make_weights, out_of_place, reference_batch
 
+pytestmark = requires_native
 malora_delta_native = out_of_place(add_malora_delta_native)
 
 # [S; G] wider than 64 columns and N r wider than 64 (several column chunks), next to small adapters.
@@ -51,17 +53,18 @@ def test_each_token_is_batch_and_thread_invariant(make_case):
     """A token's delta does not depend on which tokens share its batch or block, nor on the thread
     count: bit for bit (seeded sampling relies on rows that do not change with the batch)."""
     case = make_case([*WIDE_SPECS, *MIXED_SPECS], 150, d_in=40, d_out=33, none_fraction=0.1)
-    whole = malora_delta_native(case.x, case.bank, case.token_slots)
-    for i in range(0, len(case.slots), 7):
-        alone = malora_delta_native(case.x[i:i + 1], case.bank, TokenSlots.from_list([case.slots[i]]))
-        assert torch.equal(alone[0], whole[i]), f"token {i} (seed {case.seed})"
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
+        whole = malora_delta_native(case.x, case.bank, case.token_slots)
         torch.set_num_threads(1)
         single = malora_delta_native(case.x, case.bank, case.token_slots)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, whole), f"seed {case.seed}"
+    for i in range(0, len(case.slots), 7):
+        alone = malora_delta_native(case.x[i:i + 1], case.bank, TokenSlots.from_list([case.slots[i]]))
+        assert torch.equal(alone[0], whole[i]), f"token {i} (seed {case.seed})"
 
 
 def test_strided_x_and_y(make_case):
@@ -87,6 +90,17 @@ def test_shapes_that_do_not_fit_are_refused(make_case):
     assert not y.any()
 
 
+def test_tensors_off_the_cpu_are_refused_before_any_pointer_is_read(make_case, monkeypatch):
+    case = make_case(MIXED_SPECS[:2], 8)
+    meta_x = torch.empty(case.x.shape, device="meta")
+    with pytest.raises(ValueError, match="runs on CPU tensors"):
+        add_malora_delta_native(torch.zeros(8, case.bank.d_out), meta_x, case.bank, case.token_slots)
+    assert "native" not in case.bank._layouts  # nothing was built for it
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "native")
+    with pytest.raises(ValueError, match="native runs on the CPU"):
+        dispatch.choose_backend(meta_x)
+
+
 def test_expert_counts_accumulate_across_calls_and_threads(make_case):
     """The kernel counts with atomic adds from both threads into the caller's tensor, which may be wider
     than the bank's n_max (the engine's grow with the bank); a RoutingLog is for the torch path only."""
@@ -101,31 +115,6 @@ def test_expert_counts_accumulate_across_calls_and_threads(make_case):
         malora_delta_native(case.x, case.bank, case.token_slots, expert_counts=torch.zeros(2, 2, dtype=torch.int64))
 
 
-def test_build_is_cached_by_content(tmp_path):
-    first = native.build_native_kernel(tmp_path)
-    stamp = first.stat().st_mtime_ns
-    assert native.build_native_kernel(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert not list(tmp_path.glob("*.partial"))
-
-
-def test_build_failures_say_why(tmp_path, monkeypatch):
-    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    with pytest.raises(NativeKernelError, match="false failed to build malora_cpu.cpp"):
-        native.build_native_kernel(tmp_path)
-    assert not list(tmp_path.iterdir())  # nothing half-written left behind
-    stuck = tmp_path / "stuck-compiler"
-    stuck.write_text("#!/bin/sh\nsleep 30\n")
-    stuck.chmod(0o755)
-    monkeypatch.setenv("CXX", str(stuck))
-    monkeypatch.setattr(native, "BUILD_TIMEOUT_S", 0.5)
-    with pytest.raises(NativeKernelError, match="did not finish in 0.5 s"):
-        native.build_native_kernel(tmp_path / "out")
-    monkeypatch.setenv("CXX", "")
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(NativeKernelError, match="no C\\+\\+ compiler"):
-        native.build_native_kernel(tmp_path)
-
-
 def test_auto_uses_native_and_falls_back_to_torch(make_case, monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, "auto")
     case = make_case(MIXED_SPECS, 30)
@@ -135,6 +124,29 @@ def test_auto_uses_native_and_falls_back_to_torch(make_case, monkeypatch):
     y, counts = torch.zeros(case.expected.shape), case.new_counts()
     dispatch.add_malora_delta(y, case.x, case.bank, case.token_slots, counts)
     case.check(y, "auto without native", counts)
+
+
+def test_a_grown_bank_gets_a_layout_of_its_own(seed):
+    """The engine grows a bank (larger d, r or N) by allocating a new one and copying the old slots
+    over: the new bank's layout must hold the old slots too."""
+    from malora_runtime.engine.adapter_slots import _copy_bank
+    from malora_runtime.kernels.slots import SlotBank
+
+    gen = torch.Generator().manual_seed(seed)
+    small = [make_weights(spec, 30, 20, gen) for spec in MIXED_SPECS[:2]]
+    bank = make_bank([*small, None], torch.float32, extra=0)
+    token_slots = TokenSlots.from_list([0, 1, 2, 2, 1, 0])
+    x = torch.randn(6, 30, generator=gen)
+    before = malora_delta_native(x, bank, token_slots)
+    big = make_weights(WIDE_SPECS[0], 30, 20, gen)
+    grown = SlotBank.allocate(3, 30, 20, 70, 8, 12, torch.float32)
+    _copy_bank(bank, grown)
+    grown.set_slot(2, big)
+    after = malora_delta_native(x, grown, token_slots)
+    assert torch.equal(after[[0, 1, 4, 5]], before[[0, 1, 4, 5]]), f"seed {seed}"
+    expected, _ = reference_batch(x, token_slots.slots.tolist(), [*small, big], torch.float32, 12)
+    error = float((after.double() - expected).abs().max() / expected.abs().max())
+    assert error <= 1e-5, f"relative error {error:.3g} (seed {seed})"
 
 
 def test_bank_growth_and_new_slots_reach_the_native_layout(seed):

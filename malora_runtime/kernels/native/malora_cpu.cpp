@@ -12,9 +12,8 @@
 // rows, routing and P z stay in a small per-thread buffer, and only the k chosen experts' rows of
 // B^T are read, added straight into y's row. Plain C++ with GCC vector types: the compiler emits
 // AVX-512 where the CPU has it, AVX2 pairs elsewhere. Threads come from the OpenMP runtime torch
-// already loaded (libgomp.so.1), so there is one thread team, not two.
-
-#include <omp.h>
+// already loaded (libgomp.so.1), so there is one thread team, not two; where torch's runtime is
+// another one, kernels/native.py builds this file without -fopenmp and the pragmas are ignored.
 
 #include <cmath>
 #include <cstdint>
@@ -206,7 +205,8 @@ void up_project_all(float* const* y_rows, const float* const* coef, int count, c
   }
 }
 
-// Per-thread buffers, sized once per call.
+// Per-thread buffers, kept by each thread from call to call (a step calls the kernel once per adapted
+// module); every element is written before it is read, so growing them is all `fit` does.
 struct Scratch {
   std::vector<float> zl;            // [block, dp]: [z; logits] per token
   std::vector<float> u;             // [block, up]: P_t z for every expert t of the slot
@@ -219,11 +219,27 @@ struct Scratch {
   std::vector<float*> expert_y;
   std::vector<const float*> expert_coef;
   std::vector<int> expert_count;
+  int64_t block = 0;  // tokens per work item at most: the stride of expert_y and expert_coef
 
-  Scratch(int64_t block, const Bank& bank)
-      : zl(block * bank.dp), u(block * bank.up), coef(block * bank.n_max * bank.r_max), xrows(block),
-        zrows(block), scores(bank.n_max), weight(bank.n_max), chosen(bank.n_max),
-        expert_y(bank.n_max * block), expert_coef(bank.n_max * block), expert_count(bank.n_max) {}
+  void fit(int64_t block_size, const Bank& bank) {
+    block = block_size;
+    grow(zl, block * bank.dp);
+    grow(u, block * bank.up);
+    grow(coef, block * bank.n_max * bank.r_max);
+    grow(xrows, block);
+    grow(zrows, block);
+    grow(scores, bank.n_max);
+    grow(weight, bank.n_max);
+    grow(chosen, bank.n_max);
+    grow(expert_y, bank.n_max * block);
+    grow(expert_coef, bank.n_max * block);
+    grow(expert_count, bank.n_max);
+  }
+
+  template <typename T>
+  static void grow(std::vector<T>& buffer, int64_t size) {
+    if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  }
 };
 
 void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
@@ -257,7 +273,7 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
       const float* u = s.u.data() + i * up + e * r;
       float* c = s.coef.data() + (i * bank.n_max + j) * bank.r_max;
       for (int rho = 0; rho < r; ++rho) c[rho] = w * u[rho];
-      const int q = e * static_cast<int>(s.expert_y.size() / bank.n_max) + s.expert_count[e]++;
+      const int64_t q = e * s.block + s.expert_count[e]++;
       s.expert_y[q] = y_row;
       s.expert_coef[q] = c;
     }
@@ -267,11 +283,10 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
   }
 
   // y += the chosen experts' B_t (coefficients), expert by expert: B_t's rows are read once per block.
-  const int64_t per_expert = static_cast<int64_t>(s.expert_y.size()) / bank.n_max;
   const float* bt_slot = bank.bt + slot * bank.n_max * bank.r_max * bank.d_out;
   for (int e = 0; e < n; ++e) {
     if (s.expert_count[e] == 0) continue;
-    up_project_all(s.expert_y.data() + e * per_expert, s.expert_coef.data() + e * per_expert, s.expert_count[e],
+    up_project_all(s.expert_y.data() + e * s.block, s.expert_coef.data() + e * s.block, s.expert_count[e],
                    bt_slot + e * bank.r_max * bank.d_out, r, bank.d_out);
   }
 }
@@ -286,10 +301,11 @@ extern "C" {
 int malora_delta_f32(const Bank* bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
                      const int64_t* items, int64_t n_items, int64_t block, int64_t* counts, int64_t ld_counts,
                      int num_threads) {
-  const int threads = n_items > 1 && num_threads > 1 ? num_threads : 1;
-#pragma omp parallel num_threads(threads)
+  (void)num_threads;  // unused where the file is built without OpenMP
+#pragma omp parallel num_threads(n_items > 1 && num_threads > 1 ? num_threads : 1)
   {
-    Scratch scratch(block, *bank);
+    static thread_local Scratch scratch;
+    scratch.fit(block, *bank);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t q = 0; q < n_items; ++q) {
       const int64_t* item = items + 3 * q;
