@@ -265,6 +265,4 @@ def _copy_bank(old: SlotBank, new: SlotBank) -> None:
     new.router_bias[:, :n].copy_(old.router_bias)
     new.P[:, :n, :r, :d].copy_(old.P)
     new.B[:, :n, :, :r].copy_(old.B)
-    for name in ("scale", "top_k", "router_temperature", "softmax_first"):
-        getattr(new, name).copy_(getattr(old, name))
     new.infos = list(old.infos)

@@ -243,7 +243,7 @@ def _run_group(
     logits = zl[..., d_max:] + bias.unsqueeze(1)  # [m, L, n]
     chosen, weights, kmask = _route(logits, consts)
 
-    row_scale = _slot_view(bank.scale, group.slots).view(m, 1)  # float32
+    row_scale = _slot_view(bank.params().scale, group.slots).view(m, 1)  # float32
     if valid is not None:
         row_scale = row_scale * valid
     weights = weights * row_scale.unsqueeze(-1)  # [m, L, k], the scale folded in

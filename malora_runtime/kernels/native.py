@@ -220,10 +220,16 @@ class NativeWeights:
         if info is None:
             return
         d_max, r_max, _ = bank.maxima
-        S, G, P = (t[slot].to(torch.float32).contiguous() for t in (bank.S, bank.G, bank.P))
-        require_native_kernel().pack_slot_f32(S.data_ptr(), G.data_ptr(), P.data_ptr(), bank.d_in, d_max, r_max,
-                                              info.d, info.r, info.num_experts, self.sgt[slot].data_ptr(),
-                                              self.pt[slot].data_ptr())
+        sources = (bank.S, bank.G, bank.P)
+        if all(t.dtype == torch.float32 and t.is_contiguous() for t in sources):
+            # The slot's rows by pointer arithmetic: no tensor ops (this runs for every module of a swap).
+            pointers = [t.data_ptr() + slot * t.stride(0) * 4 for t in sources]
+        else:
+            copies = [t[slot].to(torch.float32).contiguous() for t in sources]
+            pointers = [t.data_ptr() for t in copies]
+        require_native_kernel().pack_slot_f32(*pointers, bank.d_in, d_max, r_max, info.d, info.r, info.num_experts,
+                                              self.sgt.data_ptr() + slot * self.sgt.stride(0) * 4,
+                                              self.pt.data_ptr() + slot * self.pt.stride(0) * 4)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,16 @@ class SlotInfo:
     has_router_bias: bool
 
 
+@dataclass(frozen=True)
+class SlotParams:
+    """Per-slot routing settings on the device (see `SlotBank.params`)."""
+
+    scale: torch.Tensor  # [num_slots] float32, 0 for inactive slots
+    top_k: torch.Tensor  # [num_slots] int32, 0 for inactive slots
+    router_temperature: torch.Tensor  # [num_slots] float32, 1 for inactive slots
+    softmax_first: torch.Tensor  # [num_slots] bool: router_norm == "softmax_topk"
+
+
 @dataclass
 class SlotBank:
     """Padded weights of one target module for `num_slots` adapter slots.
@@ -60,11 +70,7 @@ class SlotBank:
     router_bias: torch.Tensor  # [num_slots, n_max], -inf on padded experts
     P: torch.Tensor  # [num_slots, n_max, r_max, d_max]
     B: torch.Tensor  # [num_slots, n_max, d_out, r_max]
-    scale: torch.Tensor  # [num_slots] float32, 0 for inactive slots
-    top_k: torch.Tensor  # [num_slots] int32, 0 for inactive slots
-    router_temperature: torch.Tensor  # [num_slots] float32
-    softmax_first: torch.Tensor  # [num_slots] bool: router_norm == "softmax_topk"
-    infos: list[SlotInfo | None] = field(default_factory=list)
+    infos: list[SlotInfo | None] = field(default_factory=list)  # the slots' sizes and routing settings
     # Layouts of the same weights for the CPU path (kernels.cpu), built on first use and from then on
     # kept in step by set_slot / clear_slot one slot at a time: a swap copies one adapter, not the bank.
     _stacked_sg: torch.Tensor | None = field(default=None, repr=False)
@@ -95,10 +101,6 @@ class SlotBank:
             router_bias=torch.full((num_slots, n_max), float("-inf"), dtype=dtype, device=device),
             P=zeros(num_slots, n_max, r_max, d_max),
             B=zeros(num_slots, n_max, d_out, r_max),
-            scale=zeros(num_slots, dt=torch.float32),
-            top_k=zeros(num_slots, dt=torch.int32),
-            router_temperature=torch.ones(num_slots, dtype=torch.float32, device=device),
-            softmax_first=zeros(num_slots, dt=torch.bool),
             infos=[None] * num_slots,
         )
 
@@ -153,6 +155,23 @@ class SlotBank:
             value = self._derived[key] = compute()
         return value
 
+    def params(self) -> SlotParams:
+        """The slots' routing settings as tensors on the bank's device, for kernels that read them per
+        token; built from `infos` once per slot write (a swap writes no per-slot scalars)."""
+
+        def compute() -> SlotParams:
+            infos, device = self.infos, self.S.device
+            return SlotParams(
+                scale=torch.tensor([i.scale if i else 0.0 for i in infos], dtype=torch.float32, device=device),
+                top_k=torch.tensor([i.top_k if i else 0 for i in infos], dtype=torch.int32, device=device),
+                router_temperature=torch.tensor([i.router_temperature if i else 1.0 for i in infos],
+                                                dtype=torch.float32, device=device),
+                softmax_first=torch.tensor([bool(i and i.softmax_first) for i in infos], dtype=torch.bool,
+                                           device=device),
+            )
+
+        return self.derived("params", compute)
+
     @property
     def active_slots(self) -> tuple[int, ...]:
         return self.derived("active", lambda: tuple(s for s, info in enumerate(self.infos) if info is not None))
@@ -193,10 +212,6 @@ class SlotBank:
         self.router_bias[slot, :n] = 0.0 if weights.router_bias is None else weights.router_bias.to(self.G.dtype)
         self.P[slot, :n, :r, :d].copy_(weights.P)
         self.B[slot, :n, :, :r].copy_(weights.B)
-        self.scale[slot] = spec.scale
-        self.top_k[slot] = spec.top_k
-        self.router_temperature[slot] = spec.router_temperature
-        self.softmax_first[slot] = spec.router_norm == ROUTER_SOFTMAX_TOPK
         self.infos[slot] = SlotInfo(
             d=d, r=r, num_experts=n, top_k=spec.top_k, scale=spec.scale,
             router_temperature=spec.router_temperature,
@@ -217,11 +232,10 @@ class SlotBank:
     def release_slot(self, slot: int) -> None:
         """Make `slot` inactive without rewriting its weights (the cheap path of an unload or swap,
         which runs between engine steps): no token is routed to a released slot, its scale and top_k
-        are 0 for kernels that read them per token, and `set_slot` writes every element it needs."""
+        in `params()` are 0 for kernels that read them per token, and `set_slot` writes every element
+        it needs."""
         if self.infos[slot] is None:
             return
-        self.scale[slot] = 0.0
-        self.top_k[slot] = 0
         self.infos[slot] = None
         self._derived.clear()
 
@@ -231,10 +245,6 @@ class SlotBank:
         self.router_bias[slot].fill_(float("-inf"))
         self.P[slot].zero_()
         self.B[slot].zero_()
-        self.scale[slot] = 0.0
-        self.top_k[slot] = 0
-        self.router_temperature[slot] = 1.0
-        self.softmax_first[slot] = False
         self.infos[slot] = None
 
 

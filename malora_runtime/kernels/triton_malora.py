@@ -194,10 +194,11 @@ def add_malora_delta_triton(
     o_blocks = triton.cdiv(bank.d_out, 32 if interpreted else 64)
     o_split = 1 if interpreted else min(o_blocks, max(1, 4 * 132 // grid_rows))
     counts = expert_counts if expert_counts is not None else y.new_zeros(1, dtype=torch.int64)
+    params = bank.params()
     _malora_kernel[(grid_rows, o_split)](
         x, y, token_slots.slots, token_slots.order, tiles,
         bank.S, bank.G, bank.router_bias, bank.P, bank.B,
-        bank.scale, bank.top_k, bank.router_temperature, bank.softmax_first, counts,
+        params.scale, params.top_k, params.router_temperature, params.softmax_first, counts,
         bank.d_in, bank.d_out, d_max, r_max, n_max, x.stride(0), y.stride(0),
         PER_TOKEN=per_token, BLOCK_T=block_t, BLOCK_K=32 if interpreted else 64,
         BLOCK_D=_pow2(d_max, 16), BLOCK_N=_pow2(n_max, 16), BLOCK_NR=_pow2(n_max * r_max, 16),
