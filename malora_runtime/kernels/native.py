@@ -252,12 +252,13 @@ def _descriptor(bank: SlotBank) -> _Descriptor:
         weights = bank.layout("native", NativeWeights.build)
         bt = bank.transposed_b()
         bias = bank.router_bias.to(torch.float32).contiguous()
-        meta = torch.zeros(bank.num_slots, 4, dtype=torch.int32)
-        fmeta = torch.zeros(bank.num_slots, 3, dtype=torch.float32)
-        for slot, info in enumerate(bank.infos):
-            if info is not None:  # inactive slots keep top_k 0: the kernel skips their tokens
-                meta[slot] = torch.tensor([info.d, info.r, info.num_experts, info.top_k])
-                fmeta[slot] = torch.tensor([info.scale, 1.0 / info.router_temperature, float(info.softmax_first)])
+        # One tensor each from Python lists: this runs for every bank after every slot write, in the
+        # step that follows it. Inactive slots get top_k 0: the kernel skips their tokens.
+        infos = bank.infos
+        meta = torch.tensor([(i.d, i.r, i.num_experts, i.top_k) if i else (0, 0, 0, 0) for i in infos],
+                            dtype=torch.int32)
+        fmeta = torch.tensor([(i.scale, 1.0 / i.router_temperature, float(i.softmax_first)) if i else (0.0, 1.0, 0.0)
+                              for i in infos], dtype=torch.float32)
         tensors = (weights.sgt, weights.pt, bt, bias, meta, fmeta)
         d_max, r_max, n_max = bank.maxima
         struct = _BankDescriptor(*(t.data_ptr() for t in tensors), bank.d_in, bank.d_out, d_max, r_max, n_max,
