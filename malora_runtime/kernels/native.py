@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "malora_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 3
+ABI_VERSION = 4
 LANES = 16  # the kernel's vector width in floats: padded widths are multiples of it
 # Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
 # best at T = 2048 over 32 adapters (32: 1.13x slower, 128: 1.03x; docs/BENCHMARKS.md).
@@ -152,7 +152,8 @@ class NativeKernel:
                              ctypes.c_int]
         function.restype = ctypes.c_int
         pack = library.malora_pack_slot_f32
-        pack.argtypes = [c_ptr, c_ptr, c_ptr] + [c_long] * 6 + [c_ptr, c_ptr]
+        c_float = ctypes.c_float
+        pack.argtypes = [c_ptr] * 4 + [c_long] * 7 + [c_float] * 3 + [c_ptr] * 5
         pack.restype = ctypes.c_int
         return cls(library, function, pack)
 
@@ -188,16 +189,28 @@ def require_native_kernel() -> NativeKernel:
 
 @dataclass
 class NativeWeights:
-    """The bank's [S; G] and P in the kernel's layout (float32), one block per slot, kept in step per
-    slot by `SlotBank`. A slot's block starts with its own rows, row-major and as wide as the slot's
-    real sizes, so the kernel reads exactly the adapter's weights (a small adapter in a bank sized
-    for a large one reads no padding); the block is sized for the bank's maxima, which leaves room
-    for the kernel's whole-vector reads past a row's end."""
+    """A bank as the kernel reads it (float32), kept in step per slot by `SlotBank`, with the ctypes
+    descriptor that points into it: built once per bank, so a slot write rewrites one slot's rows
+    and nothing has to be rebuilt in the step after it.
+
+    [S; G]^T and P^T: one block per slot, starting with its own rows, row-major and as wide as the
+    slot's real sizes, so the kernel reads exactly the adapter's weights (a small adapter in a bank
+    sized for a large one reads no padding); the block is sized for the bank's maxima, which leaves
+    room for the kernel's whole-vector reads past a row's end. B^T is the bank's own float32 layout.
+    """
 
     sgt: torch.Tensor  # [num_slots, d_in * dp]: [S; G]^T, rows of d + n (unpadded)
     pt: torch.Tensor  # [num_slots, d_max * up]: P^T ([d, n r], column t r + rho), rows of n r
-    dp: int  # round_up(d_max + n_max)
-    up: int  # round_up(n_max * r_max)
+    bias: torch.Tensor  # [num_slots, n_max] float32
+    meta: torch.Tensor  # [num_slots, 4] int32: d, r, n, top_k; all 0 for a cleared slot
+    fmeta: torch.Tensor  # [num_slots, 3] float32: scale, 1 / temperature, softmax-then-top-k
+    bt: torch.Tensor  # the bank's transposed_b(): [num_slots, n_max, r_max, d_out] float32
+    struct: _BankDescriptor
+    address: int  # of `struct`, for the kernel call
+    d_in: int  # sizes a call checks, as plain ints
+    d_out: int
+    num_slots: int
+    n_max: int
 
     @classmethod
     def build(cls, bank: SlotBank) -> NativeWeights:
@@ -205,8 +218,15 @@ class NativeWeights:
             raise ValueError(f"the native kernel's layout is for CPU banks, this one is on {bank.S.device}")
         d_max, r_max, n_max = bank.maxima
         dp, up = _round_up(d_max + n_max), _round_up(n_max * r_max)
-        weights = cls(torch.zeros(bank.num_slots, bank.d_in * dp, dtype=torch.float32),
-                      torch.zeros(bank.num_slots, d_max * up, dtype=torch.float32), dp, up)
+        ns, f32 = bank.num_slots, torch.float32
+        sgt, pt = torch.zeros(ns, bank.d_in * dp, dtype=f32), torch.zeros(ns, d_max * up, dtype=f32)
+        bias, fmeta = torch.zeros(ns, n_max, dtype=f32), torch.zeros(ns, 3, dtype=f32)
+        meta = torch.zeros(ns, 4, dtype=torch.int32)
+        bt = bank.transposed_b()  # float32, contiguous, kept in step by the bank itself
+        tensors = (sgt, pt, bt, bias, meta, fmeta)
+        struct = _BankDescriptor(*(t.data_ptr() for t in tensors), bank.d_in, bank.d_out, d_max, r_max, n_max, dp, up)
+        weights = cls(sgt, pt, bias, meta, fmeta, bt, struct, ctypes.addressof(struct), bank.d_in, bank.d_out, ns,
+                      n_max)
         for slot, info in enumerate(bank.infos):
             if info is not None:
                 weights.write_slot(bank, slot)
@@ -214,58 +234,25 @@ class NativeWeights:
 
     @torch.no_grad()
     def write_slot(self, bank: SlotBank, slot: int) -> None:
-        """Rewrite the slot's own rows, by the kernel library (`malora_pack_slot_f32`); the rest of the
-        slot's block is never read. An inactive slot is left as it is: it is never read either."""
+        """Rewrite the slot's rows, by the kernel library (`malora_pack_slot_f32`); the rest of the slot's
+        block is never read. A cleared slot only gets its sizes zeroed (the kernel skips top_k 0)."""
         info = bank.infos[slot]
         if info is None:
+            self.meta[slot].zero_()
             return
         d_max, r_max, _ = bank.maxima
-        sources = (bank.S, bank.G, bank.P)
+        sources = (bank.S, bank.G, bank.P, bank.router_bias)
         if all(t.dtype == torch.float32 and t.is_contiguous() for t in sources):
             # The slot's rows by pointer arithmetic: no tensor ops (this runs for every module of a swap).
             pointers = [t.data_ptr() + slot * t.stride(0) * 4 for t in sources]
         else:
             copies = [t[slot].to(torch.float32).contiguous() for t in sources]
             pointers = [t.data_ptr() for t in copies]
-        require_native_kernel().pack_slot_f32(*pointers, bank.d_in, d_max, r_max, info.d, info.r, info.num_experts,
-                                              self.sgt.data_ptr() + slot * self.sgt.stride(0) * 4,
-                                              self.pt.data_ptr() + slot * self.pt.stride(0) * 4)
-
-
-@dataclass(frozen=True)
-class _Descriptor:
-    """The ctypes view of a bank for the kernel, with the tensors it points into kept alive, and the
-    sizes a call checks as plain ints; rebuilt after every slot write (it carries the slots' sizes and
-    routing settings)."""
-
-    struct: _BankDescriptor
-    address: int
-    tensors: tuple[torch.Tensor, ...]
-    d_in: int
-    d_out: int
-    num_slots: int
-    n_max: int
-
-
-def _descriptor(bank: SlotBank) -> _Descriptor:
-    def compute() -> _Descriptor:
-        weights = bank.layout("native", NativeWeights.build)
-        bt = bank.transposed_b()
-        bias = bank.router_bias.to(torch.float32).contiguous()
-        # One tensor each from Python lists: this runs for every bank after every slot write, in the
-        # step that follows it. Inactive slots get top_k 0: the kernel skips their tokens.
-        infos = bank.infos
-        meta = torch.tensor([(i.d, i.r, i.num_experts, i.top_k) if i else (0, 0, 0, 0) for i in infos],
-                            dtype=torch.int32)
-        fmeta = torch.tensor([(i.scale, 1.0 / i.router_temperature, float(i.softmax_first)) if i else (0.0, 1.0, 0.0)
-                              for i in infos], dtype=torch.float32)
-        tensors = (weights.sgt, weights.pt, bt, bias, meta, fmeta)
-        d_max, r_max, n_max = bank.maxima
-        struct = _BankDescriptor(*(t.data_ptr() for t in tensors), bank.d_in, bank.d_out, d_max, r_max, n_max,
-                                 weights.dp, weights.up)
-        return _Descriptor(struct, ctypes.addressof(struct), tensors, bank.d_in, bank.d_out, bank.num_slots, n_max)
-
-    return bank.derived("native", compute)
+        require_native_kernel().pack_slot_f32(
+            *pointers, bank.d_in, d_max, r_max, info.d, info.r, info.num_experts, info.top_k, info.scale,
+            1.0 / info.router_temperature, float(info.softmax_first),
+            *(t.data_ptr() + slot * t.stride(0) * t.element_size() for t in (self.sgt, self.pt, self.bias, self.meta,
+                                                                              self.fmeta)))
 
 
 @dataclass(frozen=True)
@@ -320,7 +307,7 @@ def add_malora_delta_native(
     plan = _plan(token_slots, bank)
     if plan.num_items == 0:
         return
-    bank_view = _descriptor(bank)
+    bank_view = bank.layout("native", NativeWeights.build)
     if not (x.dim() == 2 and y.dim() == 2 and x.shape[1] == bank_view.d_in and y.shape[1] == bank_view.d_out
             and x.shape[0] == y.shape[0] == plan.num_tokens):
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit the bank "

@@ -315,14 +315,17 @@ int malora_delta_f32(const Bank* bank, const float* x, int64_t ldx, float* y, in
   return 0;
 }
 
-// One slot's blocks of Bank.sgt and Bank.pt from the bank's padded slot tensors (float32, contiguous):
-//   S [d_max, d_in], G [n_max, d_in], P [n_max, r_max, d_max]; the slot's real d, r, n.
+// One slot's parts of a Bank from the bank's padded slot tensors (float32, contiguous): S [d_max, d_in],
+// G [n_max, d_in], P [n_max, r_max, d_max], router bias [n_max]; the slot's real d, r, n and routing.
 //   sgt[c][j] = S[j][c] (j < d), G[j - d][c] (d <= j < d + n)    rows of d + n
 //   pt[c][t r + rho] = P[t][rho][c] (c < d)                          rows of n r
+//   bias[t] (t < n), meta = {d, r, n, top_k}, fmeta = {scale, 1 / temperature, softmax_first}
 // Done here, not with torch ops: a swap writes every adapted module (210 on the default model) between
-// two engine steps, and as torch ops these transposes cost ~30 us a module.
-int malora_pack_slot_f32(const float* S, const float* G, const float* P, int64_t d_in, int64_t d_max,
-                         int64_t r_max, int64_t d, int64_t r, int64_t n, float* sgt, float* pt) {
+// two engine steps, and as torch ops this costs ~30 us a module.
+int malora_pack_slot_f32(const float* S, const float* G, const float* P, const float* bias_src, int64_t d_in,
+                         int64_t d_max, int64_t r_max, int64_t d, int64_t r, int64_t n, int64_t top_k, float scale,
+                         float inv_temperature, float softmax_first, float* sgt, float* pt, float* bias,
+                         int32_t* meta, float* fmeta) {
   for (int64_t c = 0; c < d_in; ++c) {
     float* row = sgt + c * (d + n);
     for (int64_t j = 0; j < d; ++j) row[j] = S[j * d_in + c];
@@ -333,9 +336,17 @@ int malora_pack_slot_f32(const float* S, const float* G, const float* P, int64_t
     for (int64_t t = 0; t < n; ++t)
       for (int64_t rho = 0; rho < r; ++rho) row[t * r + rho] = P[(t * r_max + rho) * d_max + c];
   }
+  for (int64_t t = 0; t < n; ++t) bias[t] = bias_src[t];
+  meta[0] = static_cast<int32_t>(d);
+  meta[1] = static_cast<int32_t>(r);
+  meta[2] = static_cast<int32_t>(n);
+  meta[3] = static_cast<int32_t>(top_k);
+  fmeta[0] = scale;
+  fmeta[1] = inv_temperature;
+  fmeta[2] = softmax_first;
   return 0;
 }
 
-int malora_kernel_abi_version() { return 3; }
+int malora_kernel_abi_version() { return 4; }
 
 }  // extern "C"
