@@ -47,13 +47,30 @@ ROTATE_MIB = 96  # rotate at least this much weight data by default (L3 here is 
 PATHS = ("naive", "cpu", "cpu_torch", "base", "base_torch")
 
 
+def _positive(kind: type, value: str) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return number
+
+
+def _positive_ints(value: str) -> list[int]:
+    return [int(_positive(int, part)) for part in value.split(",")]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", default="1,32,256,2048", help="comma-separated batch sizes T")
-    parser.add_argument("--d-out", default="192,576,1536", help="comma-separated output widths")
-    parser.add_argument("--adapters", type=int, default=32)
-    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement round")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per figure; the best is kept")
-    parser.add_argument("--rotate-mib", type=int, default=ROTATE_MIB,
+    parser.add_argument("--tokens", type=_positive_ints, default=[1, 32, 256, 2048],
+                        help="comma-separated batch sizes T")
+    parser.add_argument("--d-out", type=_positive_ints, default=[192, 576, 1536], help="comma-separated output widths")
+    parser.add_argument("--adapters", type=lambda v: _positive(int, v), default=32)
+    parser.add_argument("--min-time", type=lambda v: _positive(float, v), default=0.3,
+                        help="seconds per measurement round")
+    parser.add_argument("--rounds", type=lambda v: _positive(int, v), default=5,
+                        help="rounds per figure; the best is kept")
+    parser.add_argument("--rotate-mib", type=lambda v: _positive(int, v), default=ROTATE_MIB,
                         help="rotate weight sets (and inputs) of at least this many MiB, so figures are not "
                              "measured out of the cache")
     parser.add_argument("--json", metavar="FILE", help="write every figure (seconds per call) here")
@@ -184,8 +201,7 @@ def measure(args: argparse.Namespace, d_out: int, token_counts: list[int]) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    token_counts = [int(t) for t in args.tokens.split(",")]
-    widths = [int(d) for d in args.d_out.split(",")]
+    token_counts, widths = args.tokens, args.d_out
     rates = machine_rates(args.min_time)
     cpu_path = "torch (the native kernel is unavailable)" if native_kernel() is None else "native kernel"
     report(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

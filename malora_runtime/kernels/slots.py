@@ -71,8 +71,9 @@ class SlotBank:
     P: torch.Tensor  # [num_slots, n_max, r_max, d_max]
     B: torch.Tensor  # [num_slots, n_max, d_out, r_max]
     infos: list[SlotInfo | None] = field(default_factory=list)  # the slots' sizes and routing settings
-    # Layouts of the same weights for the CPU path (kernels.cpu), built on first use and from then on
-    # kept in step by set_slot / clear_slot one slot at a time: a swap copies one adapter, not the bank.
+    # Layouts of the same weights for the CPU paths ([S; G] for kernels.cpu, B^T for it and the native
+    # kernel, whose own layout is in `_layouts`), built on first use and from then on kept in step by
+    # set_slot / clear_slot one slot at a time: a swap copies one adapter, not the bank.
     _stacked_sg: torch.Tensor | None = field(default=None, repr=False)
     _transposed_b: torch.Tensor | None = field(default=None, repr=False)
     _layouts: dict[str, SlotLayout] = field(default_factory=dict, repr=False)

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from malora_runtime.kernels.native import native_kernel
 
 
@@ -27,3 +29,11 @@ def test_bench_kernels_writes_every_path_and_bar(tmp_path, cli_env):
             assert set(by_tokens) == {"1", "32"} and all(s > 0 for s in by_tokens.values()), path
     assert [line.split(":")[0] for line in report["bars"]] == [
         "bar naive/cpu >= 10 at T=32, d_out=48", "bar naive/cpu >= 10 at T=32, d_out=70"]
+
+
+@pytest.mark.parametrize("bad", [["--adapters", "0"], ["--tokens", "32,abc"], ["--rounds", "0"],
+                                 ["--rotate-mib", "-1"], ["--d-out", "0"]])
+def test_bench_kernels_refuses_bad_arguments_with_a_usage_error(bad, cli_env):
+    run = subprocess.run([sys.executable, "-m", "clients.cli", "bench", "kernels", *bad], capture_output=True,
+                         text=True, env=cli_env, timeout=120, check=False)
+    assert run.returncode == 2 and f"argument {bad[0]}" in run.stderr and "Traceback" not in run.stderr, run.stderr
