@@ -25,7 +25,7 @@ from ..adapters.registry import HostAdapter
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
 from .adapter_slots import NoFreeSlotError
-from .errors import EngineShutdownError
+from .errors import EngineShutdownError, RequestFailedError
 from .llm_engine import LLMEngine
 from .outputs import EngineStats, RequestOutput
 
@@ -69,6 +69,9 @@ class AsyncEngine:
         self.step_listeners: list[StepListener] = []
         self.request_listeners: list[RequestListener] = []
         self.last_step_time = 0.0
+        # time.monotonic() of the loop's last sign of progress: a finished step, or a wait while idle.
+        self.last_progress = time.monotonic()
+        self._broken_listeners: set[int] = set()
         self._restore_threads: int | None = None  # torch threads to give back to the process on shutdown
 
     @classmethod
@@ -165,31 +168,55 @@ class AsyncEngine:
                 except BaseException as exc:  # handed to the awaiting caller
                     future.set_exception(exc)
 
+    def stalled_for(self) -> float:
+        """Seconds since the engine thread last made progress while work is waiting; 0 when it is idle or
+        stepping normally, infinite when the thread is gone."""
+        if self._thread is None or not self._thread.is_alive():
+            return float("inf")
+        if not self._streams:
+            return 0.0
+        return max(0.0, time.monotonic() - self.last_progress)
+
+    def _notify(self, listeners: list, *args: Any) -> None:
+        """Call every listener; one that raises is logged (once) and never stops the caller."""
+        for listener in listeners:
+            try:
+                listener(*args)
+            except Exception:
+                if id(listener) not in self._broken_listeners:
+                    self._broken_listeners.add(id(listener))
+                    log.exception("listener %r failed (further failures of it are not logged)", listener)
+
     def _loop(self) -> None:
         while True:
             self._drain_commands()
             if self._stopping and not self._streams:
                 return
             if not self.engine.has_unfinished():
+                self.last_progress = time.monotonic()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+                self.last_progress = time.monotonic()
                 continue
             started = time.perf_counter()
             steps_before = self.engine.num_steps
             try:
                 outputs = self.engine.step()
-            except Exception:  # a bug in a step must not leave every client hanging
+            except Exception:  # outside the per-request isolation (the scheduler itself): a bug
                 log.exception("engine step failed; aborting the running requests")
                 for request_id in list(self._streams):
                     self._abort_now(request_id, error=True)
                 continue
             elapsed = time.perf_counter() - started
             self.last_step_time = time.time()
+            self.last_progress = time.monotonic()
             if self.engine.num_steps > steps_before:
-                for listener in self.step_listeners:
-                    listener(elapsed, self.engine.last_step_tokens, self.engine.last_step_seqs)
+                self._notify(self.step_listeners, elapsed, self.engine.last_step_tokens, self.engine.last_step_seqs)
             for output in outputs:
-                self._deliver(output)
+                if output.error is not None:
+                    self._deliver(RequestFailedError(output.error), output.request_id)
+                else:
+                    self._deliver(output)
 
     def _deliver(self, output: RequestOutput | BaseException, request_id: str | None = None) -> None:
         key = request_id if request_id is not None else output.request_id  # type: ignore[union-attr]
@@ -200,12 +227,15 @@ class AsyncEngine:
         finished = isinstance(output, BaseException) or output.finished
         if finished:
             self._streams.pop(key, None)
-        loop.call_soon_threadsafe(q.put_nowait, output)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, output)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            log.debug("dropped an output of %s: its event loop is closed", key)
 
     def _abort_now(self, request_id: str, error: bool = False) -> None:
         output = self.engine.abort(request_id)
         if error:
-            self._deliver(RuntimeError("the engine failed while running this request"), request_id)
+            self._deliver(RequestFailedError("the engine failed while running this request"), request_id)
         elif output is not None:
             self._deliver(output)
 
@@ -235,6 +265,7 @@ class AsyncEngine:
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
+                    record.finish_reasons = ["error"]
                     raise item
                 finished = item.finished
                 self._observe(record, item, started, last)
@@ -246,8 +277,7 @@ class AsyncEngine:
                 self._submit(lambda: self.engine.abort(request_id))
                 record.finish_reasons = record.finish_reasons or ["abort"]
             record.e2e_latency = time.monotonic() - started
-            for listener in self.request_listeners:
-                listener(record)
+            self._notify(self.request_listeners, record)
 
     @staticmethod
     def _observe(record: RequestRecord, output: RequestOutput, started: float, last: float) -> None:

@@ -101,10 +101,17 @@ class IncrementalDetokenizer:
         return self.decoded[start:end]
 
     def _stop_prefix_len(self, start: int) -> int:
-        """Length of the longest unemitted suffix of `decoded` that begins some stop string."""
-        pending = len(self.decoded) - start
-        for k in range(min(self.max_stop_len - 1, pending), 0, -1):
-            suffix = self.decoded[-k:]
-            if any(s.startswith(suffix) for s in self.stop):
-                return k
-        return 0
+        """Length of the longest unemitted suffix of `decoded` that begins some stop string.
+
+        Only positions holding a stop string's first character are tried (a C-level `find`), so the cost
+        per token stays small with many long stop strings."""
+        text, end = self.decoded, len(self.decoded)
+        best = end  # start of the longest candidate suffix found so far
+        for stop in self.stop:
+            position = text.find(stop[0], max(start, end - len(stop) + 1), best)
+            while position != -1:
+                if stop.startswith(text[position:]):
+                    best = position
+                    break
+                position = text.find(stop[0], position + 1, best)
+        return end - best

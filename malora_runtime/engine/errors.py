@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class EngineRequestError(ValueError):
-    """The request cannot be served as given."""
+    """The request cannot be served as given; `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = "prompt") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLongError(EngineRequestError):
@@ -20,3 +24,8 @@ class UnknownAdapterError(EngineRequestError, KeyError):
 
 class EngineShutdownError(RuntimeError):
     """The engine is stopping and takes no new work."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not run this request (its step raised, or its logits were not finite); other
+    requests of the same step go on."""

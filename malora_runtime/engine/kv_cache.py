@@ -181,6 +181,14 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
 
+    def forget(self, block_ids: list[int]) -> None:
+        """Take these blocks out of the prefix cache: their K/V must never be hit again."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.key = None, ()
+
     def drop_adapter(self, adapter_key: Hashable) -> None:
         """Forget cached blocks of one adapter activation (its slot is being reused)."""
         for h, block_id in list(self.cached.items()):

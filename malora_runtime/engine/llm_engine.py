@@ -10,18 +10,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..adapters.format import MaloraAdapter
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
-from .errors import PromptTooLongError, UnknownAdapterError
+from .errors import EngineRequestError, PromptTooLongError, UnknownAdapterError
 from .model_runner import Chunk, ModelRunner
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .sampler import Sampler
-from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Sequence
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .sequence import Sequence, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,28 @@ class _Request:
     adapter_slot: int
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+
+
+@dataclass
+class StepLogits:
+    """Logits of a step's sampling rows: one tensor when the forward ran whole, else one row per item
+    (None for items whose request failed)."""
+
+    tensor: torch.Tensor | None  # [rows, V]
+    rows: list[torch.Tensor | None] | None
+
+    @classmethod
+    def join(cls, first: StepLogits, second: StepLogits) -> StepLogits:
+        return cls(None, first.as_rows() + second.as_rows())
+
+    def as_rows(self) -> list[torch.Tensor | None]:
+        return list(self.tensor) if self.rows is None else self.rows
+
+    def select(self, indices: list[int]) -> torch.Tensor:
+        if self.rows is None:
+            assert self.tensor is not None
+            return self.tensor if len(indices) == self.tensor.shape[0] else self.tensor[indices]
+        return torch.stack([self.rows[i] for i in indices])
 
 
 def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -121,7 +144,9 @@ class LLMEngine:
             )
         vocab = self.runner.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise PromptTooLongError(f"prompt token ids must be in [0, {vocab})")
+            raise EngineRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise EngineRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if adapter is not None and adapter not in self.runner.adapters.current:
             raise UnknownAdapterError(f"adapter {adapter!r} is not loaded")
 
@@ -153,11 +178,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        """Run one step. A request whose part of the step fails (the forward raises for its tokens, its
+        logits are NaN or inf, or sampling it raises) is failed alone: its output carries `error` and
+        every other request of the step goes on with the tokens it would have had."""
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        chunks = [Chunk(s.seq.token_ids[s.start:s.end], s.start, s.seq.block_table, s.seq.adapter_slot, s.sample)
-                  for s in scheduled.scheduled]
         now = time.monotonic()
         for s in scheduled.scheduled:
             request = self.requests.get(s.seq.request_id)
@@ -165,12 +191,82 @@ class LLMEngine:
                 request.first_scheduled_time = now
         self.last_step_tokens = scheduled.num_batched_tokens
         self.last_step_seqs = len(scheduled.scheduled)
-        logits = self.runner.run(chunks)
+        failed: dict[str, str] = {}
         sampled_seqs = scheduled.sampled_seqs
-        sampled = self.sampler(logits, sampled_seqs)
-        self.scheduler.postprocess(scheduled, sampled.token_ids, sampled.token_logprobs(sampled_seqs))
+        rows = self._forward(scheduled.scheduled, failed)
+        token_ids, logprobs = self._sample(rows, sampled_seqs, failed)
+        failures = [self._fail(request_id, message) for request_id, message in failed.items()]
+        # Rows of failed requests carry placeholders: their sequences are finished, postprocess skips them.
+        self.scheduler.postprocess(scheduled, [t if t is not None else 0 for t in token_ids], logprobs)
         self.num_steps += 1
-        return self._collect(sampled_seqs)
+        return [f for f in failures if f is not None] + self._collect(sampled_seqs)
+
+    def _forward(self, items: list[ScheduledSeq], failed: dict[str, str]) -> StepLogits:
+        """The logits of the sampling items among `items`, in order.
+
+        A forward that raises is re-run in halves until each item that makes it fail runs alone; only
+        those requests fail (re-running rewrites the same K/V, so the others are unaffected)."""
+        try:
+            logits = self.runner.run([Chunk(s.seq.token_ids[s.start:s.end], s.start, s.seq.block_table,
+                                            s.seq.adapter_slot, s.sample) for s in items])
+        except Exception as exc:
+            if len(items) == 1:
+                request_id = items[0].seq.request_id
+                log.error("request %s failed in the model's forward", request_id, exc_info=exc)
+                failed.setdefault(request_id, f"the engine failed while running this request ({type(exc).__name__})")
+                return StepLogits(None, [None] if items[0].sample else [])
+            half = len(items) // 2
+            return StepLogits.join(self._forward(items[:half], failed), self._forward(items[half:], failed))
+        sampling = [s for s in items if s.sample]
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):
+            for item, ok in zip(sampling, finite.tolist()):
+                if not ok:
+                    log.error("request %s: non-finite logits", item.seq.request_id)
+                    failed.setdefault(item.seq.request_id, "the model produced NaN or infinite logits for this "
+                                      "request (is its adapter's output finite?)")
+        return StepLogits(logits, None)
+
+    def _sample(self, rows: StepLogits, seqs: list[Sequence], failed: dict[str, str]
+                ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
+        """A token (and logprobs) per sampled sequence; None for those of failed requests."""
+        keep = [i for i, seq in enumerate(seqs) if seq.request_id not in failed]
+        token_ids: list[int | None] = [None] * len(seqs)
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        if not keep:
+            return token_ids, logprobs
+        groups = [keep]
+        try:
+            sampled = self.sampler(rows.select(keep), [seqs[i] for i in keep])
+        except Exception:  # find the rows that fail on their own
+            groups, sampled = [[i] for i in keep], None
+        for group in groups:
+            group_seqs = [seqs[i] for i in group]
+            try:
+                out = sampled if sampled is not None else self.sampler(rows.select(group), group_seqs)
+            except Exception as exc:
+                log.error("request %s failed in the sampler", group_seqs[0].request_id, exc_info=exc)
+                failed.setdefault(group_seqs[0].request_id, f"sampling failed for this request ({type(exc).__name__})")
+                continue
+            for i, token, lp in zip(group, out.token_ids.tolist(), out.token_logprobs(group_seqs)):
+                token_ids[i], logprobs[i] = token, lp
+        return token_ids, logprobs
+
+    def _fail(self, request_id: str, message: str) -> RequestOutput | None:
+        """End `request_id` with an error. Its own K/V blocks are zeroed and dropped from the prefix cache,
+        so no NaN it may have written is ever read again (padding reads block 0 with weight 0, and
+        0 x NaN is NaN)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        bm = self.scheduler.block_manager
+        private = [b for seq in request.seqs for b in seq.block_table if bm.blocks[b].ref_count == 1]
+        bm.forget(private)
+        self.runner.clear_kv_blocks(private)
+        output = self.abort(request_id)
+        assert output is not None
+        output.outputs, output.error = [], message
+        return output
 
     def _collect(self, seqs: list[Sequence]) -> list[RequestOutput]:
         by_request: dict[str, RequestOutput] = {}

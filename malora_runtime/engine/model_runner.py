@@ -129,6 +129,15 @@ class ModelRunner:
         return ids, pos, meta, token_slots, logit_rows
 
     @torch.inference_mode()
+    def clear_kv_blocks(self, block_ids: list[int]) -> None:
+        """Zero the K/V of these blocks in every layer."""
+        if not block_ids:
+            return
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        for cache in (*self.pool.keys, *self.pool.values):
+            cache.view(self.num_blocks, self.block_size, *cache.shape[1:]).index_fill_(0, index, 0)
+
+    @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
         ids, positions, meta, token_slots, logit_rows = self.prepare(chunks)

@@ -29,6 +29,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     arrival_time: float = 0.0  # time.monotonic() when the engine accepted the request
     first_scheduled_time: float | None = None  # when its first chunk ran (queue time = this - arrival)
+    error: str | None = None  # set when the engine failed this request alone (finished is then True)
 
 
 @dataclass

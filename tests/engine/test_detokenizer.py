@@ -120,3 +120,14 @@ def test_random_stop_strings(tokenizer, parts, span, chunk):
     start = span[0] % len(text)
     stop = text[start : start + span[1]]
     check_stop(tokenizer, text, [stop, "zz"], chunk)
+
+
+@given(text=st.text(alphabet="abc", max_size=30), start=st.integers(0, 30),
+       stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=6), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_held_back_suffix_is_the_longest_that_begins_a_stop_string(text, start, stops):
+    detok = IncrementalDetokenizer(None, stop=stops)
+    detok.decoded, start = text, min(start, len(text))
+    expected = max((k for k in range(1, len(text) - start + 1) for s in stops
+                    if k < len(s) and s.startswith(text[len(text) - k:])), default=0)
+    assert detok._stop_prefix_len(start) == expected
