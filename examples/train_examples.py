@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.tasks import make_splits  # noqa: E402
-from malora_runtime.adapters import load_adapter, save_adapter  # noqa: E402
+from malora_runtime.adapters import atomic_directory, load_adapter  # noqa: E402
+from malora_runtime.adapters.io import write_adapter_files  # noqa: E402
 from malora_runtime.models.loader import load_model  # noqa: E402
 from malora_runtime.patching import linear_shapes  # noqa: E402
 from malora_runtime.training.data import write_jsonl  # noqa: E402
@@ -74,33 +75,35 @@ def build(name: str, example: Example, model, tokenizer, model_name: str, out_ro
     result = train(model, tokenizer, example.config, train_records, None, model_name)
     out = out_root / name
     result.adapter.config.description = example.description
-    save_adapter(result.adapter, out)
-    write_jsonl(out / "eval.jsonl", eval_records)
-    served = load_adapter(out, linear_shapes(model), dtype=torch.float32)  # what a server loads: the fp16 file
-    base = evaluate_offline(model, tokenizer, None, eval_records, MAX_TOKENS)
-    tuned = evaluate_offline(model, tokenizer, served, eval_records, MAX_TOKENS)
-    card = {
-        "name": name,
-        "task": example.task,
-        "description": example.description,
-        "base_model": model_name,
-        "prompt_example": eval_records[0]["prompt"],
-        "completion_example": eval_records[0]["completion"],
-        "eval_set": "eval.jsonl",
-        "eval_items": len(eval_records),
-        "max_tokens": MAX_TOKENS,
-        "scoring": "exact match after whitespace normalisation, greedy decoding, /v1/completions",
-        "base_accuracy": round(base.accuracy, 4),
-        "adapter_accuracy": round(tuned.accuracy, 4),
-        "required_margin": required_margin(base.accuracy, tuned.accuracy),
-        "trainable_parameters": result.trainable_parameters,
-        "size_bytes": served.num_bytes() // 2,
-        "train_seconds": round(result.seconds, 1),
-        "final_train_loss": round(result.losses[-1], 4),
-        "training": {k: v for k, v in asdict(example.config).items()},
-        "train_data": f"examples/tasks.py: make_splits({example.task!r}, {TRAIN_COUNT}, {EVAL_COUNT})",
-    }
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    # The adapter, its eval set and its card appear together or not at all (a server may be serving `out`).
+    with atomic_directory(out) as staging:
+        write_adapter_files(result.adapter, staging)
+        write_jsonl(staging / "eval.jsonl", eval_records)
+        served = load_adapter(staging, linear_shapes(model), dtype=torch.float32)  # what a server loads: the fp16 file
+        base = evaluate_offline(model, tokenizer, None, eval_records, MAX_TOKENS)
+        tuned = evaluate_offline(model, tokenizer, served, eval_records, MAX_TOKENS)
+        card = {
+            "name": name,
+            "task": example.task,
+            "description": example.description,
+            "base_model": model_name,
+            "prompt_example": eval_records[0]["prompt"],
+            "completion_example": eval_records[0]["completion"],
+            "eval_set": "eval.jsonl",
+            "eval_items": len(eval_records),
+            "max_tokens": MAX_TOKENS,
+            "scoring": "exact match after whitespace normalisation, greedy decoding, /v1/completions",
+            "base_accuracy": round(base.accuracy, 4),
+            "adapter_accuracy": round(tuned.accuracy, 4),
+            "required_margin": required_margin(base.accuracy, tuned.accuracy),
+            "trainable_parameters": result.trainable_parameters,
+            "size_bytes": served.num_bytes() // 2,
+            "train_seconds": round(result.seconds, 1),
+            "final_train_loss": round(result.losses[-1], 4),
+            "training": {k: v for k, v in asdict(example.config).items()},
+            "train_data": f"examples/tasks.py: make_splits({example.task!r}, {TRAIN_COUNT}, {EVAL_COUNT})",
+        }
+        (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     log.info("%s: base %.2f, adapter %.2f, margin %.2f, %.0f s", name, base.accuracy, tuned.accuracy,
              card["required_margin"], result.seconds)
     return card

@@ -10,79 +10,128 @@ MoLoRA input layout (a directory, documented in docs/adapter-format.md):
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import AdapterConfigError, AdapterNotFoundError, MissingTensorError, ShapeMismatchError
+from .files import MAX_WEIGHTS_BYTES, read_json, read_safetensors
 from .format import AdapterConfig, MaloraAdapter, ModuleSpec, ModuleWeights
-from .io import _read_tensors, refuse_pickles
+from .io import refuse_pickles
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PEFT_DEFAULT_R = PEFT_DEFAULT_ALPHA = 8  # LoraConfig's defaults, for a config that leaves them out
+# PEFT options that change what an adapted layer computes and that the MALoRA format cannot express.
+PEFT_REFUSED = ("use_dora", "lora_bias", "alora_invocation_tokens", "layer_replication", "target_parameters")
 MOLORA_CONFIG = "molora_config.json"
 MOLORA_WEIGHTS = "molora_model.safetensors"
 
 
 def is_peft_dir(directory: str | Path) -> bool:
-    return (Path(directory) / PEFT_CONFIG).is_file()
+    # lexists, not is_file: a FIFO or a bad symlink under this name is then refused by name, not ignored.
+    return os.path.lexists(Path(directory) / PEFT_CONFIG)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterConfigError(f"{path}: invalid JSON: {exc}") from None
+def _read_json(path: Path, root: Path) -> dict:
+    data = read_json(path, root)
     if not isinstance(data, dict):
         raise AdapterConfigError(f"{path}: must be a JSON object")
     return data
 
 
-def peft_lora_to_malora(directory: str | Path, dtype: str = "float32") -> MaloraAdapter:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _peft_pattern(cfg: dict, key: str, valid: Any, what: str, where: Path) -> dict[str, Any]:
+    """`rank_pattern` or `alpha_pattern`, checked: regular expressions as keys, valid values."""
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterConfigError(f"{where}: {key} must be an object, got {patterns!r}")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise AdapterConfigError(f"{where}: {key} key {pattern!r} is not a regular expression ({exc})") from None
+        if not valid(value):
+            raise AdapterConfigError(f"{where}: {key}[{pattern!r}] must be {what}, got {value!r}")
+    return patterns
+
+
+def peft_pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule (`peft.utils.other.get_pattern_key`): the value of the first key, in order, that as a
+    regular expression matches the whole module name or its end after a '.'; else the default."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return patterns.get(module, default)
+
+
+def peft_lora_to_malora(directory: str | Path, dtype: str = "float32",
+                        max_bytes: int = MAX_WEIGHTS_BYTES) -> MaloraAdapter:
     """Convert a PEFT LoRA directory exactly: S = A, P = I, B = B, N = k = 1, no router.
 
-    rsLoRA (scale alpha / sqrt(r)) is folded into alpha. DoRA and LoRA biases are refused.
+    rsLoRA (scale alpha / sqrt(r)) is folded into alpha. `rank_pattern` and `alpha_pattern` are applied per
+    module as PEFT does; a result that differs between layers of one module name cannot be expressed (the
+    format has one spec per name) and is refused, as are DoRA, LoRA biases and other options that change
+    the computation. Anything not understood is refused rather than converted approximately.
     """
     root = Path(directory)
     config_path = root / PEFT_CONFIG
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise AdapterNotFoundError(f"{config_path}: not found (is this a PEFT LoRA directory?)")
     refuse_pickles(root)
-    cfg = _read_json(config_path)
+    cfg = _read_json(config_path, root)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterConfigError(f"{config_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for flag in ("use_dora",):
+    for flag in PEFT_REFUSED:
         if cfg.get(flag):
-            raise AdapterConfigError(f"{config_path}: {flag} adapters are not supported")
+            raise AdapterConfigError(f"{config_path}: {flag}={cfg[flag]!r} is not supported (it has no exact "
+                                     "MALoRA form)")
     if cfg.get("bias", "none") != "none":
         raise AdapterConfigError(f"{config_path}: LoRA bias {cfg.get('bias')!r} is not supported")
-    weights_path = root / PEFT_WEIGHTS
-    if not weights_path.is_file():
-        raise AdapterNotFoundError(f"{weights_path}: weights file not found")
-    tensors = _read_tensors(weights_path)
+    default_rank = cfg.get("r", PEFT_DEFAULT_R)
+    if not _is_rank(default_rank):
+        raise AdapterConfigError(f"{config_path}: 'r' must be a positive integer, got {default_rank!r}")
+    default_alpha = cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if not _is_number(default_alpha):
+        raise AdapterConfigError(f"{config_path}: 'lora_alpha' must be a finite number, got {default_alpha!r}")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterConfigError(f"{config_path}: 'use_rslora' must be true or false, got {rslora!r}")
+    rank_pattern = _peft_pattern(cfg, "rank_pattern", _is_rank, "a positive integer", config_path)
+    alpha_pattern = _peft_pattern(cfg, "alpha_pattern", _is_number, "a finite number", config_path)
 
-    default_rank = int(cfg.get("r", 8))
-    default_alpha = float(cfg.get("lora_alpha", default_rank))
-    rank_pattern: dict = cfg.get("rank_pattern") or {}
-    alpha_pattern: dict = cfg.get("alpha_pattern") or {}
+    weights_path = root / PEFT_WEIGHTS
+    if not os.path.lexists(weights_path):
+        raise AdapterNotFoundError(f"{weights_path}: weights file not found")
+    tensors = read_safetensors(weights_path, root, max_bytes)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in name:
-                path = name.split(marker)[0]
-                pairs.setdefault(path, {})[part] = tensor
-                break
-        else:
+        # Only `<module>.lora_A.weight` / `.lora_B.weight`: a `lora_B.bias` or a DoRA magnitude is refused.
+        path, _, part = name.removesuffix(".weight").rpartition(".")
+        if not name.endswith(".weight") or part not in ("lora_A", "lora_B") or not path:
             raise AdapterConfigError(f"{weights_path}: tensor {key!r} is not a LoRA A/B weight")
+        if tensor.dim() != 2:
+            raise ShapeMismatchError(f"{weights_path}: {key} is {list(tensor.shape)}, expected a matrix "
+                                     "(only linear layers are supported)")
+        pairs.setdefault(path, {})[part] = tensor
 
     modules: dict[str, ModuleWeights] = {}
     specs: dict[str, ModuleSpec] = {}
+    first_of: dict[str, str] = {}  # leaf name -> the first module path that set its spec
     for path in sorted(pairs):
         pair = pairs[path]
         for part in ("lora_A", "lora_B"):
@@ -93,17 +142,22 @@ def peft_lora_to_malora(directory: str | Path, dtype: str = "float32") -> Malora
         if b.shape[1] != rank:
             raise ShapeMismatchError(f"{weights_path}: {path}: lora_B is {list(b.shape)}, lora_A is "
                                      f"{list(a.shape)}: ranks differ")
-        leaf = path.rsplit(".", 1)[-1]
-        expected_rank = next((int(v) for k, v in rank_pattern.items() if path.endswith(k)), default_rank)
+        expected_rank = peft_pattern_value(rank_pattern, path, default_rank)
         if rank != expected_rank:
             raise ShapeMismatchError(f"{weights_path}: {path}: rank {rank}, config says {expected_rank}")
-        alpha = next((float(v) for k, v in alpha_pattern.items() if path.endswith(k)), default_alpha)
-        if cfg.get("use_rslora"):
+        alpha = float(peft_pattern_value(alpha_pattern, path, default_alpha))
+        if rslora:
             alpha = alpha * math.sqrt(rank)  # scale alpha/sqrt(r) == (alpha*sqrt(r))/r
         spec = ModuleSpec(d=rank, r=rank, num_experts=1, top_k=1, alpha=alpha)
+        leaf = path.rsplit(".", 1)[-1]
+        first_of.setdefault(leaf, path)
         if specs.setdefault(leaf, spec) != spec:
-            raise AdapterConfigError(f"{config_path}: modules named {leaf!r} have different ranks or alphas; "
-                                     "the MALoRA format keys them by name")
+            other = specs[leaf]
+            raise AdapterConfigError(
+                f"{config_path}: rank_pattern/alpha_pattern give layers named {leaf!r} different values "
+                f"({first_of[leaf]}: r={other.r}, alpha={other.alpha:g}; {path}: r={rank}, alpha={alpha:g}); "
+                "the MALoRA format has one rank and alpha per module name, so this adapter cannot be converted"
+            )
         modules[path] = ModuleWeights(
             spec, S=a, G=torch.zeros(1, a.shape[1]), P=torch.eye(rank).unsqueeze(0), B=b.unsqueeze(0)
         )
@@ -128,13 +182,14 @@ class MoloraModule:
     router_bias: torch.Tensor | None = None
 
 
-def read_molora(directory: str | Path) -> tuple[AdapterConfig, dict[str, MoloraModule]]:
+def read_molora(directory: str | Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> tuple[AdapterConfig,
+                                                                                    dict[str, MoloraModule]]:
     root = Path(directory)
     config_path = root / MOLORA_CONFIG
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise AdapterNotFoundError(f"{config_path}: not found (is this a MoLoRA directory?)")
     refuse_pickles(root)
-    raw = _read_json(config_path)
+    raw = _read_json(config_path, root)
     if raw.get("format") != "molora":
         raise AdapterConfigError(f"{config_path}: 'format' must be 'molora'")
     module_raw = raw.get("modules")
@@ -152,7 +207,7 @@ def read_molora(directory: str | Path) -> tuple[AdapterConfig, dict[str, MoloraM
             raise AdapterConfigError(f"{config_path}: modules.{leaf}: {exc}") from None
         specs[leaf].validate(f"{config_path}: modules.{leaf}")
     weights_path = root / MOLORA_WEIGHTS
-    tensors = _read_tensors(weights_path)
+    tensors = read_safetensors(weights_path, root, max_bytes)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         path, _, name = key.rpartition(".")

@@ -1,4 +1,4 @@
-"""Typed errors raised while reading, validating or converting adapters.
+"""Typed errors raised while reading, validating, converting or writing adapters.
 
 Every message names the file and, where it applies, the tensor and the expected versus found shape,
 so an operator can fix the adapter without reading our code.
@@ -49,3 +49,16 @@ class NonFiniteTensorError(AdapterError):
 
 class CorruptFileError(AdapterError):
     """The safetensors file cannot be parsed (truncated, wrong header)."""
+
+
+class UnsafeFileError(AdapterError):
+    """A file the loader would open is not a regular file (a FIFO, socket or device), or is a symlink
+    that leaves the adapter directory. Refused before anything is opened."""
+
+
+class FileTooLargeError(AdapterError):
+    """A file is larger than the reader's cap."""
+
+
+class DestinationError(AdapterError):
+    """A writer refuses its destination: it exists and is not an adapter directory (or an empty one)."""

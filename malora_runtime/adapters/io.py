@@ -1,21 +1,22 @@
 """Reading and writing MALoRA adapter directories, with full validation.
 
-Only safetensors is ever read: pickle-based files are refused, never opened.
+Only safetensors is ever read: pickle-based files are refused, never opened. Files are opened and written
+through `files.py` (checked before they are opened, read into memory, directories replaced atomically).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import (
     AdapterNotFoundError,
-    CorruptFileError,
     MissingTensorError,
     NonFiniteTensorError,
     ShapeMismatchError,
@@ -23,13 +24,14 @@ from .errors import (
     UnknownModuleError,
     UnsafeFormatError,
 )
+from .files import MAX_WEIGHTS_BYTES, atomic_directory, read_json, read_safetensors
 from .format import CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, MaloraAdapter, ModuleWeights, expected_shapes
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # (d_in, d_out) of every linear module of the base model, by module path.
 ModuleShapes = Mapping[str, tuple[int, int]]
-
-
 def refuse_pickles(directory: Path) -> None:
     """Raise if the directory offers weights only in a pickle-based format."""
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -40,35 +42,32 @@ def refuse_pickles(directory: Path) -> None:
         )
 
 
-def save_adapter(adapter: MaloraAdapter, directory: str | Path) -> Path:
-    """Write `adapter` as a MALoRA directory (config + one safetensors file), in the config's dtype."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+# ---- reading ----
+def write_adapter_files(adapter: MaloraAdapter, directory: Path) -> None:
+    """Write the config and the weights (in the config's dtype) into `directory`, as they are: writers use
+    `save_adapter`, or this inside their own `atomic_directory` when they add files of their own."""
     dtype = adapter.config.torch_dtype
     tensors = {
         f"{path}.{name}": tensor.detach().to(dtype=dtype, device="cpu").contiguous()
         for path, weights in adapter.modules.items()
         for name, tensor in weights.tensors().items()
     }
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "malora"})
-    adapter.config.save(out)
-    return out
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "malora"})
+    adapter.config.save(directory)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except SafetensorError as exc:
-        raise CorruptFileError(f"{path}: not a valid safetensors file ({exc})") from None
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CorruptFileError(f"{path}: cannot be read as safetensors ({exc})") from None
+def save_adapter(adapter: MaloraAdapter, directory: str | Path) -> Path:
+    """Write `adapter` as a MALoRA directory (config + one safetensors file), atomically."""
+    with atomic_directory(directory) as staging:
+        write_adapter_files(adapter, staging)
+    return Path(directory)
 
 
 def load_malora_dir(
     directory: str | Path,
     module_shapes: ModuleShapes | None = None,
     dtype: torch.dtype | None = None,
+    max_bytes: int = MAX_WEIGHTS_BYTES,
 ) -> MaloraAdapter:
     """Load and validate a MALoRA adapter directory.
 
@@ -79,13 +78,14 @@ def load_malora_dir(
     if not root.is_dir():
         raise AdapterNotFoundError(f"{root}: adapter directory not found")
     refuse_pickles(root)
-    config = AdapterConfig.load(root) if (root / CONFIG_FILE).is_file() else None
-    if config is None:
+    config_path = root / CONFIG_FILE
+    if not os.path.lexists(config_path):
         raise AdapterNotFoundError(f"{root}: no {CONFIG_FILE} (is this a MALoRA adapter directory?)")
+    config = AdapterConfig.from_json(read_json(config_path, root), str(config_path))
     weights_path = root / WEIGHTS_FILE
-    if not weights_path.is_file():
+    if not os.path.lexists(weights_path):
         raise AdapterNotFoundError(f"{weights_path}: weights file not found")
-    tensors = _read_tensors(weights_path)
+    tensors = read_safetensors(weights_path, root, max_bytes)
     modules = _group_and_validate(tensors, config, str(weights_path), module_shapes)
     adapter = MaloraAdapter(config, modules, source=str(root))
     return adapter.to(dtype=dtype) if dtype is not None else adapter
