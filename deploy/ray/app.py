@@ -9,13 +9,20 @@
 - `Directory`: where each replica listens, and the last change of each adapter, which a replica started later
   (scale-up, restart) replays before it serves.
 
-    serve run deploy.ray.app:build_app replicas=2 server_args="--adapter-root /adapters --admin-key KEY"
+    MALORA_API_KEY=... MALORA_ADMIN_KEY=... serve run deploy.ray.app:build_app replicas=2 \
+        server_args="--adapter-root /adapters"
+
+Replicas listening on a non-loopback address (`--host 0.0.0.0`, for several nodes) need an API key (`--api-key`, or
+MALORA_API_KEY in the replicas' environment) or an explicit `--allow-unauthenticated`; an admin key has at least 16
+characters and is no API key. These are `malora-serve`'s own rules, applied where its flags are parsed: `build_app`
+refuses such arguments before any replica starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import shlex
@@ -110,6 +117,8 @@ class MaloraServer:
         host = ray.util.get_node_ip_address() if settings.host in ("0.0.0.0", "::", "") else settings.host
         self.url = f"http://{host}:{port}"
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=None)
+        # /health needs no key; one is sent anyway, so that the check holds whatever the server leaves open.
+        self.health_headers = {"Authorization": f"Bearer {settings.api_keys[0]}"} if settings.api_keys else {}
 
         async def read_adapter(name: str) -> str:
             await manager.resolve(name)  # into host memory; the request then takes an engine slot (LRU)
@@ -148,9 +157,15 @@ class MaloraServer:
         finally:
             await response.aclose()
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        """Ray replaces a replica whose check raises: the server stopped, or its own liveness probe `/health`
+        fails (the engine thread died, or work waits and no engine step finished for --health-stall-seconds)."""
         if self.serving.done() or not self.state.ready:
             raise RuntimeError(f"replica {self.replica}: server or engine stopped")
+        response = await self.client.get("/health", headers=self.health_headers, timeout=10)
+        if response.status_code != 200:
+            raise RuntimeError(f"replica {self.replica}: /health answered {response.status_code}: "
+                               f"{response.text[:200]}")
 
     async def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -235,6 +250,18 @@ def _error(status: int, message: str, code: str, **extra) -> JSONResponse:
                                    "invalid_request_error", "code": code, **extra}}, status_code=status)
 
 
+def _check_server_args(server_args: list[str]) -> None:
+    """`malora-serve`'s checks of its flags and MALORA_* variables (keys included), as a ValueError that carries
+    argparse's message: Ray reports it, where an exit would only say that the builder stopped."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parse_settings(server_args)
+    except SystemExit:
+        lines = errors.getvalue().strip().splitlines()
+        raise ValueError(f"server_args: {lines[-1] if lines else 'refused'}") from None  # (not the args: keys)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application. Args (strings from `serve run`, or typed values from a Serve config file):
     `replicas` (2), `num_cpus` (1) and `num_gpus` (0) per replica, `max_adapters_per_replica` (8: adapters Ray
@@ -243,7 +270,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     server_args = args.get("server_args", [])
     if isinstance(server_args, str):
         server_args = shlex.split(server_args)
-    parse_settings(server_args)  # bad flags fail here, not in every replica
+    _check_server_args(server_args)  # bad flags and missing keys fail here, not in every replica
     directory = Directory.bind()
     server = MaloraServer.options(
         num_replicas=int(args.get("replicas", 2)),

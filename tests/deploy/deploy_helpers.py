@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -77,3 +78,54 @@ def check_malora_env(env: dict[str, str]):
     names = {k for k in env if k.startswith(ENV_PREFIX)}
     assert names - {"MALORA_CACHE"} <= flags, f"not malora-serve settings: {sorted(names - flags)}"
     return parse_settings([], env={k: str(v) for k, v in env.items()})
+
+
+def secret_value(name: str, key: str) -> str:
+    """What a pod reads from key `key` of Secret `name`, in these tests: a stand-in long enough for an admin key."""
+    return f"<secret {name}/{key}>"
+
+
+def container_env(objects: list[dict], container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: `envFrom` ConfigMaps, then `env` in order, with
+    `secretKeyRef`s read by `secret_value` and `$(VAR)` references expanded (an unknown one stays as written)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, f"env sources these tests read: ConfigMaps only, not {source}"
+        config = next(o for o in objects if o["kind"] == "ConfigMap"
+                      and o["metadata"]["name"] == source["configMapRef"]["name"])
+        env.update({k: str(v) for k, v in config["data"].items()})
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]),
+                                        str(entry["value"]))
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secret_value(ref["name"], ref["key"])
+    return env
+
+
+class MissingVariable(Exception):
+    """A `${VAR:?message}` of a compose file whose variable is unset or empty: `docker compose` stops with it."""
+
+
+def compose_interpolate(value, env: dict[str, str]):
+    """Compose's interpolation of `${VAR}`, `${VAR:-default}` and `${VAR:?message}` (and `$$`) in every string."""
+    if isinstance(value, dict):
+        return {k: compose_interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compose_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, operator, argument = match["name"], match["op"], match["arg"]
+        assert operator in (None, ":-", ":?"), f"interpolation these tests do not read: {match[0]}"
+        if env.get(name):
+            return env[name]
+        if operator == ":?":
+            raise MissingVariable(f"required variable {name} is missing a value: {argument}")
+        return argument if operator == ":-" else ""
+
+    return re.sub(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}", substitute, value)

@@ -11,6 +11,8 @@ import pytest
 from deploy_helpers import DEPLOY, REPO_ROOT, check_malora_env
 
 DOCKERFILES = ["Dockerfile", "Dockerfile.cuda"]
+# What `docker run -e MALORA_API_KEY=...` adds: the image listens on 0.0.0.0, where the server needs a key.
+RUN_ENV = {"MALORA_API_KEY": "docker-run-key"}
 
 
 def instructions(path) -> list[tuple[str, str]]:
@@ -75,7 +77,7 @@ def test_the_image_runs_malora_serve_unprivileged_with_a_health_check(dockerfile
     health = dict(steps)["HEALTHCHECK"]
     assert "/ready" in health and "${MALORA_PORT:-8000}" in health
     env = env_of(steps)
-    settings = check_malora_env(env)
+    settings = check_malora_env(env | RUN_ENV)
     assert settings.host == "0.0.0.0"
     assert json.loads(dict(steps)["VOLUME"]) == [str(settings.adapter_roots[0])]
     assert env["PATH"].startswith("/app/.venv/bin:")
@@ -84,7 +86,24 @@ def test_the_image_runs_malora_serve_unprivileged_with_a_health_check(dockerfile
 def test_the_cuda_image_uses_a_cuda_base_and_the_gpu():
     steps = instructions(DEPLOY / "docker" / "Dockerfile.cuda")
     assert dict(steps)["FROM"].startswith("nvidia/cuda:")
-    assert check_malora_env(env_of(steps)).engine.device == "cuda"
+    assert check_malora_env(env_of(steps) | RUN_ENV).engine.device == "cuda"
+
+
+def test_the_image_bakes_in_no_key_and_says_which_one_to_pass(dockerfile):
+    """No key (nor a way around one) in the image: it listens on 0.0.0.0, so `docker run` must pass MALORA_API_KEY,
+    which the Dockerfile and docs/deploy.md say; every `docker run` there passes one, every admin key is 16+ long."""
+    name, steps = dockerfile
+    baked = set(env_of(steps)) & {"MALORA_API_KEY", "MALORA_ADMIN_KEY", "MALORA_ALLOW_UNAUTHENTICATED",
+                                  "MALORA_PUBLIC_METRICS"}
+    assert not baked, f"{name} sets {baked}"
+    assert not [arg for kind, arg in steps if kind == "ARG" and "KEY" in arg.upper()]
+    assert "-e MALORA_API_KEY=" in (DEPLOY / "docker" / name).read_text()
+    docs = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    runs = re.findall(r"^docker run (?:.*\\\n)*.*$", docs, re.M)
+    assert runs and all("MALORA_API_KEY=" in run for run in runs), runs
+    for admin_key in re.findall(r"MALORA_ADMIN_KEY=(\S+)", docs) + re.findall(r"--admin-key (\S+)", docs):
+        literal = admin_key.strip("'\"`")
+        assert literal.startswith("$") or len(literal) >= 16, admin_key  # a shell variable, or a long enough key
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

@@ -6,6 +6,7 @@ Requests go through the OpenAI routes of the ingress; each replica's own `/metri
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import socket
 import time
 from pathlib import Path
@@ -19,9 +20,10 @@ serve = pytest.importorskip("ray.serve")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-API_KEY, ADMIN_KEY = "user-key", "admin-key"
+API_KEY, ADMIN_KEY = "user-key", "admin-key-of-the-ray-test"  # an admin key has 16+ characters
 ADAPTERS = [f"a{i}" for i in range(6)]
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+USER = {"Authorization": f"Bearer {API_KEY}"}  # /metrics needs a key when keys are set
 
 
 def _free_port() -> int:
@@ -79,7 +81,9 @@ def _requests_by_adapter(replica_url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{replica_url}/metrics", timeout=30).text):
+    response = httpx.get(f"{replica_url}/metrics", headers=USER, timeout=30)
+    assert response.status_code == 200, response.text
+    for family in text_string_to_metric_families(response.text):
         if family.name == "malora_requests":
             for sample in family.samples:
                 if sample.name == "malora_requests_total":
@@ -193,3 +197,18 @@ def test_adapter_change_names_the_adapter_of_admin_requests_only():
     assert adapter_change("POST", "/v1/load_lora_adapter", b"not json") == ""
     assert adapter_change("GET", "/v1/adapters/z", b"") is None
     assert adapter_change("POST", "/v1/completions", b'{"model": "x"}') is None
+
+
+def test_build_app_refuses_public_replicas_without_a_key(monkeypatch):
+    from deploy.ray.app import build_app
+
+    for name in [k for k in os.environ if k.startswith("MALORA_")]:
+        monkeypatch.delenv(name)
+    # `malora-serve`'s own rules, refused before any replica starts, with argparse's message (and no key in it)
+    with pytest.raises(ValueError, match="api-key"):
+        build_app({"server_args": "--host 0.0.0.0"})
+    with pytest.raises(ValueError, match="16") as refused:
+        build_app({"server_args": "--api-key some-key --admin-key short-key"})
+    assert "short-key" not in str(refused.value) and "some-key" not in str(refused.value)
+    build_app({"server_args": "--host 0.0.0.0 --api-key some-key"})  # builds the graph only, starts nothing
+    build_app({"server_args": "--host 0.0.0.0 --allow-unauthenticated"})
