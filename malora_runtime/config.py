@@ -29,6 +29,8 @@ class EngineConfig:
     """Longest prompt plus output; defaults to the model's context length."""
     max_loaded_adapters: int = 32
     """Adapter slots in the batched weight tensors."""
+    adapter_bank_memory: int | None = 8 << 30
+    """Bytes the adapter slot banks may grow to (None: no limit); an adapter that would pass it is refused."""
     enable_prefix_caching: bool = True
     count_expert_routing: bool = True
     """Accumulate per-expert token counts for metrics (cheap, on the device)."""
@@ -46,6 +48,8 @@ class EngineConfig:
                      "max_loaded_adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adapter_bank_memory is not None and self.adapter_bank_memory < 1:
+            raise ValueError(f"adapter_bank_memory must be >= 1, got {self.adapter_bank_memory}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -193,6 +193,14 @@ class AdapterManager:
         except NoFreeSlotError:
             log.info("adapter %s v%d stays in host memory: every slot is busy", host.name, host.version)
 
+    def public_message(self, message: str) -> str:
+        """`message` with the server's adapter directories replaced by placeholders (for non-admin callers)."""
+        for name, path in sorted({**self.registry.paths, **self.trusted}.items(), key=lambda item: -len(str(item[1]))):
+            message = message.replace(str(path), f"<adapter {name}>")
+        for root in self.registry.roots:
+            message = message.replace(str(root), "<adapter root>")
+        return message
+
     # ---- views ----
     def view(self, name: str, on_disk: dict[str, Path] | None = None) -> AdapterView:
         registry = self.registry

@@ -64,5 +64,5 @@ def create_app(engine: EngineClient | None, settings: ServerSettings, adapters: 
     app.add_middleware(ErrorMetricsMiddleware, metrics=lambda: metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, open_health=settings.open_health,
-                       admin_key=settings.admin_key)
+                       admin_key=settings.admin_key, public_metrics=settings.public_metrics)
     return app

@@ -55,6 +55,11 @@ class EngineClient(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def stalled_for(self) -> float:
+        """Seconds since the engine last made progress while work waits (0 when healthy, inf when its thread
+        is gone)."""
+        ...
+
     def start(self) -> None: ...
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -13,7 +13,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from malora_runtime.adapters.errors import AdapterError
 from malora_runtime.adapters.registry import UnknownAdapterNameError
-from malora_runtime.engine.errors import EngineRequestError, EngineShutdownError, UnknownAdapterError
+from malora_runtime.engine.errors import (
+    EngineRequestError,
+    EngineShutdownError,
+    RequestFailedError,
+    UnknownAdapterError,
+)
 
 from .adapters import AdapterConflictError
 
@@ -66,7 +71,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, UnknownAdapterError):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, EngineRequestError):
-        return invalid(str(exc), param="prompt")
+        return invalid(str(exc), param=exc.param)
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc), code="request_failed")
     if isinstance(exc, UnknownAdapterNameError):
         return APIError(404, str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterConflictError):

@@ -17,10 +17,12 @@ log = logging.getLogger("malora.serve")
 
 
 def build_engine(settings: ServerSettings) -> tuple:
-    """The engine (not started yet) and its adapter manager, the command line's adapters read, validated and
-    activated. Raises on a bad model or adapter. Adapters under the roots are read on first use."""
+    """The engine (its thread already stepping) and its adapter manager, the command line's adapters read, validated
+    and activated. Raises on a bad model or adapter. Adapters under the roots are read on first use."""
     from malora_runtime.adapters.registry import AdapterRegistry
+    from malora_runtime.adapters.unloaded import UnloadedRecord
     from malora_runtime.engine.async_engine import AsyncEngine
+    from malora_runtime.models.loader import cache_root
     from malora_runtime.patching import linear_shapes
 
     for name, path in settings.adapters.items():
@@ -31,10 +33,12 @@ def build_engine(settings: ServerSettings) -> tuple:
         if not root.is_dir():
             log.warning("adapter root %s does not exist; no adapters are found in it", root)
     engine = AsyncEngine.from_config(settings.engine)
+    state_dir = settings.state_dir or cache_root() / "state"
     registry = AdapterRegistry(linear_shapes(engine.engine.runner.model), settings.adapter_roots,
-                               settings.max_cpu_adapters, settings.max_adapter_bytes)
+                               settings.max_cpu_adapters, settings.max_adapter_bytes, limits=settings.adapter_limits,
+                               unloaded_record=UnloadedRecord(state_dir, settings.adapter_roots))
     manager = AdapterManager(engine, registry, settings.engine.max_loaded_adapters)
-    asyncio.run(manager.load_startup(settings.adapters, settings.pins))  # before the engine thread starts: inline
+    asyncio.run(manager.load_startup(settings.adapters, settings.pins))  # activated between engine steps
     return engine, manager
 
 

@@ -92,6 +92,8 @@ class ServerMetrics:
         self._routing: dict[str, list[float]] = {}
         self.recent: deque[tuple[float, RequestRecord]] = deque(maxlen=2000)
         self._state_collector: Callable[[], list[Any]] | None = None
+        # Whether a model name is the base model or an adapter the server has (set by the app's telemetry).
+        self.is_known: Callable[[str], bool] = lambda name: name == base_model
 
     # ---- observations ----
     def adapter_label(self, adapter: str | None) -> str:
@@ -114,7 +116,10 @@ class ServerMetrics:
         self.recent.append((time.time(), record))
 
     def observe_error(self, adapter: str | None, endpoint: str, status: int) -> None:
-        self.requests.labels(self.adapter_label(adapter), endpoint, str(status)).inc()
+        """A refused request. The name it gave is a label only when it names a real model: names a client made up
+        must not fill the label budget."""
+        label = self.adapter_label(adapter) if adapter is None or self.is_known(adapter) else OTHER
+        self.requests.labels(label, endpoint, str(status)).inc()
 
     def observe_step(self, seconds: float, tokens: int, seqs: int) -> None:
         self.step_tokens.observe(tokens)
@@ -204,6 +209,6 @@ class ErrorMetricsMiddleware:
 def _model_of(body: bytes) -> str | None:
     try:
         model = json.loads(body).get("model")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # any body a client sends, nested 50,000 deep too
         return None
     return model if isinstance(model, str) and model else None

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from malora_runtime.sampling_params import MAX_LOGPROBS
 
@@ -15,6 +15,40 @@ NonNegInt = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 class Body(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} is not valid unicode (it holds a lone surrogate such as "
+                             "\\ud800)")
+        return data
+
+
+def lone_surrogate_at(data: Any) -> str | None:
+    """The path (`messages.0.content`) of the first string in `data` that cannot be UTF-8 encoded, else None.
+
+    JSON allows escapes like \\ud800 that decode to half a character; the tokenizer cannot encode them.
+    Iterative, so a deeply nested body cannot exhaust the stack."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and lone_surrogate_at(key) is not None:
+                    return child
+                pending.append((child, item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value)
+                           if isinstance(item, str | dict | list))
+    return None
 
 
 class StreamOptions(Body):

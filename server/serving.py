@@ -9,12 +9,13 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from malora_runtime.adapters.errors import AdapterError
 from malora_runtime.adapters.registry import (
     AdapterNameError,
     AdapterRegistry,
@@ -83,31 +84,141 @@ class ServerState:
         except (AdapterNameError, UnknownAdapterNameError):
             raise APIError(404, f"the model {model!r} does not exist", param="model",
                            code="model_not_found") from None
+        except AdapterError as exc:  # API callers get the reason, not the server's directories
+            raise APIError(400, self.adapters.public_message(str(exc)), param="model",
+                           code="invalid_adapter") from None
 
-    def check_capacity(self, num_seqs: int) -> None:
-        """429 when admitting `num_seqs` more sequences would pass the bound (an idle server takes any request)."""
+    def check_admissible(self, num_seqs: int, param: str = "n") -> None:
+        """400 for a request of more sequences than the queue could ever admit at once."""
         limit = self.settings.max_admitted
-        if self.num_admitted > 0 and self.num_admitted + num_seqs > limit:
+        if num_seqs > limit:
+            raise invalid(f"the request asks for {num_seqs} sequences (prompts x n); this server admits at most "
+                          f"{limit} at once", param=param)
+
+    def reserve(self, num_seqs: int) -> Reservation:
+        """Count `num_seqs` sequences against the queue bound, atomically (no await between the check and
+        the count): 429 when the queue is full now."""
+        self.check_admissible(num_seqs)
+        limit = self.settings.max_admitted
+        if self.num_admitted + num_seqs > limit:
             raise APIError(429, f"the server is at capacity ({self.num_admitted} sequences queued or running, "
                            f"limit {limit}); retry later", code="queue_full", headers={"Retry-After": "1"})
-
-    @contextlib.contextmanager
-    def admission(self, num_seqs: int):
-        """Count `num_seqs` against the bound for as long as the request runs."""
         self.num_admitted += num_seqs
+        return Reservation(self, num_seqs)
+
+    def check_response_size(self, num_seqs: int, max_tokens: int, logprobs: int | None) -> None:
+        """A non-streaming response is built in memory: bound sequences x max_tokens x (logprobs + 1)."""
+        size = num_seqs * max_tokens * ((logprobs or 0) + 1)
+        if size > self.settings.max_response_tokens:
+            raise invalid(f"the response could hold {size} token entries (prompts x n x max_tokens x (logprobs + "
+                          f"1)), more than {self.settings.max_response_tokens}; lower max_tokens, n or logprobs, "
+                          "or stream it", param="max_tokens")
+
+    async def serve(self, run: RequestRun, num_seqs: int, max_tokens: int, host: HostAdapter | None,
+                    raw: Request, response: Response) -> BaseModel | StreamingResponse:
+        """Admit `run` and answer it: as server-sent events when it streams, else as one body. Either way it
+        ends with an error after `--request-timeout` seconds, which aborts its engine requests."""
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
+        if not run.body.stream:
+            self.check_response_size(num_seqs, max_tokens, run.params.logprobs)
+        reservation = self.reserve(num_seqs)
+        if run.body.stream:
+            return ReservedStreamingResponse(sse_stream(until_deadline(run.events(), deadline)), reservation,
+                                             media_type="text/event-stream", headers=adapter_headers(host))
+        response.headers.update(adapter_headers(host))
+        with reservation:
+            return await until_disconnect(raw, within_deadline(run.response(), deadline))
+
+
+@dataclass
+class Reservation:
+    """Sequences counted against the queue bound until `release` (idempotent)."""
+
+    state: ServerState
+    num_seqs: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.num_admitted -= self.num_seqs
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+class ReservedStreamingResponse(StreamingResponse):
+    """Releases its reservation when the response ends, however it ends: also when the client left before
+    the stream started (its generator then never runs, so it cannot release anything itself)."""
+
+    def __init__(self, content: AsyncIterator[str], reservation: Reservation, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.reservation = reservation
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            yield
+            await super().__call__(scope, receive, send)
         finally:
-            self.num_admitted -= num_seqs
+            self.reservation.release()
+
+
+class RequestRun(Protocol):
+    """One admitted completion or chat request."""
+
+    body: SamplingFields
+    params: SamplingParams
+
+    def events(self) -> AsyncIterator[str]: ...
+
+    async def response(self) -> BaseModel: ...
+
+
+def request_timeout() -> APIError:
+    return APIError(504, "the request ran past the server's --request-timeout and was stopped",
+                    code="request_timeout")
+
+
+async def until_deadline(events: AsyncIterator[T], deadline: float) -> AsyncIterator[T]:
+    """`events`, closed (aborting its engine requests) with a 504 error once `deadline` (loop time) passes."""
+    async with contextlib.aclosing(events) as stream:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise request_timeout() from None
+            yield item
+
+
+async def within_deadline(work: Awaitable[T], deadline: float) -> T:
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await work
+    except TimeoutError:
+        raise request_timeout() from None
 
 
 def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, settings: ServerSettings
+                    ) -> SamplingParams:
     if body.logit_bias:
         raise invalid("logit_bias is not supported", param="logit_bias")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > settings.max_stop_strings:
+        raise invalid(f"at most {settings.max_stop_strings} stop strings, got {len(stops)}", param="stop")
+    if any(len(stop) > settings.max_stop_length for stop in stops):
+        raise invalid(f"stop strings must be at most {settings.max_stop_length} characters", param="stop")
+    if len(body.stop_token_ids or []) > settings.max_stop_token_ids:
+        raise invalid(f"at most {settings.max_stop_token_ids} stop_token_ids, got {len(body.stop_token_ids or [])}",
+                      param="stop_token_ids")
     defaults = SamplingParams()
     try:
         return SamplingParams(
@@ -118,9 +229,8 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None)
             min_p=defaults.min_p if body.min_p is None else body.min_p,
             repetition_penalty=body.repetition_penalty or defaults.repetition_penalty,
             frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
-            seed=body.seed, stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-            stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, n=body.n,
-            logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
+            seed=body.seed, stop=stops, stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
+            n=body.n, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
         )
     except ValueError as exc:
         raise from_sampling_error(exc) from None
@@ -207,26 +317,15 @@ def adapter_headers(host: HostAdapter | None) -> dict[str, str]:
     return {} if host is None else {"x-malora-adapter-version": str(host.version)}
 
 
-def sse_response(events: AsyncIterator[str], admission: contextlib.AbstractContextManager,
-                 headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(sse_stream(events, admission), media_type="text/event-stream", headers=headers)
-
-
-async def sse_stream(events: AsyncIterator[str], admission: contextlib.AbstractContextManager
-                     ) -> AsyncIterator[str]:
-    """Server-sent events ending in [DONE]; an error mid-stream becomes an error event.
-
-    `admission` is entered here, not by the caller: a stream that never starts (the client left
-    before the first byte) then holds nothing.
-    """
-    with admission:
-        try:
-            async with contextlib.aclosing(events) as stream:
-                async for event in stream:
-                    yield event
-        except Exception as exc:
-            yield sse(to_api_error(exc).body())
-        yield SSE_DONE
+async def sse_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Server-sent events ending in [DONE]; an error mid-stream becomes an error event."""
+    try:
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
+                yield event
+    except Exception as exc:
+        yield sse(to_api_error(exc).body())
+    yield SSE_DONE
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -26,18 +27,7 @@ from .protocol import (
     ChatTopLogprob,
     DeltaMessage,
 )
-from .serving import (
-    ServerState,
-    TokenText,
-    UsageCounter,
-    adapter_headers,
-    merged_outputs,
-    request_id,
-    sampling_params,
-    sse,
-    sse_response,
-    until_disconnect,
-)
+from .serving import ServerState, TokenText, UsageCounter, merged_outputs, request_id, sampling_params, sse
 
 log = logging.getLogger(__name__)
 _ROLES = {"developer": "system"}
@@ -81,24 +71,20 @@ class ChatServing:
                      ) -> ChatCompletionResponse | StreamingResponse:
         engine = self.state.require_engine()
         host = await self.state.resolve_adapter(body.model)
-        adapter = host.name if host is not None else None
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = chat_prompt_ids(engine, body)
+        self.state.check_admissible(body.n)
+        prompt = await asyncio.to_thread(chat_prompt_ids, engine, body)  # a long conversation takes a while
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(prompt))
-        params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                                 self.state.settings)
         try:
             engine.check_request(prompt, params, None)  # the adapter is checked at admission
         except ValueError as exc:
             raise to_api_error(exc) from None
-        num_seqs = params.n
-        self.state.check_capacity(num_seqs)
-        run = _ChatRun(engine, body, params, adapter, prompt, body.model or self.state.base_model)
-        if body.stream:
-            return sse_response(run.events(), self.state.admission(num_seqs), adapter_headers(host))
-        response.headers.update(adapter_headers(host))
-        with self.state.admission(num_seqs):
-            return await until_disconnect(raw, run.response())
+        run = _ChatRun(engine, body, params, host.name if host is not None else None, prompt,
+                       body.model or self.state.base_model)
+        return await self.state.serve(run, params.n, params.max_tokens, host, raw, response)
 
 
 class _ChatRun:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -14,18 +15,7 @@ from malora_runtime.sampling_params import SamplingParams
 from .engine_client import EngineClient
 from .errors import invalid, to_api_error
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving import (
-    ServerState,
-    TokenText,
-    UsageCounter,
-    adapter_headers,
-    merged_outputs,
-    request_id,
-    sampling_params,
-    sse,
-    sse_response,
-    until_disconnect,
-)
+from .serving import ServerState, TokenText, UsageCounter, merged_outputs, request_id, sampling_params, sse
 
 
 class LogprobsBuilder:
@@ -60,26 +50,23 @@ class CompletionServing:
                      ) -> CompletionResponse | StreamingResponse:
         engine = self.state.require_engine()
         host = await self.state.resolve_adapter(body.model)
-        adapter = host.name if host is not None else None
-        prompts, texts = self._prompts(engine, body.prompt)
-        params = sampling_params(body, body.max_tokens or 16, body.logprobs)
+        params = sampling_params(body, body.max_tokens or 16, body.logprobs, self.state.settings)
+        num_prompts = 1 if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else len(body.prompt)
+        self.state.check_admissible(params.n * num_prompts, param="prompt" if num_prompts > 1 else "n")
+        prompts, texts = await asyncio.to_thread(self._prompts, engine, body.prompt)
         for ids in prompts:
             try:
                 engine.check_request(ids, params, None)  # the adapter is checked at admission
             except ValueError as exc:
                 raise to_api_error(exc) from None
-        num_seqs = params.n * len(prompts)
-        self.state.check_capacity(num_seqs)
-        run = _Run(engine, body, params, adapter, prompts, texts, body.model or self.state.base_model)
-        if body.stream:
-            return sse_response(run.events(), self.state.admission(num_seqs), adapter_headers(host))
-        response.headers.update(adapter_headers(host))
-        with self.state.admission(num_seqs):
-            return await until_disconnect(raw, run.response())
+        run = _Run(engine, body, params, host.name if host is not None else None, prompts, texts,
+                   body.model or self.state.base_model)
+        return await self.state.serve(run, params.n * num_prompts, params.max_tokens, host, raw, response)
 
     @staticmethod
     def _prompts(engine: EngineClient, prompt) -> tuple[list[list[int]], list[str | None]]:
-        """Token ids of each prompt and its text (for `echo`; None where ids were given)."""
+        """Token ids of each prompt and its text (for `echo`; None where ids were given). Runs in a worker
+        thread: a long prompt takes the tokenizer most of a second, which the event loop must not wait for."""
         if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
             prompt = [prompt]
         ids, texts = [], []

@@ -13,17 +13,25 @@ class ModelsServing:
         self.state = state
         self.created = created
 
-    def list(self) -> ModelList:
+    def list(self, show_paths: bool = False) -> ModelList:
+        """Every model; adapter directories (server file paths) only with `show_paths`."""
         engine = self.state.require_engine()
         base = self.state.base_model
         cards = [ModelCard(id=base, created=self.created, root=base, max_model_len=engine.max_model_len)]
         views = self.state.adapters.views() if self.state.adapters is not None else []
-        cards += [ModelCard(id=v.name, created=self.created, root=str(v.path or v.name), parent=base,
-                            max_model_len=engine.max_model_len, adapter=adapter_info(v)) for v in views]
+        for view in views:
+            info = adapter_info(view)
+            if not show_paths:
+                info.path = None
+                if info.error is not None and self.state.adapters is not None:
+                    info.error = self.state.adapters.public_message(info.error)
+            root = str(view.path or view.name) if show_paths else view.name
+            cards.append(ModelCard(id=view.name, created=self.created, root=root, parent=base,
+                                   max_model_len=engine.max_model_len, adapter=info))
         return ModelList(data=cards)
 
-    def get(self, model_id: str) -> ModelCard:
-        for card in self.list().data:
+    def get(self, model_id: str, show_paths: bool = False) -> ModelCard:
+        for card in self.list(show_paths).data:
             if card.id == model_id:
                 return card
         raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")

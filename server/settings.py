@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from malora_runtime.adapters.registry import DEFAULT_MAX_ADAPTER_BYTES
+from malora_runtime.adapters.registry import DEFAULT_MAX_ADAPTER_BYTES, AdapterLimits
 from malora_runtime.config import EngineConfig
 
 ENV_PREFIX = "MALORA_"
@@ -33,12 +34,16 @@ class ServerSettings:
     """Parsed adapters kept in host memory (LRU); at least --max-loaded-adapters."""
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     """Largest adapter directory (sum of its files) a load reads."""
+    adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
+    """Largest N, r and d one adapter may have, and the bytes of parsed adapters kept in host memory."""
+    state_dir: Path | None = None
+    """Where the server remembers adapters unloaded at runtime (default: $MALORA_CACHE/state)."""
     api_keys: list[str] = field(default_factory=list)
     """When non-empty, every request must send `Authorization: Bearer <one of them>`."""
     admin_key: str | None = None
     """Key of the adapter management endpoints; without one they answer 403."""
     open_health: bool = True
-    """Health, readiness, version and metrics stay reachable without a key."""
+    """Health, readiness and version stay reachable without a key."""
     max_waiting: int = 256
     """Sequences admitted beyond max_num_seqs before new requests get 429."""
     max_body_bytes: int = 1 << 20
@@ -47,6 +52,20 @@ class ServerSettings:
     log_level: str = "info"
     metrics_max_adapters: int = 100
     """Distinct adapter label values in /metrics; further adapters are summed under `other`."""
+    request_timeout: float = 1800.0
+    """Seconds a request may run; then it ends with an error and frees its KV blocks."""
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    """Characters in one stop string."""
+    max_stop_token_ids: int = 256
+    max_response_tokens: int = 1 << 20
+    """Non-streaming responses: prompts x n x max_tokens x (logprobs + 1) at most this (stream larger ones)."""
+    health_stall_seconds: float = 60.0
+    """/health fails when work waits and no engine step has finished for this long."""
+    allow_unauthenticated: bool = False
+    """Serve on a non-loopback address without an API key."""
+    public_metrics: bool = False
+    """With API keys set, /metrics and the dashboard stay reachable without one."""
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
@@ -110,10 +129,18 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         action="append", metavar="NAME")
     add("--max-cpu-adapters", "parsed adapters kept in host memory (LRU)", defaults.max_cpu_adapters, int)
     add("--max-adapter-bytes", "largest adapter directory a load reads", defaults.max_adapter_bytes, int)
+    limits = defaults.adapter_limits
+    add("--max-cpu-adapter-bytes", "bytes of parsed adapters kept in host memory (LRU)", limits.max_host_bytes, int)
+    add("--max-adapter-experts", "largest N (experts) of one adapter module", limits.max_experts, int)
+    add("--max-adapter-rank", "largest r (expert rank) of one adapter module", limits.max_rank, int)
+    add("--max-adapter-subspace-rank", "largest d (shared subspace rank) of one adapter module",
+        limits.max_subspace_rank, int)
+    add("--state-dir", "where adapters unloaded at runtime are remembered across restarts (default: "
+        "$MALORA_CACHE/state)", kind=Path)
     add("--api-key", "required bearer key (repeatable; env: comma-separated)", action="append")
     add("--admin-key", "bearer key of the adapter management endpoints (/v1/adapters, /v1/load_lora_adapter, "
         "/v1/unload_lora_adapter); without one they are disabled")
-    add("--open-health", "health, ready, version and metrics need no key", defaults.open_health, _bool)
+    add("--open-health", "health, ready and version need no key", defaults.open_health, _bool)
     add("--max-waiting", "sequences admitted beyond --max-num-seqs before 429", defaults.max_waiting, int)
     add("--max-body-bytes", "largest request body (413 above)", defaults.max_body_bytes, int)
     add("--shutdown-timeout", "seconds in-flight requests get to finish on shutdown", defaults.shutdown_timeout,
@@ -121,6 +148,19 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--log-level", "logging level", defaults.log_level)
     add("--metrics-max-adapters", "distinct adapter labels in /metrics (the rest are summed as 'other')",
         defaults.metrics_max_adapters, int)
+    add("--request-timeout", "seconds a request may run before it is stopped with an error", defaults.request_timeout,
+        float)
+    add("--max-stop-strings", "stop strings in one request", defaults.max_stop_strings, int)
+    add("--max-stop-length", "characters in one stop string", defaults.max_stop_length, int)
+    add("--max-stop-token-ids", "stop_token_ids in one request", defaults.max_stop_token_ids, int)
+    add("--max-response-tokens", "largest non-streaming response: prompts x n x max_tokens x (logprobs + 1)",
+        defaults.max_response_tokens, int)
+    add("--health-stall-seconds", "/health fails when work waits and no step finished for this long",
+        defaults.health_stall_seconds, float)
+    add("--allow-unauthenticated", "serve on a non-loopback address without --api-key",
+        defaults.allow_unauthenticated, _bool, nargs="?", const=True)
+    add("--public-metrics", "with --api-key, /metrics and /dashboard need no key", defaults.public_metrics, _bool,
+        nargs="?", const=True)
     add("--dtype", "model dtype", engine.dtype)
     add("--device", "torch device", engine.device)
     add("--block-size", "tokens per KV cache block", engine.block_size, int)
@@ -129,6 +169,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--max-num-batched-tokens", "most tokens in one step", engine.max_num_batched_tokens, int)
     add("--max-model-len", "longest prompt plus output (default: the model's context)", kind=int)
     add("--max-loaded-adapters", "adapter slots", engine.max_loaded_adapters, int)
+    add("--adapter-bank-memory", "bytes the adapter slot banks may grow to; an adapter that would pass it is refused",
+        engine.adapter_bank_memory, int)
     add("--enable-prefix-caching", "reuse KV blocks of shared prompt prefixes", engine.enable_prefix_caching,
         _bool)
     add("--pack-cpu-linears", "on CPU in float32, run the base linears through oneDNN on pre-packed weights",
@@ -161,7 +203,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
             model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            max_loaded_adapters=args.max_loaded_adapters, enable_prefix_caching=args.enable_prefix_caching,
+            max_loaded_adapters=args.max_loaded_adapters, adapter_bank_memory=args.adapter_bank_memory,
+            enable_prefix_caching=args.enable_prefix_caching,
             pack_cpu_linears=args.pack_cpu_linears, keep_freed_memory=args.keep_freed_memory,
         )
     except ValueError as exc:
@@ -173,6 +216,27 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
                              ("--metrics-max-adapters", args.metrics_max_adapters, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--max-cpu-adapter-bytes", args.max_cpu_adapter_bytes),
+                        ("--max-adapter-experts", args.max_adapter_experts),
+                        ("--max-adapter-rank", args.max_adapter_rank),
+                        ("--max-adapter-subspace-rank", args.max_adapter_subspace_rank)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--request-timeout", args.request_timeout),
+                        ("--health-stall-seconds", args.health_stall_seconds)):
+        if not value > 0:
+            parser.error(f"{flag} must be > 0, got {value}")
+    for flag, value in (("--max-stop-strings", args.max_stop_strings), ("--max-stop-length", args.max_stop_length),
+                        ("--max-stop-token-ids", args.max_stop_token_ids),
+                        ("--max-response-tokens", args.max_response_tokens)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0, got {value}")
+    api_keys = [k for k in args.api_key or [] if k]
+    _check_keys(parser, api_keys, args.admin_key or None)
+    if not api_keys and not args.allow_unauthenticated and not is_loopback(args.host):
+        parser.error(f"--host {args.host} is reachable from other machines and no --api-key is set: anyone who "
+                     "reaches it could use the model and its adapters. Set --api-key (or MALORA_API_KEY), or pass "
+                     "--allow-unauthenticated to serve without one on purpose.")
     pins = list(dict.fromkeys(args.pin or []))
     if pins and len(pins) >= engine.max_loaded_adapters:
         parser.error(f"{len(pins)} --pin(s) would leave no slot of --max-loaded-adapters "
@@ -181,8 +245,38 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         host=args.host, port=args.port, served_model_name=args.served_model_name,
         adapters=adapters, adapter_roots=list(args.adapter_root or []), pins=pins,
         max_cpu_adapters=args.max_cpu_adapters, max_adapter_bytes=args.max_adapter_bytes,
-        api_keys=[k for k in args.api_key or [] if k], admin_key=args.admin_key or None,
+        adapter_limits=AdapterLimits(args.max_adapter_experts, args.max_adapter_rank, args.max_adapter_subspace_rank,
+                                     args.max_cpu_adapter_bytes),
+        state_dir=args.state_dir,
+        api_keys=api_keys, admin_key=args.admin_key or None,
         open_health=args.open_health, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-        metrics_max_adapters=args.metrics_max_adapters, engine=engine,
+        metrics_max_adapters=args.metrics_max_adapters, request_timeout=args.request_timeout,
+        max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length,
+        max_stop_token_ids=args.max_stop_token_ids, max_response_tokens=args.max_response_tokens,
+        health_stall_seconds=args.health_stall_seconds, allow_unauthenticated=args.allow_unauthenticated,
+        public_metrics=args.public_metrics, engine=engine,
     )
+
+
+MIN_ADMIN_KEY_LENGTH = 16
+
+
+def _check_keys(parser: argparse.ArgumentParser, api_keys: list[str], admin_key: str | None) -> None:
+    """The admin key unlocks adapter management: long enough not to be guessed, and no API key doubles as it."""
+    if admin_key is None:
+        return
+    if len(admin_key) < MIN_ADMIN_KEY_LENGTH:
+        parser.error(f"--admin-key must be at least {MIN_ADMIN_KEY_LENGTH} characters, got {len(admin_key)}")
+    if admin_key in api_keys:
+        parser.error("--admin-key must differ from every --api-key: a client's key must not manage adapters")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

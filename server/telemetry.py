@@ -28,6 +28,7 @@ class Telemetry:
         self.metrics = metrics
         self._last_routing = 0.0
         metrics.set_state_collector(self._families)
+        metrics.is_known = self.is_known_model
         engine = state.engine
         if engine is not None and hasattr(engine, "request_listeners"):
             engine.request_listeners.append(metrics.observe_request)
@@ -46,6 +47,12 @@ class Telemetry:
         if registry is not None and registry.counters.load_seconds:
             seconds, registry.counters.load_seconds = registry.counters.load_seconds, []
             self.metrics.observe_adapter_loads(seconds)
+
+    def is_known_model(self, name: str) -> bool:
+        if self.state.engine is not None and name in (self.state.base_model, self.state.engine.model_name):
+            return True
+        registry = self.registry
+        return registry is not None and (name in registry.host or registry.is_known(name))
 
     @property
     def registry(self):

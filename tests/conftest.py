@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # No GPU here: Triton kernels are tested on the CPU by its interpreter. The mode is read when triton
 # is first imported (transformers and peft may import it), so it is set before anything else loads.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Servers started by the tests remember runtime unloads here, not in the user's cache (it outlives the run).
+os.environ.setdefault("MALORA_STATE_DIR", tempfile.mkdtemp(prefix="malora-test-state-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -25,6 +25,7 @@ from .convert import PEFT_CONFIG
 from .errors import AdapterError, AdapterNotFoundError
 from .format import CONFIG_FILE, MaloraAdapter
 from .io import ModuleShapes
+from .unloaded import UnloadedRecord
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,33 @@ class AdapterPathError(AdapterError):
 
 class AdapterTooLargeError(AdapterError):
     """The adapter's files exceed the configured size cap."""
+
+
+class AdapterLimitError(AdapterError):
+    """The adapter's N, r or d exceeds what this server accepts."""
+
+
+@dataclass(frozen=True)
+class AdapterLimits:
+    """Upper bounds on what one adapter may ask of the server, checked when it is read (before activation)."""
+
+    max_experts: int = 64
+    max_rank: int = 256
+    max_subspace_rank: int = 1024
+    max_host_bytes: int = 4 << 30
+    """Bytes of parsed adapters held in host memory (an LRU over them, like the count)."""
+
+    def check(self, adapter: MaloraAdapter, source: Path) -> None:
+        for kind, spec in adapter.config.modules.items():
+            for label, value, limit, flag in (("N", spec.num_experts, self.max_experts, "--max-adapter-experts"),
+                                              ("r", spec.r, self.max_rank, "--max-adapter-rank"),
+                                              ("d", spec.d, self.max_subspace_rank, "--max-adapter-subspace-rank")):
+                if value > limit:
+                    raise AdapterLimitError(f"{source}: modules.{kind} has {label} = {value}, more than this "
+                                            f"server accepts ({flag} {limit})")
+        if adapter.num_bytes() > self.max_host_bytes:
+            raise AdapterLimitError(f"{source}: {adapter.num_bytes()} bytes of weights, more than the host memory "
+                                    f"budget for adapters (--max-cpu-adapter-bytes {self.max_host_bytes})")
 
 
 class UnknownAdapterNameError(AdapterNotFoundError):
@@ -62,6 +90,10 @@ class HostAdapter:
     path: Path
     load_seconds: float
     pinned: bool = False
+    num_bytes: int = field(init=False)  # of its weights, counted once
+
+    def __post_init__(self) -> None:
+        self.num_bytes = self.adapter.num_bytes()
 
 
 @dataclass
@@ -88,6 +120,10 @@ def _lower_thread_priority() -> None:
 
 
 class AdapterRegistry:
+    FAILED_READ_TTL = 5.0
+    """Seconds a failed read of name@path is remembered: requests for a broken adapter re-raise its
+    error meanwhile instead of reading the files again. An explicit `load` always reads."""
+
     def __init__(
         self,
         module_shapes: ModuleShapes,
@@ -95,19 +131,27 @@ class AdapterRegistry:
         max_cpu_adapters: int = 64,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         on_host_evict: Callable[[str], None] | None = None,
+        failed_read_ttl: float = FAILED_READ_TTL,
+        limits: AdapterLimits | None = None,
+        unloaded_record: UnloadedRecord | None = None,
     ) -> None:
         self.module_shapes = module_shapes
         self.roots = [Path(r).resolve() for r in (roots or [])]
         self.max_cpu_adapters = max_cpu_adapters
         self.max_adapter_bytes = max_adapter_bytes
+        self.limits = limits or AdapterLimits()
         self.paths: dict[str, Path] = {}  # registered names (CLI, load API) -> directory
         self.pinned: set[str] = set()
-        self.unloaded: set[str] = set()  # unloaded names are not lazily found under the roots again
+        # Unloaded names are not lazily found under the roots again, after a restart too when recorded.
+        self._unloaded_record = unloaded_record
+        self.unloaded: set[str] = unloaded_record.read() if unloaded_record is not None else set()
         self.host: OrderedDict[str, HostAdapter] = OrderedDict()
         self.versions: dict[str, int] = {}
         self.counters = RegistryCounters()
         self._inflight: dict[tuple[str, str | None], asyncio.Future[HostAdapter]] = {}
         self._on_host_evict = on_host_evict
+        self.failed_read_ttl = failed_read_ttl
+        self._failed_reads: dict[str, tuple[Path, float, AdapterError]] = {}  # name -> (path, expiry, error)
         # Reads and validation run on one background thread below the engine's priority (see
         # `_lower_thread_priority`), never on the event loop or the engine thread.
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="malora-adapter-read",
@@ -147,7 +191,7 @@ class AdapterRegistry:
         if not resolved.is_dir():
             raise AdapterNotFoundError(f"{path}: adapter directory not found")
         self.paths[name] = resolved
-        self.unloaded.discard(name)
+        self._mark_unloaded(name, False)
         if pinned:
             self.pinned.add(name)
         return resolved
@@ -178,10 +222,20 @@ class AdapterRegistry:
     def forget(self, name: str) -> None:
         """Unload: the name is unknown from now on (until loaded again, as a new version)."""
         self.paths.pop(name, None)
-        self.unloaded.add(name)
+        self._mark_unloaded(name, True)
         self.host.pop(name, None)
         self.pinned.discard(name)
         self.counters.unloads += 1
+
+    def _mark_unloaded(self, name: str, unloaded: bool) -> None:
+        if (name in self.unloaded) == unloaded:
+            return
+        if unloaded:
+            self.unloaded.add(name)
+        else:
+            self.unloaded.discard(name)
+        if self._unloaded_record is not None:
+            self._unloaded_record.write(self.unloaded)
 
     def is_known(self, name: str) -> bool:
         try:
@@ -192,10 +246,18 @@ class AdapterRegistry:
 
     # ---- reading ----
     def _read(self, name: str, path: Path) -> MaloraAdapter:
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        # lstat only (scandir without following): no symlink is followed out of the directory and no
+        # FIFO or device is touched. The loader refuses those, and caps each file it reads as well.
+        try:
+            size = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path)
+                       if e.is_file(follow_symlinks=False))
+        except OSError as exc:
+            raise AdapterNotFoundError(f"{path}: adapter directory cannot be listed ({exc.strerror})") from None
         if size > self.max_adapter_bytes:
             raise AdapterTooLargeError(f"{path}: {size} bytes exceeds the cap of {self.max_adapter_bytes}")
-        return load_adapter(path, self.module_shapes)
+        adapter = load_adapter(path, self.module_shapes, max_bytes=self.max_adapter_bytes)
+        self.limits.check(adapter, path)
+        return adapter
 
     async def fetch(self, name: str) -> HostAdapter:
         """The current version of `name` from host memory, read from disk when absent (lazy loading)."""
@@ -203,6 +265,9 @@ class AdapterRegistry:
             self.host.move_to_end(name)
             return self.host[name]
         path = self.path_of(name)
+        failed = self._failed_reads.get(name)
+        if failed is not None and failed[0] == path and time.monotonic() < failed[1]:
+            raise failed[2].with_traceback(None)  # the same error, without reading again
         return await self._single_flight((name, None), lambda: self._read_and_commit(name, path, new_version=False))
 
     async def load(self, name: str, path: str | Path, pinned: bool = False, trusted: bool = False) -> HostAdapter:
@@ -239,7 +304,13 @@ class AdapterRegistry:
     async def _read_and_commit(self, name: str, path: Path, new_version: bool) -> HostAdapter:
         version_at_start = self.versions.get(name)
         started = time.perf_counter()
-        adapter = await asyncio.get_running_loop().run_in_executor(self._reader, self._read, name, path)
+        try:
+            adapter = await asyncio.get_running_loop().run_in_executor(self._reader, self._read, name, path)
+        except AdapterError as exc:
+            if self.versions.get(name) == version_at_start:  # not when a load committed meanwhile
+                self._remember_failure(name, path, exc)
+            raise
+        self._failed_reads.pop(name, None)
         elapsed = time.perf_counter() - started
         if not new_version and self.versions.get(name) != version_at_start and name in self.host:
             # A reload committed while this lazy read ran: its result is the current version, not ours.
@@ -254,7 +325,7 @@ class AdapterRegistry:
             self.versions[name] = version
         if new_version:
             self.paths[name] = path
-            self.unloaded.discard(name)
+            self._mark_unloaded(name, False)
         entry = HostAdapter(name, version, adapter, path, elapsed, pinned=name in self.pinned)
         self._remember(entry)
         if is_reload:
@@ -265,10 +336,21 @@ class AdapterRegistry:
         log.info("read adapter %s v%d from %s in %.0f ms", name, version, path, elapsed * 1e3)
         return entry
 
+    def _remember_failure(self, name: str, path: Path, error: AdapterError) -> None:
+        now = time.monotonic()
+        self._failed_reads = {n: f for n, f in self._failed_reads.items() if f[1] > now}  # drop expired ones
+        self._failed_reads[name] = (path, now + self.failed_read_ttl, error)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the parsed adapters held in host memory."""
+        return sum(entry.num_bytes for entry in self.host.values())
+
     def _remember(self, entry: HostAdapter) -> None:
+        """Keep `entry`, evicting the least recently used unpinned adapters past the count or the byte budget."""
         self.host[entry.name] = entry
         self.host.move_to_end(entry.name)
-        while len(self.host) > self.max_cpu_adapters:
+        while len(self.host) > self.max_cpu_adapters or self.host_bytes > self.limits.max_host_bytes:
             victim = next((n for n in self.host if n not in self.pinned and n != entry.name), None)
             if victim is None:
                 break

@@ -24,6 +24,7 @@ from ..adapters.format import MaloraAdapter, ModuleWeights
 from ..kernels.slots import NO_SLOT, SlotBank
 from ..layers import BatchContext, MaloraLinear
 from ..patching import wrap_linears, wrapped_layers
+from .errors import SlotMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class AdapterSlots:
     slots: list[SlotState | None] = field(default_factory=list)
     current: dict[str, int] = field(default_factory=dict)  # name -> slot of its newest version
     num_evictions: int = 0
+    memory_budget: int | None = None
+    """Bytes the slot banks may grow to (`SlotBank.estimated_bytes`, the kernels' copies included)."""
 
     def __post_init__(self) -> None:
         param = next(self.model.parameters())
@@ -134,6 +137,7 @@ class AdapterSlots:
         if state is not None and state.version == version:
             state.pinned = state.pinned or pinned
             return self.current[name], []
+        self._check_budget(name, adapter)
         slot = self.pick_slot()
         dropped: list[int] = []
         evicted = self.slots[slot]
@@ -151,6 +155,29 @@ class AdapterSlots:
             dropped.extend(self._retire(previous))
         log.info("adapter %s v%d active in slot %d (%d modules)", name, version, slot, len(adapter.modules))
         return slot, dropped
+
+    def bank_bytes(self, adapter: MaloraAdapter | None = None) -> int:
+        """Estimated memory of every slot bank, after growing them for `adapter` when one is given."""
+        sizes: dict[str, tuple[int, int, int, int, int]] = {}  # path -> (d_in, d_out, d, r, N)
+        for path, layer in self.layers().items():
+            if layer.bank is not None:
+                sizes[path] = (layer.in_features, layer.out_features, *layer.bank.maxima)
+        for path, weights in (adapter.modules.items() if adapter is not None else ()):
+            d_in, d_out, d, r, n = sizes.get(path, (weights.d_in, weights.d_out, 0, 0, 0))
+            spec = weights.spec
+            sizes[path] = (d_in, d_out, max(d, spec.d), max(r, spec.r), max(n, spec.num_experts))
+        return sum(SlotBank.estimated_bytes(self.num_slots, *size, self.dtype, self.device) for size in sizes.values())
+
+    def _check_budget(self, name: str, adapter: MaloraAdapter) -> None:
+        if self.memory_budget is None:
+            return
+        projected = self.bank_bytes(adapter)
+        if projected > self.memory_budget:
+            raise SlotMemoryError(
+                f"adapter {name!r} would grow the adapter slot banks to {projected / 2**20:.0f} MiB, past their "
+                f"budget of {self.memory_budget / 2**20:.0f} MiB (--adapter-bank-memory; every one of the "
+                f"{self.num_slots} slots of a module is sized for the largest d, r and N loaded there)",
+                param="model")
 
     def deactivate(self, name: str) -> list[int]:
         """Stop serving `name` to new requests; its slot is cleared once running requests end."""

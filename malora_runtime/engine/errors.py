@@ -29,3 +29,7 @@ class EngineShutdownError(RuntimeError):
 class RequestFailedError(RuntimeError):
     """The engine could not run this request (its step raised, or its logits were not finite); other
     requests of the same step go on."""
+
+
+class SlotMemoryError(EngineRequestError):
+    """Activating the adapter would grow the slot banks past their memory budget."""

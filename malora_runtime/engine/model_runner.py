@@ -60,7 +60,8 @@ class ModelRunner:
         # Layers wrapped earlier (offline generation) must read this runner's per-step context.
         for layer in wrapped_layers(model).values():
             layer.context, layer.adapter = self.context, None
-        self.adapters = AdapterSlots(model, self.context, config.max_loaded_adapters)
+        self.adapters = AdapterSlots(model, self.context, config.max_loaded_adapters,
+                                     memory_budget=config.adapter_bank_memory)
         if config.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:

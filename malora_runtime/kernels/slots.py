@@ -117,6 +117,15 @@ class SlotBank:
     def d_out(self) -> int:
         return self.B.shape[2]
 
+    @staticmethod
+    def estimated_bytes(num_slots: int, d_in: int, d_out: int, d_max: int, r_max: int, n_max: int,
+                        dtype: torch.dtype, device: torch.device | str) -> int:
+        """Memory of a bank of these sizes: its own S, G, bias, P and B, plus the copies the kernels keep of
+        them (on the CPU: [S; G], B^T and the native kernel's layout, about twice the bank again)."""
+        per_slot = d_max * d_in + n_max * d_in + n_max + n_max * r_max * d_max + n_max * d_out * r_max
+        copies = 3 if torch.device(device).type == "cpu" else 1
+        return copies * num_slots * per_slot * torch.empty((), dtype=dtype).element_size()
+
     @property
     def maxima(self) -> tuple[int, int, int]:
         """(d_max, r_max, n_max)."""

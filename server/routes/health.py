@@ -3,15 +3,27 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from .. import __version__
+from ..errors import APIError
 from ..protocol import EngineStatsResponse, StatusResponse, VersionResponse
 from .deps import ERROR_RESPONSES, state
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=StatusResponse)
-async def health() -> StatusResponse:
-    """The process is alive (says nothing about the model)."""
+@router.get("/health", response_model=StatusResponse, responses={503: ERROR_RESPONSES[503]})
+async def health(request: Request) -> StatusResponse:
+    """Liveness: 503 when the engine thread has died, or when work is waiting and no engine step has finished
+    for --health-stall-seconds (a hung step). While the model loads or the server drains it answers 200."""
+    server = state(request)
+    engine = server.engine
+    if engine is None or server.draining:
+        return StatusResponse(status="ok")
+    stalled = engine.stalled_for()
+    if stalled == float("inf"):
+        raise APIError(503, "the engine thread is not running", code="engine_dead")
+    if stalled > server.settings.health_stall_seconds:
+        raise APIError(503, f"work is waiting and no engine step has finished for {stalled:.0f} s",
+                       code="engine_stalled")
     return StatusResponse(status="ok")
 
 

@@ -107,9 +107,32 @@ function render(summary) {
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
 }
 
+// With API keys set (and no --public-metrics) the summary needs a key: asked once, kept for this tab only.
+// A link may carry it as /dashboard#key=KEY (a fragment never reaches the server or its logs).
+const KEY_STORE = "malora-dashboard-key";
+let askedForKey = false;
+if (location.hash.startsWith("#key=")) {
+  sessionStorage.setItem(KEY_STORE, decodeURIComponent(location.hash.slice(5)));
+  history.replaceState(null, "", location.pathname);
+}
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function refresh() {
   try {
-    const response = await fetch(SUMMARY_URL, { cache: "no-store" });
+    const response = await fetch(SUMMARY_URL, { cache: "no-store", headers: authHeaders() });
+    if (response.status === 401) {
+      sessionStorage.removeItem(KEY_STORE);
+      if (!askedForKey) {
+        askedForKey = true;
+        const key = window.prompt("This server needs an API key for its metrics:");
+        if (key) sessionStorage.setItem(KEY_STORE, key.trim());
+      }
+      throw new Error("an API key is needed (reload the page to enter it)");
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     render(await response.json());
   } catch (error) {

@@ -107,3 +107,68 @@ def test_size_cap(root: Path) -> None:
     with pytest.raises(AdapterTooLargeError):
         asyncio.run(registry.fetch("alpha"))
     assert os.path.getsize(root / "alpha" / WEIGHTS_FILE) > 100
+
+
+def test_limits_on_n_r_and_d_refuse_an_adapter_before_it_is_kept(root: Path, tmp_path: Path) -> None:
+    from malora_runtime.adapters.registry import AdapterLimitError, AdapterLimits
+
+    wide = save_adapter(random_adapter(SHAPES, "tiny", ["q_proj"], 5, 3, 7, 1, seed=4, dtype="float32"), root / "wide")
+    for limits, field in ((AdapterLimits(max_experts=4), "N = 5"), (AdapterLimits(max_rank=2), "r = 3"),
+                          (AdapterLimits(max_subspace_rank=6), "d = 7")):
+        registry = AdapterRegistry(SHAPES, [root], limits=limits)
+        with pytest.raises(AdapterLimitError, match=field):
+            asyncio.run(registry.fetch("wide"))
+        assert "wide" not in registry.host
+        assert asyncio.run(registry.fetch("alpha")).version == 1  # the others are unaffected
+    registry = AdapterRegistry(SHAPES, [root], limits=AdapterLimits(max_experts=5, max_rank=3, max_subspace_rank=7))
+    assert asyncio.run(registry.load("wide", wide)).adapter.config.modules
+
+
+def test_the_host_tier_keeps_within_its_byte_budget(root: Path) -> None:
+    from malora_runtime.adapters.registry import AdapterLimitError, AdapterLimits
+
+    one = asyncio.run(AdapterRegistry(SHAPES, [root]).fetch("alpha")).num_bytes
+    registry = AdapterRegistry(SHAPES, [root], limits=AdapterLimits(max_host_bytes=2 * one))
+    for name in ("alpha", "beta", "gamma"):
+        asyncio.run(registry.fetch(name))
+        assert registry.host_bytes <= 2 * one
+    assert list(registry.host) == ["beta", "gamma"] and registry.counters.host_evictions == 1
+    registry.pinned.add("beta")
+    asyncio.run(registry.fetch("alpha"))  # evicts gamma, the least recent that is not pinned
+    assert list(registry.host) == ["beta", "alpha"]
+    tiny = AdapterRegistry(SHAPES, [root], limits=AdapterLimits(max_host_bytes=one - 1))
+    with pytest.raises(AdapterLimitError, match="--max-cpu-adapter-bytes"):
+        asyncio.run(tiny.fetch("alpha"))
+
+
+def test_an_unload_is_remembered_across_a_restart_until_a_load(root: Path, tmp_path: Path) -> None:
+    from malora_runtime.adapters.unloaded import UnloadedRecord
+
+    state = tmp_path / "state"
+    first = AdapterRegistry(SHAPES, [root], unloaded_record=UnloadedRecord(state, [root]))
+    asyncio.run(first.fetch("beta"))
+    first.forget("beta")
+    restarted = AdapterRegistry(SHAPES, [root], unloaded_record=UnloadedRecord(state, [root]))
+    assert "beta" not in restarted.discover() and not restarted.is_known("beta")
+    with pytest.raises(UnknownAdapterNameError):
+        asyncio.run(restarted.fetch("beta"))
+    other_roots = AdapterRegistry(SHAPES, [root, tmp_path], unloaded_record=UnloadedRecord(state, [root, tmp_path]))
+    assert other_roots.is_known("beta")  # the record belongs to one set of roots
+    asyncio.run(restarted.load("beta", root / "beta"))  # an explicit load brings it back, after restarts too
+    again = AdapterRegistry(SHAPES, [root], unloaded_record=UnloadedRecord(state, [root]))
+    assert again.is_known("beta")
+
+
+def test_a_broken_or_unwritable_record_never_stops_the_registry(root: Path, tmp_path: Path) -> None:
+    from malora_runtime.adapters.unloaded import UnloadedRecord
+
+    record = UnloadedRecord(tmp_path / "state", [root])
+    record.path.parent.mkdir()
+    record.path.write_text("{not json")
+    registry = AdapterRegistry(SHAPES, [root], unloaded_record=record)
+    assert registry.unloaded == set()
+    blocked = UnloadedRecord(tmp_path / "file-not-dir" / "state", [root])
+    (tmp_path / "file-not-dir").write_text("x")
+    registry = AdapterRegistry(SHAPES, [root], unloaded_record=blocked)
+    registry.forget("alpha")  # logged, not raised
+    assert "alpha" in registry.unloaded

@@ -14,7 +14,7 @@ import pytest
 from tests.server.server_helpers import REPO_ROOT, start_server, stop_server, wait_ready
 
 API_KEY = "client-key"
-ADMIN_KEY = "client-admin"
+ADMIN_KEY = "client-admin-key-16"
 
 
 @dataclass

@@ -47,10 +47,11 @@ def test_percentile_matches_a_sorted_list():
     assert percentile([], 50) is None
 
 
-def scrape(url: str) -> dict[tuple[str, str], float]:
+def scrape(url: str, key: str) -> dict[tuple[str, str], float]:
     """(metric, adapter) -> value, summed over the other labels, of the malora_* counters."""
     totals: Counter = Counter()
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in ("malora_requests_total", "malora_generation_tokens_total",
                                "malora_prompt_tokens_total"):
@@ -65,7 +66,7 @@ def delta(after: dict, before: dict) -> dict[tuple[str, str], int]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_serve_counts_equal_the_servers_metrics(malora, server, tmp_path):
-    before = scrape(server.url)
+    before = scrape(server.url, server.api_key)
     out, plot = tmp_path / "run.json", tmp_path / "latency.png"
     run = malora("bench", "serve", "--num-requests", "12", "--concurrency", "4", "--adapters", "alpha,beta",
                  "--popularity", "zipf", "--output-len", "3:6", "--warmup", "0", "--ignore-eos", "--no-progress",
@@ -82,14 +83,14 @@ def test_bench_serve_counts_equal_the_servers_metrics(malora, server, tmp_path):
         expected[("malora_prompt_tokens_total", model)] = row["prompt_tokens"]
     assert summary["output_tokens"] == sum(r["output_tokens"] for r in report["requests"])
     assert all(3 <= r["output_tokens"] <= 6 for r in report["requests"])
-    assert delta(scrape(server.url), before) == expected
+    assert delta(scrape(server.url, server.api_key), before) == expected
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and plot.stat().st_size > 1000
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_open_loop_as_a_library(server):
-    before = scrape(server.url)
+    before = scrape(server.url, server.api_key)
     plan = build_plan(LoadSpec(num_requests=8, endpoint="completions", output_len=Lengths(4, 4)), server.base_model)
     target = LoadTarget(server.url + "/v1", server.api_key, extra={"ignore_eos": True})
     results = asyncio.run(run_load(plan, target, rate=20.0, stream=False))
@@ -97,7 +98,7 @@ def test_open_loop_as_a_library(server):
     assert (summary.completed, summary.output_tokens) == (8, 32) and summary.ttft_s["p50"] is None
     starts = [r.start for r in results]
     assert starts == sorted(starts) and starts[-1] > 0  # arrivals spread in time, in order
-    assert delta(scrape(server.url), before) == {
+    assert delta(scrape(server.url, server.api_key), before) == {
         ("malora_requests_total", server.base_model): 8, ("malora_generation_tokens_total", server.base_model): 32,
         ("malora_prompt_tokens_total", server.base_model): summary.prompt_tokens}
 

@@ -28,7 +28,8 @@ def test_dashboard_renders_live_values(metrics_server, tmp_path) -> None:
         for model in (metrics_server.base_model, "alpha", "beta"):
             body = {"model": model, "prompt": "Hello there", "max_tokens": 6, "ignore_eos": True}
             assert h.post("/v1/completions", json=body).status_code == 200
-    url = f"{metrics_server.url}/dashboard"
+    assert httpx.get(f"{metrics_server.url}/v1/dashboard/summary").status_code == 401  # its data needs the key
+    url = f"{metrics_server.url}/dashboard#key={API_KEY}"
     dom = run_browser(["--dump-dom", url], tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout

@@ -18,7 +18,7 @@ IGNORE_EOS = {"ignore_eos": True}
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).text
     samples: dict[tuple[str, tuple], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -83,7 +83,8 @@ def test_request_and_token_counters_equal_what_was_sent(metrics_server, traffic)
     # beta: the streamed request, the one-token probe (both "length"), and the dropped stream ("abort").
     assert value(s, "malora_requests_total", adapter="beta", endpoint="completions", outcome="length") == 2
     assert value(s, "malora_requests_total", adapter="beta", endpoint="completions", outcome="abort") == 1
-    assert value(s, "malora_requests_total", adapter="nope", endpoint="completions", outcome="404") == 2
+    # "nope" names no model: counted under "other", never a label of its own
+    assert value(s, "malora_requests_total", adapter="other", endpoint="completions", outcome="404") == 2
     assert value(s, "malora_requests_total", adapter="alpha", endpoint="chat", outcome="400") == 1
     for name in (base, "alpha", "beta"):
         assert value(s, "malora_prompt_tokens_total", adapter=name) == traffic["prompt"][name]

@@ -22,7 +22,7 @@ from server_helpers import start_server, stop_server, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
-ADMIN = "admin-key"
+ADMIN = "hot-swap-admin-key"
 NAMES = [f"ad{i}" for i in range(6)]
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
 MAX_TOKENS = 8

@@ -17,6 +17,11 @@ JUNK = st.one_of(
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 TEXT = st.text(max_size=20)
+# Strings a JSON body can carry but UTF-8 cannot: lone surrogates (\ud800-\udfff escapes).
+SURROGATE_TEXT = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters(max_codepoint=0x7F),
+                         min_size=1, max_size=6).filter(lambda t: any(0xD800 <= ord(c) <= 0xDFFF for c in t))
+HUGE_STOPS = st.lists(st.text(min_size=1, max_size=3), min_size=17, max_size=300) | st.lists(
+    st.text(min_size=257, max_size=300), min_size=1, max_size=2)
 STATUSES: collections.Counter = collections.Counter()
 ERRS: collections.Counter = collections.Counter()
 
@@ -38,12 +43,12 @@ COMMON = {
     "temperature": field(st.floats(0, 2), st.floats(-3, 3)),
     "top_p": field(st.floats(0.01, 1), st.floats(-0.5, 1.5)),
     "n": field(st.integers(1, 3), st.integers(-1, 200)),
-    "stop": field(st.one_of(TEXT, st.lists(TEXT, max_size=3))),
+    "stop": field(st.one_of(TEXT, st.lists(TEXT, max_size=3)), HUGE_STOPS | SURROGATE_TEXT),
     "seed": field(st.integers(0, 2**32), st.integers(-(2**65), 2**65)),
     "presence_penalty": field(st.floats(-2, 2), st.floats(-3, 3)),
     "frequency_penalty": field(st.floats(-2, 2), st.floats(-3, 3)),
     "logit_bias": field(st.just({}), st.dictionaries(st.text(max_size=3), st.floats(-3, 3), max_size=2)),
-    "user": field(TEXT),
+    "user": field(TEXT, SURROGATE_TEXT),
     "stream": field(st.booleans()),
     "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": st.booleans()})),
     "top_k": field(st.integers(-1, 50), st.integers(-3, 2**40)),
@@ -51,7 +56,9 @@ COMMON = {
     "repetition_penalty": field(st.floats(0.5, 2), st.floats(-1, 3)),
     "min_tokens": field(st.integers(0, 1), st.integers(-1, 4)),
     "ignore_eos": field(st.booleans()),
-    "stop_token_ids": field(st.lists(st.integers(0, 49_000), max_size=3), st.lists(st.integers(-2, 10**6))),
+    "stop_token_ids": field(st.lists(st.integers(0, 49_000), max_size=3),
+                            st.lists(st.integers(-2, 10**9), max_size=4) | st.lists(st.integers(0, 49_000),
+                                                                                      min_size=257, max_size=2000)),
     "skip_special_tokens": field(st.booleans()),
 }
 COMPLETION_OPTIONAL = {
@@ -61,14 +68,20 @@ COMPLETION_OPTIONAL = {
 }
 PROMPT = field(st.one_of(TEXT, st.lists(TEXT, max_size=2), st.lists(st.integers(0, 49_000), max_size=4),
                          st.lists(st.lists(st.integers(0, 49_000), max_size=3), max_size=2)),
-               st.lists(st.integers(-1, 10**6), max_size=4))
+               st.lists(st.integers(-1, 10**9), max_size=4) | SURROGATE_TEXT
+               | st.lists(st.just("a"), min_size=81, max_size=3000)
+               | st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=2), min_size=81, max_size=2000))
 MESSAGE = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool"])},
     optional={"content": st.one_of(TEXT, st.none(), st.lists(st.fixed_dictionaries(
         {"type": st.just("text"), "text": TEXT}), max_size=2)), "name": TEXT},
 )
+HOSTILE_MESSAGE = st.fixed_dictionaries(
+    {"role": st.just("user"), "content": SURROGATE_TEXT | st.lists(st.fixed_dictionaries(
+        {"type": st.just("text"), "text": SURROGATE_TEXT}), min_size=1, max_size=2)},
+)
 BAD_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["wizard", "user"])},
-                                    optional={"content": JUNK | st.just([{"type": "image_url"}])})
+                                    optional={"content": JUNK | st.just([{"type": "image_url"}])}) | HOSTILE_MESSAGE
 MESSAGES = field(st.lists(MESSAGE, min_size=1, max_size=3), st.lists(BAD_MESSAGE, max_size=2))
 CHAT_OPTIONAL = {
     **COMMON,

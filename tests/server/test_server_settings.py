@@ -51,12 +51,12 @@ def test_help_lists_every_flag_and_env_name():
 
 
 def test_adapter_flags():
-    s = parse_settings(["--adapter-root", "/r1", "--adapter-root", "/r2", "--pin", "x", "--admin-key", "k",
+    s = parse_settings(["--adapter-root", "/r1", "--adapter-root", "/r2", "--pin", "x", "--admin-key", "k" * 16,
                         "--max-cpu-adapters", "40", "--max-adapter-bytes", "1000"], env={})
-    assert (s.adapter_roots, s.pins, s.admin_key) == ([Path("/r1"), Path("/r2")], ["x"], "k")
+    assert (s.adapter_roots, s.pins, s.admin_key) == ([Path("/r1"), Path("/r2")], ["x"], "k" * 16)
     assert (s.max_cpu_adapters, s.max_adapter_bytes) == (40, 1000)
-    s = parse_settings([], env={"MALORA_ADAPTER_ROOT": "/a,/b", "MALORA_ADMIN_KEY": "env-key"})
-    assert (s.adapter_roots, s.admin_key, s.pins) == ([Path("/a"), Path("/b")], "env-key", [])
+    s = parse_settings([], env={"MALORA_ADAPTER_ROOT": "/a,/b", "MALORA_ADMIN_KEY": "env-admin-key-0123"})
+    assert (s.adapter_roots, s.admin_key, s.pins) == ([Path("/a"), Path("/b")], "env-admin-key-0123", [])
     assert parse_settings([], env={}).admin_key is None
 
 
