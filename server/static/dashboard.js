@@ -113,7 +113,7 @@ const KEY_STORE = "malora-dashboard-key";
 let askedForKey = false;
 if (location.hash.startsWith("#key=")) {
   sessionStorage.setItem(KEY_STORE, decodeURIComponent(location.hash.slice(5)));
-  history.replaceState(null, "", location.pathname);
+  window.history.replaceState(null, "", location.pathname);  // `history` here is the charts' series
 }
 
 function authHeaders() {

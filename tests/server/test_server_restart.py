@@ -27,28 +27,32 @@ def test_an_unloaded_adapter_stays_unloaded_across_a_restart(adapter_dirs, defau
         return process, url
 
     def models(url: str) -> set[str]:
-        return {card["id"] for card in httpx.get(f"{url}/v1/models", headers=user).json()["data"]}
+        return {card["id"] for card in httpx.get(f"{url}/v1/models", headers=user, timeout=60).json()["data"]}
 
     process, url = serve("first.log")
     try:
         assert {"alpha", "beta"} <= models(url)
-        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "beta"}, headers=admin)
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "beta"}, headers=admin,
+                       timeout=60)
         assert r.status_code == 200, r.text
     finally:
         stop_server(process)
     process, url = serve("second.log")
     try:
         assert "beta" not in models(url) and "alpha" in models(url)
-        r = httpx.post(f"{url}/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 2}, headers=user)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 2}, headers=user,
+                       timeout=120)
         assert r.status_code == 404
-        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": "beta"}, headers=admin)
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": "beta"},
+                       headers=admin, timeout=60)
         assert r.status_code == 200, r.text
     finally:
         stop_server(process)
     process, url = serve("third.log")
     try:
         assert {"alpha", "beta"} <= models(url)
-        r = httpx.post(f"{url}/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 2}, headers=user)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "beta", "prompt": "Hi", "max_tokens": 2}, headers=user,
+                       timeout=120)
         assert r.status_code == 200, r.text
     finally:
         stop_server(process)
