@@ -1,4 +1,4 @@
-"""`malora bench kernels`: the CPU MALoRA delta against a naive mixture-of-LoRA loop and the base linear.
+"""`malora bench kernels`: the MALoRA delta against a naive mixture-of-LoRA loop and the base linear.
 
 Shapes are the default model's (d_in 576; d_out 192, 576, 1536) with 32 adapters of N = 8 experts,
 top-k 2, r = 8, d = 32; tokens are spread evenly over the adapters (shuffled). Paths, per call:
@@ -11,6 +11,9 @@ top-k 2, r = 8, d = 32; tokens are spread evenly over the adapters (shuffled). P
   base:  the base linear as the engine runs it: oneDNN on a packed weight (`models.packed_linear`)
          where torch has oneDNN, else torch's F.linear
   base_torch: the base linear through torch's F.linear (MKL here, 2.2-2.7x slower than `base`)
+
+With `--device cuda` the paths are naive, `triton` (the Triton kernel, `kernels.triton_malora`, as the
+engine runs it on a GPU) and base (F.linear, cuBLAS), all on the GPU, timed with a synchronize at each end.
 
 Several weight sets (and inputs) are rotated so that figures are not measured out of the cache. The
 machine's matrix-product rate and copy bandwidth are measured in the same run, to put the delta's
@@ -45,6 +48,7 @@ D_IN = 576
 SPEC = ModuleSpec(d=32, r=8, num_experts=8, top_k=2, alpha=16.0)
 ROTATE_MIB = 96  # rotate at least this much weight data by default (L3 here is 32 MiB)
 PATHS = ("naive", "cpu", "cpu_torch", "base", "base_torch")
+CUDA_PATHS = ("naive", "triton", "base")
 
 
 def _positive(kind: type, value: str) -> int | float:
@@ -74,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rotate weight sets (and inputs) of at least this many MiB, so figures are not "
                              "measured out of the cache")
     parser.add_argument("--json", metavar="FILE", help="write every figure (seconds per call) here")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: the Triton kernel against naive and base, on the GPU")
 
 
 def report(line: str = "") -> None:
@@ -89,9 +95,9 @@ class WeightSet:
     packed: nn.Linear | None  # the same weight as a PackedLinear, when oneDNN is available
 
 
-def make_set(adapters: int, d_out: int, gen: torch.Generator) -> WeightSet:
+def make_set(adapters: int, d_out: int, gen: torch.Generator, device: str = "cpu") -> WeightSet:
     n = SPEC.num_experts
-    bank = SlotBank.allocate(adapters, D_IN, d_out, SPEC.d, SPEC.r, n, torch.float32)
+    bank = SlotBank.allocate(adapters, D_IN, d_out, SPEC.d, SPEC.r, n, torch.float32, device)
     naive = []
     for slot in range(adapters):
         w = ModuleWeights(SPEC, S=torch.randn(SPEC.d, D_IN, generator=gen) / D_IN**0.5,
@@ -99,11 +105,11 @@ def make_set(adapters: int, d_out: int, gen: torch.Generator) -> WeightSet:
                           P=torch.randn(n, SPEC.r, SPEC.d, generator=gen) / SPEC.d**0.5,
                           B=torch.randn(n, d_out, SPEC.r, generator=gen) / SPEC.r**0.5)
         bank.set_slot(slot, w)
-        naive.append((w.G.clone(), [(w.P[t] @ w.S).contiguous() for t in range(n)],
-                      [w.B[t].clone() for t in range(n)]))
-    base = torch.randn(d_out, D_IN, generator=gen) / D_IN**0.5
+        naive.append((w.G.to(device), [(w.P[t] @ w.S).to(device) for t in range(n)],
+                      [w.B[t].to(device, copy=True) for t in range(n)]))
+    base = (torch.randn(d_out, D_IN, generator=gen) / D_IN**0.5).to(device)
     packed = None
-    if onednn_linear_available():
+    if device == "cpu" and onednn_linear_available():
         packed = nn.Linear(D_IN, d_out, bias=False).requires_grad_(False)
         packed.weight.copy_(base)
         packed = PackedLinear.convert(packed)
@@ -128,12 +134,19 @@ def naive_delta(y: torch.Tensor, x: torch.Tensor, ws: WeightSet, slots: torch.Te
             y.index_add_(0, rows[token], h * (weights[token, position, None] * SPEC.scale))
 
 
-def per_call(fn: Callable[[int], None], min_time: float, rounds: int) -> float:
+def _no_sync() -> None:
+    pass
+
+
+def per_call(fn: Callable[[int], None], min_time: float, rounds: int, sync: Callable[[], None] = _no_sync) -> float:
     """Best over rounds of the mean seconds per call (as `timeit`: the least disturbed round, which
-    matters on a shared machine); fn(i) uses the i-th rotating input."""
+    matters on a shared machine); fn(i) uses the i-th rotating input. `sync` waits for queued work
+    (torch.cuda.synchronize on a GPU) before each clock reading."""
     fn(0)
+    sync()
     start = time.perf_counter()
     fn(1)
+    sync()
     once = max(time.perf_counter() - start, 1e-6)
     calls = max(3, math.ceil(min_time / once))
     figures = []
@@ -141,16 +154,22 @@ def per_call(fn: Callable[[int], None], min_time: float, rounds: int) -> float:
         start = time.perf_counter()
         for i in range(calls):
             fn(r * calls + i)
+        sync()
         figures.append((time.perf_counter() - start) / calls)
     return min(figures)
 
 
-def machine_rates(min_time: float) -> dict[str, float]:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    mm = per_call(lambda i: torch.mm(a, b), min_time, 3)
-    src = torch.randn(64 << 20 >> 2)  # 64 MiB, twice the L3
+def _sync_for(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else _no_sync
+
+
+def machine_rates(min_time: float, device: str = "cpu") -> dict[str, float]:
+    sync = _sync_for(device)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    mm = per_call(lambda i: torch.mm(a, b), min_time, 3, sync)
+    src = torch.randn(64 << 20 >> 2, device=device)  # 64 MiB, twice the L3
     dst = torch.empty_like(src)
-    copy = per_call(lambda i: dst.copy_(src), min_time, 3)
+    copy = per_call(lambda i: dst.copy_(src), min_time, 3, sync)
     return {"matmul_gflops": 2 * 2048**3 / mm / 1e9, "copy_gbps": 2 * src.numel() * 4 / copy / 1e9}
 
 
@@ -164,89 +183,133 @@ def delta_cost(tokens: int, d_out: int, adapters: int) -> tuple[float, float]:
     return flops, 4 * (tokens * D_IN + 2 * tokens * d_out + weights)
 
 
+def _calls(device: str, y: torch.Tensor, pick: Callable[[int], tuple[torch.Tensor, WeightSet]],
+           token_slots: TokenSlots, packed: bool) -> dict[str, Callable[[int], None]]:
+    """The timed paths of `device`, by name (without `base` on a CPU without oneDNN: it is `base_torch`)."""
+
+    def naive(i: int) -> None:
+        naive_delta(y, *pick(i), token_slots.slots)
+
+    def base_torch(i: int) -> None:
+        torch.nn.functional.linear(pick(i)[0], pick(i)[1].base)
+
+    if device == "cuda":
+        from ..kernels.triton_malora import add_malora_delta_triton
+
+        def triton(i: int) -> None:
+            add_malora_delta_triton(y, pick(i)[0], pick(i)[1].bank, token_slots)
+
+        return {"naive": naive, "triton": triton, "base": base_torch}
+    cpu_delta = add_malora_delta_cpu if native_kernel() is None else add_malora_delta_native
+
+    def cpu(i: int) -> None:
+        cpu_delta(y, pick(i)[0], pick(i)[1].bank, token_slots)
+
+    def cpu_torch(i: int) -> None:
+        add_malora_delta_cpu(y, pick(i)[0], pick(i)[1].bank, token_slots)
+
+    def base(i: int) -> None:
+        pick(i)[1].packed(pick(i)[0])
+
+    return {"naive": naive, "cpu": cpu, "cpu_torch": cpu_torch, "base_torch": base_torch} | (
+        {"base": base} if packed else {})
+
+
 def measure(args: argparse.Namespace, d_out: int, token_counts: list[int]) -> dict[str, dict[int, float]]:
+    device, sync = args.device, _sync_for(args.device)
     gen = torch.Generator().manual_seed(0)
-    probe = make_set(args.adapters, d_out, gen)
+    probe = make_set(args.adapters, d_out, gen, device)
     set_bytes = sum(t.numel() * 4 for t in (probe.bank.S, probe.bank.G, probe.bank.P, probe.bank.B))
-    sets = [probe] + [make_set(args.adapters, d_out, gen) for _ in range(max(3, (args.rotate_mib << 20) // set_bytes))]
-    figures: dict[str, dict[int, float]] = {path: {} for path in PATHS}
-    kernel = native_kernel()
-    cpu_delta = add_malora_delta_cpu if kernel is None else add_malora_delta_native
+    sets = [probe] + [make_set(args.adapters, d_out, gen, device)
+                      for _ in range(max(3, (args.rotate_mib << 20) // set_bytes))]
+    figures: dict[str, dict[int, float]] = {path: {} for path in (CUDA_PATHS if device == "cuda" else PATHS)}
     shuffle = random.Random(0)
     for tokens in token_counts:
         slot_list = [i % args.adapters for i in range(tokens)]
         shuffle.shuffle(slot_list)
-        token_slots = TokenSlots.from_list(slot_list)
-        xs = [torch.randn(tokens, D_IN, generator=gen) for _ in range(len(sets))]
-        y = torch.zeros(tokens, d_out)
+        token_slots = TokenSlots.from_list(slot_list, device)
+        xs = [torch.randn(tokens, D_IN, generator=gen).to(device) for _ in range(len(sets))]
+        y = torch.zeros(tokens, d_out, device=device)
 
         def pick(i: int) -> tuple[torch.Tensor, WeightSet]:
             return xs[i % len(sets)], sets[i % len(sets)]
 
         with torch.no_grad():
-            figures["naive"][tokens] = per_call(
-                lambda i: naive_delta(y, *pick(i), token_slots.slots), args.min_time, args.rounds)
-            figures["cpu"][tokens] = per_call(
-                lambda i: cpu_delta(y, pick(i)[0], pick(i)[1].bank, token_slots), args.min_time, args.rounds)
-            figures["cpu_torch"][tokens] = per_call(
-                lambda i: add_malora_delta_cpu(y, pick(i)[0], pick(i)[1].bank, token_slots),
-                args.min_time, args.rounds)
-            figures["base_torch"][tokens] = per_call(
-                lambda i: torch.nn.functional.linear(pick(i)[0], pick(i)[1].base), args.min_time, args.rounds)
-            if probe.packed is None:
-                figures["base"][tokens] = figures["base_torch"][tokens]
-            else:
-                figures["base"][tokens] = per_call(lambda i: pick(i)[1].packed(pick(i)[0]), args.min_time, args.rounds)
+            for path, call in _calls(device, y, pick, token_slots, probe.packed is not None).items():
+                figures[path][tokens] = per_call(call, args.min_time, args.rounds, sync)
+        if probe.packed is None and device == "cpu":
+            figures["base"][tokens] = figures["base_torch"][tokens]
     return figures
 
 
 def run(args: argparse.Namespace) -> int:
     token_counts, widths = args.tokens, args.d_out
-    rates = machine_rates(args.min_time)
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        log.error("--device cuda: torch sees no GPU here")
+        return 1
+    paths = CUDA_PATHS if on_gpu else PATHS
+    fast = paths[1]  # the project's path on this device: cpu (native kernel or torch) or triton
+    rates = machine_rates(args.min_time, args.device)
     cpu_path = "torch (the native kernel is unavailable)" if native_kernel() is None else "native kernel"
-    report(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-           f"{torch.get_num_threads()} threads; matmul {rates['matmul_gflops']:.0f} GFLOP/s, "
-           f"copy {rates['copy_gbps']:.1f} GB/s; cpu = {cpu_path}; base = "
-           f"{'oneDNN packed' if onednn_linear_available() else 'F.linear'}")
-    report(f"{'d_out':>5} {'T':>5} {'naive ms':>9} {'cpu ms':>8} {'torch ms':>8} {'base ms':>8} {'F.lin ms':>8} "
-           f"{'naive/cpu':>9} {'torch/cpu':>9} {'cpu/base':>8} {'GFLOP/s':>8} {'GB/s':>6}")
-    seconds: dict[str, dict[str, dict[str, float]]] = {path: {} for path in PATHS}
+    rate_text = f"matmul {rates['matmul_gflops']:.0f} GFLOP/s, copy {rates['copy_gbps']:.1f} GB/s"
+    if on_gpu:
+        report(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; {rate_text}; "
+               f"triton = the Triton kernel; base = F.linear")
+        report(f"{'d_out':>5} {'T':>5} {'naive ms':>9} {'triton ms':>9} {'base ms':>8} {'naive/triton':>12} "
+               f"{'triton/base':>11} {'GFLOP/s':>8} {'GB/s':>6}")
+    else:
+        report(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads; {rate_text}; cpu = {cpu_path}; base = "
+               f"{'oneDNN packed' if onednn_linear_available() else 'F.linear'}")
+        report(f"{'d_out':>5} {'T':>5} {'naive ms':>9} {'cpu ms':>8} {'torch ms':>8} {'base ms':>8} {'F.lin ms':>8} "
+               f"{'naive/cpu':>9} {'torch/cpu':>9} {'cpu/base':>8} {'GFLOP/s':>8} {'GB/s':>6}")
+    seconds: dict[str, dict[str, dict[str, float]]] = {path: {} for path in paths}
     for d_out in widths:
         figures = measure(args, d_out, token_counts)
         for path, by_tokens in figures.items():
             seconds[path][str(d_out)] = {str(t): s for t, s in by_tokens.items()}
         for t in token_counts:
-            naive, cpu, torch_path, base, base_torch = (figures[p][t] for p in PATHS)
             flops, nbytes = delta_cost(t, d_out, args.adapters)
-            report(f"{d_out:>5} {t:>5} {naive * 1e3:>9.3f} {cpu * 1e3:>8.3f} {torch_path * 1e3:>8.3f} "
-                   f"{base * 1e3:>8.3f} {base_torch * 1e3:>8.3f} {naive / cpu:>9.1f} {torch_path / cpu:>9.2f} "
-                   f"{cpu / base:>8.3f} {flops / cpu / 1e9:>8.1f} {nbytes / cpu / 1e9:>6.1f}")
-    bars = check_bars(seconds)
+            naive, delta, base = figures["naive"][t], figures[fast][t], figures["base"][t]
+            rate = f"{flops / delta / 1e9:>8.1f} {nbytes / delta / 1e9:>6.1f}"
+            if on_gpu:
+                report(f"{d_out:>5} {t:>5} {naive * 1e3:>9.3f} {delta * 1e3:>9.3f} {base * 1e3:>8.3f} "
+                       f"{naive / delta:>12.1f} {delta / base:>11.3f} {rate}")
+            else:
+                torch_path, base_torch = figures["cpu_torch"][t], figures["base_torch"][t]
+                report(f"{d_out:>5} {t:>5} {naive * 1e3:>9.3f} {delta * 1e3:>8.3f} {torch_path * 1e3:>8.3f} "
+                       f"{base * 1e3:>8.3f} {base_torch * 1e3:>8.3f} {naive / delta:>9.1f} {torch_path / delta:>9.2f} "
+                       f"{delta / base:>8.3f} {rate}")
+    bars = check_bars(seconds, fast)
     for line in bars:
         report(line)
     if args.json:
+        where = {"device": torch.cuda.get_device_name()} if on_gpu else {"cpu_path": cpu_path}
         with open(args.json, "w") as handle:
-            json.dump({"seconds_per_call": seconds, "machine": rates, "adapters": args.adapters, "cpu_path": cpu_path,
+            json.dump({"seconds_per_call": seconds, "machine": rates, "adapters": args.adapters, **where,
                        "spec": {"d_in": D_IN, "d": SPEC.d, "r": SPEC.r, "N": SPEC.num_experts,
                                 "top_k": SPEC.top_k}, "bars": bars}, handle, indent=2)
         log.info("wrote %s", args.json)
     return 0
 
 
-def check_bars(seconds: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    """The issue's bars, each as one line of text: naive/cpu at T=32 and 256, cpu/base at T=2048 against
-    the base linear the engine runs (and, for the record, against torch's F.linear)."""
+def check_bars(seconds: dict[str, dict[str, dict[str, float]]], fast: str = "cpu") -> list[str]:
+    """The issue's bars, each as one line of text: naive/fast at T=32 and 256, fast/base at T=2048 against
+    the base linear the engine runs (and, on the CPU, for the record, against torch's F.linear); `fast` is
+    the project's path of the run (cpu or triton)."""
     lines = []
-    for d_out, by_tokens in seconds["cpu"].items():
+    for d_out, by_tokens in seconds[fast].items():
         for tokens, floor in (("32", 10.0), ("256", 4.0)):
             if tokens in by_tokens:
                 ratio = seconds["naive"][d_out][tokens] / by_tokens[tokens]
                 verdict = "ok" if ratio >= floor else "MISSED"
-                lines.append(f"bar naive/cpu >= {floor:g} at T={tokens}, d_out={d_out}: {ratio:.1f} {verdict}")
-    if "2048" in seconds["cpu"].get("576", {}):
-        cpu = seconds["cpu"]["576"]["2048"]
-        ratio = cpu / seconds["base"]["576"]["2048"]
-        lines.append(f"bar cpu/base <= 0.35 at T=2048, d_out=576: {ratio:.3f} {'ok' if ratio <= 0.35 else 'MISSED'}")
-        against_torch = cpu / seconds["base_torch"]["576"]["2048"]
-        lines.append(f"(for the record) cpu/base_torch at T=2048, d_out=576: {against_torch:.3f}")
+                lines.append(f"bar naive/{fast} >= {floor:g} at T={tokens}, d_out={d_out}: {ratio:.1f} {verdict}")
+    if "2048" in seconds[fast].get("576", {}):
+        delta = seconds[fast]["576"]["2048"]
+        ratio = delta / seconds["base"]["576"]["2048"]
+        lines.append(f"bar {fast}/base <= 0.35 at T=2048, d_out=576: {ratio:.3f} {'ok' if ratio <= 0.35 else 'MISSED'}")
+        if "base_torch" in seconds:
+            against_torch = delta / seconds["base_torch"]["576"]["2048"]
+            lines.append(f"(for the record) {fast}/base_torch at T=2048, d_out=576: {against_torch:.3f}")
     return lines

@@ -7,6 +7,7 @@ One process, one run, the default model in float32, 64 prompt + 64 output tokens
   b   this engine, the same 8 adapters converted to MALoRA
   c   this engine, no adapter
   d   this engine, 32 distinct MALoRA adapters (N=4, top_k=2, r=8, d=16 on q/k/v/o), one request each
+`--device cuda` runs all of them on the GPU (the engine's adapters through the Triton kernel).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--skip", default="", help="comma-separated keys to skip (a0,a,b,c,d)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
 
 
 def _prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -50,11 +52,13 @@ def _hf_generate(model, prompts: list[list[int]], new_tokens: int, warmup: list[
                  **kwargs) -> float:
     if warmup is not None:
         _hf_generate(model, warmup, WARMUP_TOKENS, **kwargs)
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     started = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    if out.is_cuda:
+        torch.cuda.synchronize()  # the clock stops when the GPU is done
     elapsed = time.perf_counter() - started
     assert out.shape[1] == ids.shape[1] + new_tokens
     return len(prompts) * new_tokens / elapsed
@@ -107,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
     from malora_runtime.patching import linear_shapes
 
     skip = set(filter(None, args.skip.split(",")))
-    model, tokenizer, source = load_model(None)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log.error("--device cuda: torch sees no GPU here")
+        return 1
+    model, tokenizer, source = load_model(None, device=args.device)
     prompts = _prompts(tokenizer, args.batch, args.prompt_tokens)
     warmup = _prompts(tokenizer, args.batch, args.prompt_tokens, seed=1)
     n_new = args.output_tokens
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             results["a"] = _hf_generate(peft_model, prompts, n_new, warmup, adapter_names=names)
             log.info("a  transformers + PEFT mixed adapters: %.1f tok/s", results["a"])
             del peft_model
-        engine = LLMEngine(model, tokenizer, EngineConfig(), source.name)
+        engine = LLMEngine(model, tokenizer, EngineConfig(device=args.device), source.name)
         shapes = linear_shapes(model)
         for i, path in enumerate(lora_dirs):
             engine.add_adapter(f"lora{i}", load_adapter(path, shapes))
@@ -154,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
         payload = {**results, "ratios": ratios, "machine": platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "device": args.device}
+        if args.device == "cuda":
+            payload["gpu"] = torch.cuda.get_device_name()
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

@@ -48,7 +48,7 @@ def _malora_kernel(
     scale_ptr, topk_ptr, temp_ptr, first_ptr, counts_ptr,
     d_in, d_out, d_max, r_max, n_max, stride_x, stride_y,
     PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_O: tl.constexpr, O_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_NR: tl.constexpr, BLOCK_O: tl.constexpr,
     CAST_FP32: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -109,7 +109,9 @@ def _malora_kernel(
     w_cols = tl.zeros([BLOCK_T, BLOCK_NR], dtype=tl.float32)
     denom_k = tl.zeros([BLOCK_T], dtype=tl.float32)
     remaining = scaled
-    for _ in range(0, top_k):
+    # top_k is read again, not kept live through the d_in loop: ptxas 13 spilled it there (sm_90 and sm_100,
+    # float32 decode; tests/kernels/test_triton_compile.py).
+    for _ in range(0, tl.load(topk_ptr + slot)):
         best = tl.max(remaining, axis=1)
         expert = tl.min(tl.where(remaining == best[:, None], offs_n[None, :], BLOCK_N), axis=1)
         remaining = tl.where(offs_n[None, :] == expert[:, None], float("-inf"), remaining)
@@ -130,7 +132,8 @@ def _malora_kernel(
     used = col_mask & (tl.max(w_cols, axis=0) > 0)
     b_base = b_ptr + slot * n_max * d_out * r_max + col_expert * d_out * r_max + col_j  # [BLOCK_NR]
     offs_o0 = tl.arange(0, BLOCK_O)
-    for o0 in range(pid_o * BLOCK_O, d_out, O_SPLIT * BLOCK_O):
+    # The grid's second axis splits d_out; its size is not a constexpr, so batch sizes share one compile.
+    for o0 in range(pid_o * BLOCK_O, d_out, tl.num_programs(1) * BLOCK_O):
         offs_o = o0 + offs_o0
         o_mask = offs_o < d_out
         bv = tl.load(b_base[:, None] + offs_o[None, :] * r_max, mask=used[:, None] & o_mask[None, :],
@@ -144,6 +147,46 @@ def _malora_kernel(
 
 def _pow2(n: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(n))
+
+
+def launch_config(
+    mode: str,
+    x_dtype: torch.dtype,
+    bank_dtype: torch.dtype,
+    maxima: tuple[int, int, int],
+    count: bool,
+    interpreted: bool = False,
+) -> dict[str, int | bool]:
+    """Everything `_malora_kernel` is launched with except its arguments and grid: the constexprs and
+    num_warps, for mode `token` or `tile`, inputs of x_dtype, a bank of bank_dtype with maxima
+    (d_max, r_max, n_max), expert counting on or off. The launcher and the ahead-of-time compile test
+    (tests/kernels/test_triton_compile.py) both call it, so the test compiles what runs."""
+    if mode not in ("token", "tile"):
+        raise ValueError(f"mode must be 'token' or 'tile', got {mode!r}")
+    d_max, r_max, n_max = maxima
+    block = 32 if interpreted else 64  # BLOCK_K and BLOCK_O; the interpreter is faster on small tiles
+    return dict(
+        PER_TOKEN=mode == "token", BLOCK_T=1 if mode == "token" else TILE_TOKENS, BLOCK_K=block,
+        BLOCK_D=_pow2(d_max, 16), BLOCK_N=_pow2(n_max, 16), BLOCK_NR=_pow2(n_max * r_max, 16), BLOCK_O=block,
+        # The interpreter's tl.dot mishandles bfloat16 (numpy has none): it multiplies in float32.
+        CAST_FP32=interpreted or x_dtype == torch.float32 or x_dtype != bank_dtype,
+        COUNT=count, num_warps=4,
+    )
+
+
+def kernel_args(
+    y: torch.Tensor, x: torch.Tensor, bank: SlotBank, token_slots: TokenSlots, tiles: torch.Tensor,
+    counts: torch.Tensor,
+) -> tuple:
+    """The positional (non-constexpr) arguments of `_malora_kernel`, in its order."""
+    d_max, r_max, n_max = bank.maxima
+    params = bank.params()
+    return (
+        x, y, token_slots.slots, token_slots.order, tiles,
+        bank.S, bank.G, bank.router_bias, bank.P, bank.B,
+        params.scale, params.top_k, params.router_temperature, params.softmax_first, counts,
+        bank.d_in, bank.d_out, d_max, r_max, n_max, x.stride(0), y.stride(0),
+    )
 
 
 def tile_table(token_slots: TokenSlots, bank: SlotBank, block_t: int = TILE_TOKENS) -> torch.Tensor:
@@ -181,32 +224,20 @@ def add_malora_delta_triton(
     x = x if x.stride(1) == 1 else x.contiguous()
     if mode == "auto":
         mode = choose_mode(token_slots)
-    per_token = mode == "token"
-    d_max, r_max, n_max = bank.maxima
     interpreted = not x.is_cuda
-    if per_token:
-        grid_rows, tiles, block_t = token_slots.num_tokens, token_slots.slots, 1
+    if mode == "token":
+        grid_rows, tiles = token_slots.num_tokens, token_slots.slots
     else:
         tiles = tile_table(token_slots, bank)
-        grid_rows, block_t = tiles.shape[0], TILE_TOKENS
+        grid_rows = tiles.shape[0]
     if grid_rows == 0:
         return
-    o_blocks = triton.cdiv(bank.d_out, 32 if interpreted else 64)
+    config = launch_config(mode, x.dtype, bank.S.dtype, bank.maxima, expert_counts is not None, interpreted)
+    # Split d_out over a second grid axis when there are few programs (132 SMs on an H100, 4 programs each).
+    o_blocks = triton.cdiv(bank.d_out, config["BLOCK_O"])
     o_split = 1 if interpreted else min(o_blocks, max(1, 4 * 132 // grid_rows))
     counts = expert_counts if expert_counts is not None else y.new_zeros(1, dtype=torch.int64)
-    params = bank.params()
-    _malora_kernel[(grid_rows, o_split)](
-        x, y, token_slots.slots, token_slots.order, tiles,
-        bank.S, bank.G, bank.router_bias, bank.P, bank.B,
-        params.scale, params.top_k, params.router_temperature, params.softmax_first, counts,
-        bank.d_in, bank.d_out, d_max, r_max, n_max, x.stride(0), y.stride(0),
-        PER_TOKEN=per_token, BLOCK_T=block_t, BLOCK_K=32 if interpreted else 64,
-        BLOCK_D=_pow2(d_max, 16), BLOCK_N=_pow2(n_max, 16), BLOCK_NR=_pow2(n_max * r_max, 16),
-        BLOCK_O=32 if interpreted else 64, O_SPLIT=o_split,
-        # The interpreter's tl.dot mishandles bfloat16 (numpy has none): it multiplies in float32.
-        CAST_FP32=interpreted or x.dtype == torch.float32 or x.dtype != bank.S.dtype,
-        COUNT=expert_counts is not None,
-    )
+    _malora_kernel[(grid_rows, o_split)](*kernel_args(y, x, bank, token_slots, tiles, counts), **config)
 
 
 def malora_delta_triton(

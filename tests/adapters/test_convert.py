@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from malora_runtime.adapters import load_adapter
 from malora_runtime.adapters.convert import MOLORA_CONFIG, MOLORA_WEIGHTS, molora_to_malora
 from malora_runtime.kernels.reference import route
 from malora_runtime.patching import linear_shapes, set_adapter
+
+# The default model's PEFT check also runs on a GPU with MALORA_TEST_DEVICE=cuda (scripts/gpu-check.sh).
+DEVICE = os.environ.get("MALORA_TEST_DEVICE", "cpu")
 
 
 def make_peft_adapter(model, directory: Path, targets: list[str], rank: int, alpha: float, **extra) -> Path:
@@ -66,8 +70,12 @@ def test_peft_lora_matches_peft_logits_on_a_tiny_llama(tiny_llama, tmp_path: Pat
 
 def test_peft_lora_matches_peft_logits_on_the_default_model(default_model, tmp_path: Path) -> None:
     model, tokenizer, _ = default_model
+    if DEVICE != "cpu":
+        if not torch.cuda.is_available():
+            pytest.skip(f"MALORA_TEST_DEVICE={DEVICE}: no GPU here")
+        model = copy.deepcopy(model).to(DEVICE)  # the session's model stays on the CPU
     directory = make_peft_adapter(model, tmp_path / "peft", ["q_proj", "v_proj"], rank=8, alpha=16)
-    ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]])
+    ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]], device=DEVICE)
     expected = peft_logits(model, directory, ids)
     got = malora_logits(model, load_adapter(directory, linear_shapes(model)), ids)
     assert (got - expected).abs().max().item() <= 1e-5

@@ -1,8 +1,13 @@
-"""The whole engine on the real default model: batched, mixed adapters, against the reference path."""
+"""The whole engine on the real default model: batched, mixed adapters, against the reference path.
+
+MALORA_TEST_DEVICE=cuda runs it all on the GPU, the adapters through the Triton kernel (scripts/gpu-check.sh);
+skipped, with the reason, where no GPU is present.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -19,6 +24,10 @@ from malora_runtime.offline import greedy_generate
 from malora_runtime.patching import linear_shapes, set_adapter
 from malora_runtime.sampling_params import SamplingParams
 from tests.conftest import requires_native
+
+DEVICE = os.environ.get("MALORA_TEST_DEVICE", "cpu")
+if DEVICE != "cpu" and not torch.cuda.is_available():
+    pytest.skip(f"MALORA_TEST_DEVICE={DEVICE}: no GPU here", allow_module_level=True)
 
 PROMPTS = [
     "Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite colour is",
@@ -42,8 +51,9 @@ def reference_model():
     """The reference runs on the same base matmul as the engine (oneDNN on packed weights, see
     `models.packed_linear`): this file tests batching, paging and adapters, not the matmul library,
     whose rounding differs from MKL's by ~1e-6 and can flip a greedy near-tie."""
-    model, tokenizer, _ = load_model(None)
-    pack_linears(model)
+    model, tokenizer, _ = load_model(None, device=DEVICE)
+    if DEVICE == "cpu":
+        pack_linears(model)
     return model, tokenizer
 
 
@@ -70,8 +80,8 @@ def expected(reference_model, adapters) -> list[list[int]]:
 
 
 def build_engine(adapters, **config) -> LLMEngine:
-    model, tokenizer, source = load_model(None)
-    engine = LLMEngine(model, tokenizer, EngineConfig(**config), source.name)
+    model, tokenizer, source = load_model(None, device=DEVICE)
+    engine = LLMEngine(model, tokenizer, EngineConfig(device=DEVICE, **config), source.name)
     for name, adapter in adapters.items():
         engine.add_adapter(name, adapter)
     return engine
@@ -104,7 +114,7 @@ def assert_same_or_tied(model, tokenizer, i: int, adapters, got: list[int], expe
     set_adapter(model, adapters.get(name))
     try:
         with torch.inference_mode():
-            logits = model(torch.tensor([prompt_ids])).logits[0, -1].double()
+            logits = model(torch.tensor([prompt_ids], device=DEVICE)).logits[0, -1].double()
     finally:
         set_adapter(model, None)
     gap = float(logits.max() - logits[got[step]])
@@ -113,11 +123,13 @@ def assert_same_or_tied(model, tokenizer, i: int, adapters, got: list[int], expe
 
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-# Both CPU implementations of the delta, end to end: the native kernel (the default) and the torch path.
-CPU_BACKENDS = pytest.mark.parametrize("backend", [pytest.param("native", marks=requires_native), "cpu"])
+# Every implementation of the delta on the device, end to end: on the CPU the native kernel (the default) and
+# the torch path; on a GPU the Triton kernel.
+BACKENDS = pytest.mark.parametrize(
+    "backend", [pytest.param("native", marks=requires_native), "cpu"] if DEVICE == "cpu" else ["triton"])
 
 
-@CPU_BACKENDS
+@BACKENDS
 def test_sixteen_mixed_requests_match_the_reference_token_for_token(reference_model, adapters, expected,
                                                                      monkeypatch, backend) -> None:
     monkeypatch.setenv(BACKEND_ENV, backend)
@@ -132,7 +144,7 @@ def test_sixteen_mixed_requests_match_the_reference_token_for_token(reference_mo
     assert engine.stats().kv_blocks_used == 0
 
 
-@CPU_BACKENDS
+@BACKENDS
 def test_prompts_longer_than_a_long_segment_match_the_reference(reference_model, adapters, monkeypatch,
                                                                 backend) -> None:
     """Prompts of LONG_SEGMENT tokens or more take the torch path's own route in prefill (2-D oneDNN
@@ -153,7 +165,7 @@ def test_prompts_longer_than_a_long_segment_match_the_reference(reference_model,
             for completion in output.outputs:
                 got[output.request_id] = (completion.token_ids[0], completion.logprobs[0].logprob)
     for i, (prompt, name) in enumerate(requests):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=DEVICE)
         set_adapter(model, adapters.get(name))
         try:
             with torch.inference_mode():

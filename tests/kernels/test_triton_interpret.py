@@ -1,7 +1,11 @@
-"""The Triton kernel, both launch modes, run by Triton's interpreter on CPU tensors.
+"""The Triton kernel, both launch modes, run by Triton's interpreter on CPU tensors, or compiled on a GPU.
 
 TRITON_INTERPRET must be set before `triton.jit` wraps the kernel, so it is set here at import
 time and the kernel module is (re)loaded after it.
+
+MALORA_TEST_DEVICE=cuda runs the same comparisons compiled on the GPU (scripts/gpu-check.sh does): the
+cases are built on the CPU as always and copied there. It needs TRITON_INTERPRET=0 in the environment
+(tests/conftest.py sets 1 where it is unset), and is skipped, with the reason, where no GPU is present.
 """
 
 from __future__ import annotations
@@ -10,16 +14,23 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("MALORA_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from malora_runtime.adapters.format import ModuleSpec  # noqa: E402
-from malora_runtime.kernels.slots import NO_SLOT  # noqa: E402
+from malora_runtime.kernels.slots import NO_SLOT, SlotBank, TokenSlots  # noqa: E402
 from tests.kernels.conftest import MIXED_SPECS, make_ties, release  # noqa: E402
 
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
+if DEVICE != "cpu":
+    if not torch.cuda.is_available():
+        pytest.skip(f"MALORA_TEST_DEVICE={DEVICE}: no GPU here to run the compiled kernel", allow_module_level=True)
+    if triton.knobs.runtime.interpret:
+        pytest.fail(f"MALORA_TEST_DEVICE={DEVICE} runs the kernel compiled: set TRITON_INTERPRET=0", pytrace=False)
 if "malora_runtime.kernels.triton_malora" in sys.modules:
     importlib.reload(sys.modules["malora_runtime.kernels.triton_malora"])
 from malora_runtime.kernels import dispatch  # noqa: E402
@@ -28,11 +39,24 @@ from malora_runtime.kernels import triton_malora as tm  # noqa: E402
 MODES = ["token", "tile"]
 
 
+def on_device(case) -> tuple[torch.Tensor, SlotBank, TokenSlots]:
+    """(x, bank, token_slots) of the case on DEVICE: as built on the CPU, or copies."""
+    if DEVICE == "cpu":
+        return case.x, case.bank, case.token_slots
+    cpu = case.bank
+    bank = SlotBank.allocate(cpu.num_slots, cpu.d_in, cpu.d_out, *cpu.maxima, cpu.S.dtype, device=DEVICE)
+    for name in ("S", "G", "router_bias", "P", "B"):
+        getattr(bank, name).copy_(getattr(cpu, name))
+    bank.infos = list(cpu.infos)
+    return case.x.to(DEVICE), bank, TokenSlots.from_list(case.slots, DEVICE)
+
+
 def run_triton(case, mode):
-    out, counts = case.poisoned(), case.new_counts()
-    result = tm.malora_delta_triton(case.x, case.bank, case.token_slots, out=out, expert_counts=counts, mode=mode)
+    x, bank, token_slots = on_device(case)
+    out, counts = case.poisoned().to(DEVICE), case.new_counts().to(DEVICE)
+    result = tm.malora_delta_triton(x, bank, token_slots, out=out, expert_counts=counts, mode=mode)
     assert result is out
-    return out, counts
+    return out.cpu(), counts.cpu()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -90,9 +114,9 @@ def test_mode_chooser_and_dispatch(make_case, monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, "triton")
     for case in (decode, prefill):
         base = torch.randn(case.expected.shape)
-        y = base.clone()
-        dispatch.add_malora_delta(y, case.x, case.bank, case.token_slots)
-        case.check(y - base, "dispatch triton")
+        y = base.to(DEVICE, copy=True)
+        dispatch.add_malora_delta(y, *on_device(case))
+        case.check(y.cpu() - base, "dispatch triton")
 
 
 @pytest.mark.parametrize("mode", MODES)

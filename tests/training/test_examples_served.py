@@ -1,8 +1,10 @@
 """Every example adapter under `examples/adapters/`, served by a real `malora-serve` on loopback, beats the
-base model on its own eval set by the margin in its card, with the same answers as the offline path."""
+base model on its own eval set by the margin in its card, with the same answers as the offline path.
+MALORA_TEST_DEVICE=cuda serves and runs the offline path on the GPU (scripts/gpu-check.sh)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -24,8 +26,10 @@ from malora_runtime.training.evaluate import EvalReport, evaluate_offline, serve
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = REPO_ROOT / "examples" / "adapters"
 CARDS = sorted(ADAPTERS.glob("*/card.json"))
+DEVICE = os.environ.get("MALORA_TEST_DEVICE", "cpu")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(DEVICE != "cpu" and not torch.cuda.is_available(),
+                                                    reason=f"MALORA_TEST_DEVICE={DEVICE}: no GPU here")]
 
 
 def _free_port() -> int:
@@ -41,6 +45,8 @@ def server(tmp_path_factory):
     port = _free_port()
     cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", str(port),
            "--adapter-root", str(ADAPTERS), "--log-level", "warning"]
+    if DEVICE != "cpu":
+        cmd += ["--device", DEVICE]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log.open("w") as out:
         process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -77,8 +83,15 @@ def test_example_adapters_are_committed_and_small():
     assert total < 20 * 1024 * 1024
 
 
+@pytest.fixture(scope="module")
+def offline_model(default_model):
+    """(model, tokenizer) of the offline path, on the device the server runs on."""
+    model, tokenizer, _ = default_model
+    return (model if DEVICE == "cpu" else copy.deepcopy(model).to(DEVICE)), tokenizer
+
+
 @pytest.mark.parametrize("card_path", CARDS, ids=[p.parent.name for p in CARDS])
-def test_served_example_beats_base_with_offline_answers(card_path, server, default_model):
+def test_served_example_beats_base_with_offline_answers(card_path, server, offline_model):
     url, base_name = server
     card = json.loads(card_path.read_text())
     directory = card_path.parent
@@ -89,7 +102,7 @@ def test_served_example_beats_base_with_offline_answers(card_path, server, defau
     # Every record in flight at once: the engine batches them.
     served = EvalReport(server_answers(url, directory.name, records, max_tokens, concurrency=32), references)
     base = EvalReport(server_answers(url, base_name, records, max_tokens, concurrency=32), references)
-    model, tokenizer, _ = default_model
+    model, tokenizer = offline_model
     adapter = load_adapter(directory, linear_shapes(model), dtype=torch.float32)
     offline = evaluate_offline(model, tokenizer, adapter, records, max_tokens)
 
