@@ -32,6 +32,8 @@ class EngineConfig:
     adapter_bank_memory: int | None = 8 << 30
     """Bytes the adapter slot banks may grow to (None: no limit); an adapter that would pass it is refused."""
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    """A long prompt is computed over several steps (decodes are never stalled behind it)."""
     count_expert_routing: bool = True
     """Accumulate per-expert token counts for metrics (cheap, on the device)."""
     keep_freed_memory: bool = True

@@ -4,42 +4,26 @@ Two ways to supply the delta, chosen by what is set on the layer:
 - `adapter` (one `ModuleWeights`): the single-adapter reference path, plain readable torch; used by
   offline generation and as the oracle in tests (it runs in whatever dtype the model is in, float64
   included).
-- `bank` plus the shared `BatchContext`: the serving path; each token of the packed batch uses its
+- `bank` plus the shared `StepContext`: the serving path; each token of the packed batch uses its
   own adapter slot, and the kernel facade computes every token's delta in one batched call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from .adapters.format import ModuleWeights
+from .context import StepContext
 from .kernels.dispatch import add_malora_delta, choose_backend
 from .kernels.reference import malora_delta_dense
-from .kernels.slots import RoutingLog, SlotBank, TokenSlots
-
-
-@dataclass
-class BatchContext:
-    """Per-step adapter metadata shared by every wrapped layer of one model (set by the runner)."""
-
-    token_slots: TokenSlots | None = None
-    # [num_slots, n_max] per bank path: tokens routed to each expert, counted by the kernels themselves
-    # (Triton on the GPU, the native kernel on the CPU).
-    expert_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    # The torch CPU path records its routing choices here instead and they are counted when harvested.
-    routing_log: RoutingLog = field(default_factory=RoutingLog)
-    count_experts: bool = False
-    # The delta's backend (`kernels.dispatch.choose_backend`), resolved once per step; None: per call.
-    backend: str | None = None
+from .kernels.slot_bank import SlotBank
 
 
 class MaloraLinear(nn.Module):
     """A base `nn.Linear` plus an optional MALoRA delta."""
 
-    def __init__(self, base: nn.Linear, path: str, context: BatchContext) -> None:
+    def __init__(self, base: nn.Linear, path: str, context: StepContext) -> None:
         super().__init__()
         self.base = base
         self.path = path
@@ -70,15 +54,13 @@ class MaloraLinear(nn.Module):
                 spec.router_norm, spec.router_temperature,
             )
             return y + delta.reshape(*y.shape[:-1], -1).to(y.dtype)
-        token_slots = self.context.token_slots
+        step = self.context
+        token_slots = step.token_slots
         if self.bank is not None and token_slots is not None and token_slots.any_adapter:
-            flat_y = y.view(-1, y.shape[-1])
-            backend = self.context.backend or choose_backend(x)
-            counts = None
-            if self.context.count_experts:
-                deferred = backend == "cpu"  # the torch path defers its counting to a RoutingLog
-                counts = self.context.routing_log if deferred else self.context.expert_counts.get(self.path)
-            add_malora_delta(flat_y, x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts, backend)
+            backend = step.backend or choose_backend(x)
+            counts = step.routing.sink(self.path, backend) if step.routing is not None else None
+            add_malora_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts,
+                             backend)
         return y
 
     def extra_repr(self) -> str:

@@ -8,7 +8,8 @@ from torch import nn
 
 from .adapters.format import MaloraAdapter
 from .adapters.io import ModuleShapes
-from .layers import BatchContext, MaloraLinear
+from .context import StepContext
+from .layers import MaloraLinear
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -24,11 +25,11 @@ def wrapped_layers(model: nn.Module) -> dict[str, MaloraLinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, MaloraLinear)}
 
 
-def wrap_linears(model: nn.Module, paths: Iterable[str], context: BatchContext | None = None) -> BatchContext:
+def wrap_linears(model: nn.Module, paths: Iterable[str], context: StepContext | None = None) -> StepContext:
     """Replace the linear layers at `paths` with `MaloraLinear` (idempotent); returns the shared context."""
     existing = wrapped_layers(model)
     if context is None:
-        context = next(iter(existing.values())).context if existing else BatchContext()
+        context = next(iter(existing.values())).context if existing else StepContext()
     for path in paths:
         if path in existing:
             continue

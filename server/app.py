@@ -9,8 +9,9 @@ import time
 
 from fastapi import FastAPI
 
+from malora_runtime.adapters.manager import AdapterManager
+
 from . import __version__
-from .adapters import AdapterManager
 from .engine_client import EngineClient
 from .errors import install_error_handlers
 from .metrics import ErrorMetricsMiddleware, ServerMetrics
@@ -47,7 +48,7 @@ def create_app(engine: EngineClient | None, settings: ServerSettings, adapters: 
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
         if adapters is not None:
-            adapters.registry.close()
+            adapters.close()
 
     app = FastAPI(title="MALoRA Serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for one base model and many MALoRA adapters.")

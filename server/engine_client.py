@@ -1,23 +1,23 @@
 """The seam between the HTTP server and the engine: the server depends on this interface only.
 
-`malora_runtime.engine.async_engine.AsyncEngine` implements it; tests may pass a fake.
+`malora_runtime.engine.async_engine.AsyncEngine` implements it; tests may pass a fake that implements it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from malora_runtime.adapters.format import MaloraAdapter
 from malora_runtime.adapters.registry import HostAdapter
-from malora_runtime.engine.outputs import EngineStats, RequestOutput
+from malora_runtime.engine.async_engine import RequestRecord
+from malora_runtime.engine.outputs import EngineStats, RequestOutput, ResidentAdapter
 from malora_runtime.sampling_params import SamplingParams
+
+StepListener = Callable[[float, int, int], None]  # (seconds, tokens computed, sequences) per step
 
 
 class EngineClient(Protocol):
-    adapter_provider: Callable[[str], Awaitable[HostAdapter]] | None
-    """Where the engine gets an adapter's current version when a request names one not in a slot."""
-
     @property
     def tokenizer(self) -> Any: ...
 
@@ -31,13 +31,16 @@ class EngineClient(Protocol):
     def is_running(self) -> bool: ...
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
+        self, prompt: str | list[int], params: SamplingParams, adapter: HostAdapter | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; the last has `finished` set. Closing the stream aborts it."""
+        """Stream the request's outputs on exactly the `adapter` version given (None: the base model); the last
+        output has `finished` set. Closing the stream aborts it."""
         ...
 
-    async def abort(self, request_id: str) -> None: ...
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise an `EngineRequestError` for a request the engine cannot serve."""
+        ...
 
     async def add_adapter(self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False) -> int:
         """Copy `adapter` into a slot between steps as `name`'s current version; NoFreeSlotError when all are busy."""
@@ -47,11 +50,21 @@ class EngineClient(Protocol):
         """New requests can no longer use `name`; running ones finish on their version first."""
         ...
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
-        """Raise an `EngineRequestError` for a request the engine cannot serve."""
+    def resident_adapters(self) -> dict[str, ResidentAdapter]:
+        """The adapter versions in engine slots now, by name."""
         ...
 
-    def adapter_names(self) -> list[str]: ...
+    async def harvest_expert_counts(self) -> dict[str, list[int]]:
+        """Tokens routed to each expert since the last harvest, by adapter name."""
+        ...
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of every linear module an adapter may target."""
+        ...
+
+    def add_step_listener(self, listener: StepListener) -> None: ...
+
+    def add_request_listener(self, listener: Callable[[RequestRecord], None]) -> None: ...
 
     def stats(self) -> EngineStats: ...
 

@@ -12,15 +12,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from malora_runtime.adapters.errors import AdapterError
-from malora_runtime.adapters.registry import UnknownAdapterNameError
+from malora_runtime.adapters.manager import AdapterConflictError
 from malora_runtime.engine.errors import (
     EngineRequestError,
     EngineShutdownError,
     RequestFailedError,
     UnknownAdapterError,
 )
-
-from .adapters import AdapterConflictError
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +72,6 @@ def to_api_error(exc: BaseException) -> APIError:
         return invalid(str(exc), param=exc.param)
     if isinstance(exc, RequestFailedError):
         return APIError(500, str(exc), code="request_failed")
-    if isinstance(exc, UnknownAdapterNameError):
-        return APIError(404, str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterConflictError):
         return APIError(409, str(exc), code="adapter_exists")
     if isinstance(exc, AdapterError):

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from .adapters import AdapterManager
+from malora_runtime.adapters.manager import AdapterManager
+
 from .app import create_app
 from .settings import ServerSettings, parse_settings
 
@@ -21,9 +22,8 @@ def build_engine(settings: ServerSettings) -> tuple:
     and activated. Raises on a bad model or adapter. Adapters under the roots are read on first use."""
     from malora_runtime.adapters.registry import AdapterRegistry
     from malora_runtime.adapters.unloaded import UnloadedRecord
+    from malora_runtime.cache import cache_root
     from malora_runtime.engine.async_engine import AsyncEngine
-    from malora_runtime.models.loader import cache_root
-    from malora_runtime.patching import linear_shapes
 
     for name, path in settings.adapters.items():
         AdapterRegistry.check_name(name)
@@ -34,7 +34,7 @@ def build_engine(settings: ServerSettings) -> tuple:
             log.warning("adapter root %s does not exist; no adapters are found in it", root)
     engine = AsyncEngine.from_config(settings.engine)
     state_dir = settings.state_dir or cache_root() / "state"
-    registry = AdapterRegistry(linear_shapes(engine.engine.runner.model), settings.adapter_roots,
+    registry = AdapterRegistry(engine.module_shapes(), settings.adapter_roots,
                                settings.max_cpu_adapters, settings.max_adapter_bytes, limits=settings.adapter_limits,
                                unloaded_record=UnloadedRecord(state_dir, settings.adapter_roots))
     manager = AdapterManager(engine, registry, settings.engine.max_loaded_adapters)

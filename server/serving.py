@@ -16,16 +16,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from malora_runtime.adapters.errors import AdapterError
+from malora_runtime.adapters.manager import AdapterManager
 from malora_runtime.adapters.registry import (
     AdapterNameError,
-    AdapterRegistry,
     HostAdapter,
-    UnknownAdapterNameError,
+    UnknownAdapterError,
 )
 from malora_runtime.engine.outputs import RequestOutput
 from malora_runtime.sampling_params import SamplingParams
 
-from .adapters import AdapterManager
 from .engine_client import EngineClient
 from .errors import APIError, from_sampling_error, invalid, not_ready, to_api_error
 from .protocol import SamplingFields, UsageInfo
@@ -52,10 +51,6 @@ class ServerState:
     draining: bool = False
 
     @property
-    def registry(self) -> AdapterRegistry | None:
-        return self.adapters.registry if self.adapters is not None else None
-
-    @property
     def ready(self) -> bool:
         return self.engine is not None and self.engine.is_running and not self.draining
 
@@ -79,9 +74,9 @@ class ServerState:
             return None
         try:
             if self.adapters is None:
-                raise UnknownAdapterNameError(model)
+                raise UnknownAdapterError(model)
             return await self.adapters.resolve(model)
-        except (AdapterNameError, UnknownAdapterNameError):
+        except (AdapterNameError, UnknownAdapterError):
             raise APIError(404, f"the model {model!r} does not exist", param="model",
                            code="model_not_found") from None
         except AdapterError as exc:  # API callers get the reason, not the server's directories
@@ -268,7 +263,7 @@ class UsageCounter:
 
 
 async def merged_outputs(
-    engine: EngineClient, prompts: list[list[int]], params: SamplingParams, adapter: str | None, rid: str,
+    engine: EngineClient, prompts: list[list[int]], params: SamplingParams, adapter: HostAdapter | None, rid: str,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) of every prompt's stream, interleaved. Closing it aborts all of them."""
     if len(prompts) == 1:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from malora_runtime.adapters.registry import UnknownAdapterNameError
+from malora_runtime.adapters.errors import UnknownAdapterError
+from malora_runtime.adapters.manager import AdapterManager, AdapterView, Tier
 
-from .adapters import AdapterManager, AdapterView
 from .protocol import AdapterCard, AdapterInfo, AdapterList, AdapterModule, AdapterStatsInfo
 from .serving import ServerState
 
+API_STATES = {Tier.DEVICE: "loaded", Tier.HOST: "cpu", Tier.DISK: "disk"}
+
+
+def api_state(view: AdapterView) -> str:
+    """The wire's word for where an adapter is (`AdapterInfo.state`)."""
+    if view.unloaded:
+        return "unloaded"
+    return "failed" if view.error is not None and view.tier is Tier.DISK else API_STATES[view.tier]
+
 
 def adapter_info(view: AdapterView) -> AdapterInfo:
-    info = AdapterInfo(state=view.state, path=str(view.path) if view.path else None, version=view.version,
+    info = AdapterInfo(state=api_state(view), path=str(view.path) if view.path else None, version=view.version,
                        slot=view.slot, pinned=view.pinned, error=view.error)
     config = view.config
     if config is None:
@@ -52,7 +61,7 @@ class AdaptersServing:
         manager = self.manager
         view = next((v for v in manager.views() if v.name == name), None)
         if view is None:
-            raise UnknownAdapterNameError(f"adapter {name!r} does not exist")
+            raise UnknownAdapterError(f"adapter {name!r} does not exist")
         return adapter_card(view)
 
     async def load(self, name: str, path: str | None, pinned: bool | None, reload: bool) -> AdapterCard:

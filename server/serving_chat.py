@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from malora_runtime.adapters.registry import HostAdapter
 from malora_runtime.engine.sequence import TokenLogprobs
 from malora_runtime.sampling_params import SamplingParams
 
@@ -47,7 +48,7 @@ def chat_prompt_ids(engine: EngineClient, body: ChatCompletionRequest) -> list[i
     return list(ids)
 
 
-class LogprobsBuilder:
+class ChatLogprobsBuilder:
     def __init__(self, token_text: TokenText) -> None:
         self.token_text = token_text
 
@@ -79,22 +80,22 @@ class ChatServing:
         params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                  self.state.settings)
         try:
-            engine.check_request(prompt, params, None)  # the adapter is checked at admission
+            engine.check_request(prompt, params)  # the adapter is checked at admission
         except ValueError as exc:
             raise to_api_error(exc) from None
-        run = _ChatRun(engine, body, params, host.name if host is not None else None, prompt,
+        run = _ChatRun(engine, body, params, host, prompt,
                        body.model or self.state.base_model)
         return await self.state.serve(run, params.n, params.max_tokens, host, raw, response)
 
 
 class _ChatRun:
     def __init__(self, engine: EngineClient, body: ChatCompletionRequest, params: SamplingParams,
-                 adapter: str | None, prompt: list[int], model: str) -> None:
+                 adapter: HostAdapter | None, prompt: list[int], model: str) -> None:
         self.engine, self.body, self.params, self.adapter, self.prompt = engine, body, params, adapter, prompt
         self.model = model
         self.id = request_id("chatcmpl")
         self.usage = UsageCounter(prompt_tokens=len(prompt))
-        self.logprobs = LogprobsBuilder(TokenText(engine.tokenizer))
+        self.logprobs = ChatLogprobsBuilder(TokenText(engine.tokenizer))
 
     def _outputs(self):
         return merged_outputs(self.engine, [self.prompt], self.params, self.adapter, self.id)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from malora_runtime.adapters.registry import HostAdapter
 from malora_runtime.engine.sequence import TokenLogprobs
 from malora_runtime.sampling_params import SamplingParams
 
@@ -18,7 +19,7 @@ from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, C
 from .serving import ServerState, TokenText, UsageCounter, merged_outputs, request_id, sampling_params, sse
 
 
-class LogprobsBuilder:
+class CompletionLogprobsBuilder:
     """The completions logprobs shape for one choice: token texts, their logprobs, top-k, text offsets."""
 
     def __init__(self, token_text: TokenText, offset: int = 0) -> None:
@@ -56,10 +57,10 @@ class CompletionServing:
         prompts, texts = await asyncio.to_thread(self._prompts, engine, body.prompt)
         for ids in prompts:
             try:
-                engine.check_request(ids, params, None)  # the adapter is checked at admission
+                engine.check_request(ids, params)  # the adapter is checked at admission
             except ValueError as exc:
                 raise to_api_error(exc) from None
-        run = _Run(engine, body, params, host.name if host is not None else None, prompts, texts,
+        run = _Run(engine, body, params, host, prompts, texts,
                    body.model or self.state.base_model)
         return await self.state.serve(run, params.n * num_prompts, params.max_tokens, host, raw, response)
 
@@ -85,14 +86,14 @@ class CompletionServing:
 class _Run:
     """One completion request: its prompts, settings and the state of each choice."""
 
-    def __init__(self, engine: EngineClient, body: CompletionRequest, params: SamplingParams, adapter: str | None,
-                 prompts: list[list[int]], texts: list[str | None], model: str) -> None:
+    def __init__(self, engine: EngineClient, body: CompletionRequest, params: SamplingParams,
+                 adapter: HostAdapter | None, prompts: list[list[int]], texts: list[str | None], model: str) -> None:
         self.engine, self.body, self.params, self.adapter = engine, body, params, adapter
         self.prompts, self.texts, self.model = prompts, texts, model
         self.id = request_id("cmpl")
         self.usage = UsageCounter(prompt_tokens=sum(len(p) for p in prompts))
         self.token_text = TokenText(engine.tokenizer)
-        self.builders: dict[int, LogprobsBuilder] = {}
+        self.builders: dict[int, CompletionLogprobsBuilder] = {}
 
     def choice_index(self, prompt_index: int, index: int) -> int:
         return prompt_index * self.params.n + index
@@ -105,7 +106,7 @@ class _Run:
         """Echoed prompt text (and ids, for logprobs) the first time a choice shows up."""
         if choice in self.builders:
             return "", None
-        self.builders[choice] = LogprobsBuilder(self.token_text)
+        self.builders[choice] = CompletionLogprobsBuilder(self.token_text)
         if not self.body.echo:
             return "", None
         return self._echo(prompt_index), self.prompts[prompt_index]

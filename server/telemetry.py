@@ -8,11 +8,13 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
+from malora_runtime.adapters.manager import Tier
+
 from .metrics import ServerMetrics, counter, gauge
 from .serving import ServerState
 
 ROUTING_INTERVAL = 1.0  # seconds: the device-side counters are read at most this often
-TIERS = ("device", "cpu", "disk")
+TIERS = tuple(tier.value for tier in Tier)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -30,9 +32,9 @@ class Telemetry:
         metrics.set_state_collector(self._families)
         metrics.is_known = self.is_known_model
         engine = state.engine
-        if engine is not None and hasattr(engine, "request_listeners"):
-            engine.request_listeners.append(metrics.observe_request)
-            engine.step_listeners.append(metrics.observe_step)
+        if engine is not None:
+            engine.add_request_listener(metrics.observe_request)
+            engine.add_step_listener(metrics.observe_step)
 
     # ---- periodic work ----
     async def refresh(self) -> None:
@@ -41,34 +43,19 @@ class Telemetry:
         now = time.monotonic()
         if engine is not None and engine.is_running and now - self._last_routing >= ROUTING_INTERVAL:
             self._last_routing = now
-            slots = engine.engine.runner.adapters
-            self.metrics.observe_routing(await engine.run_on_engine(slots.harvest_expert_counts))
-        registry = self.registry
-        if registry is not None and registry.counters.load_seconds:
-            seconds, registry.counters.load_seconds = registry.counters.load_seconds, []
-            self.metrics.observe_adapter_loads(seconds)
+            self.metrics.observe_routing(await engine.harvest_expert_counts())
+        if self.state.adapters is not None:
+            self.metrics.observe_adapter_loads(self.state.adapters.drain_load_seconds())
 
     def is_known_model(self, name: str) -> bool:
         if self.state.engine is not None and name in (self.state.base_model, self.state.engine.model_name):
             return True
-        registry = self.registry
-        return registry is not None and (name in registry.host or registry.is_known(name))
-
-    @property
-    def registry(self):
-        return getattr(self.state, "registry", None)
+        return self.state.adapters is not None and self.state.adapters.is_known_model(name)
 
     def adapter_tiers(self) -> dict[str, str]:
         """Where each known adapter is: `device` (a slot), `cpu` (host memory) or `disk`."""
-        tiers: dict[str, str] = {}
-        registry = self.registry
-        if registry is not None:
-            tiers.update({name: "disk" for name in registry.discover()})
-            tiers.update({name: "cpu" for name in registry.host})
-        engine = self.state.engine
-        if engine is not None:
-            tiers.update({name: "device" for name in engine.engine.runner.adapters.current})
-        return tiers
+        adapters = self.state.adapters
+        return {name: tier.value for name, tier in adapters.tiers().items()} if adapters is not None else {}
 
     # ---- scrape-time families ----
     def _families(self) -> list[Any]:
@@ -80,7 +67,7 @@ class Telemetry:
             gauge("malora_requests_running", "Sequences running in the engine", stats.num_running),
             gauge("malora_requests_waiting", "Sequences waiting for the engine", stats.num_waiting),
             gauge("malora_requests_waiting_for_adapter", "Requests waiting for a free adapter slot",
-                  getattr(engine, "num_waiting_for_adapter", 0)),
+                  stats.num_waiting_for_adapter),
             gauge("malora_kv_blocks_used", "KV cache blocks in use", stats.kv_blocks_used),
             gauge("malora_kv_blocks_total", "KV cache blocks in the pool", stats.kv_blocks_total),
             counter("malora_preemptions", "Sequences preempted for lack of KV blocks", stats.num_preemptions),
@@ -103,14 +90,12 @@ class Telemetry:
             if label != "other":
                 where.add_metric([label, tier], 1)
         families += [loaded, where]
-        slots = engine.engine.runner.adapters
-        registry = self.registry
-        counts = registry.counters if registry is not None else None
+        counts = self.state.adapters.stats() if self.state.adapters is not None else None
         families += [
             counter("malora_adapter_loads", "Adapters read from disk", counts.loads if counts else 0),
             counter("malora_adapter_reloads", "Adapters reloaded as a new version", counts.reloads if counts else 0),
             counter("malora_adapter_unloads", "Adapters unloaded", counts.unloads if counts else 0),
-            counter("malora_adapter_evictions", "Adapters evicted from a device slot", slots.num_evictions),
+            counter("malora_adapter_evictions", "Adapters evicted from a device slot", stats.num_adapter_evictions),
             counter("malora_adapter_host_evictions", "Adapters evicted from host memory",
                     counts.host_evictions if counts else 0),
         ]

@@ -30,7 +30,7 @@ def test_adapter_init_info_and_generate_with_it(tmp_path: Path, cli_env, default
     adapter = load_adapter(out)
     assert len(adapter.modules) == 60 and all(w.B.abs().sum() > 0 for w in adapter.modules.values())
     info = json.loads(malora("adapter", "info", str(out), env=cli_env).stdout)
-    # 30 layers x (q: 576->576, v: 576->192), by MALORA.md's parameter formula.
+    # 30 layers x (q: 576->576, v: 576->192), by docs/malora.md's parameter formula.
     per_q = 16 * 576 + 4 * 576 + 4 * 8 * (16 + 576)
     per_v = 16 * 576 + 4 * 576 + 4 * 8 * (16 + 192)
     assert info["parameters"] == 30 * (per_q + per_v)

@@ -13,7 +13,7 @@ from malora_runtime.patching import linear_shapes, set_adapter
 
 
 def direct_formula(x, S, G, P, B, scale, k, bias=None, norm="topk_softmax", temperature=1.0):
-    """MALORA.md written out with Python numbers, one token at a time (no torch routing helpers)."""
+    """docs/malora.md written out with Python numbers, one token at a time (no torch routing helpers)."""
     out = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float64)
     for i in range(x.shape[0]):
         logits = [float(G[t] @ x[i]) + (float(bias[t]) if bias is not None else 0.0) for t in range(G.shape[0])]

@@ -1,4 +1,4 @@
-"""Parameter and per-token multiply-add counts, by the formulas of `shared/MALORA.md`."""
+"""Parameter and per-token multiply-add counts, by the formulas of `docs/malora.md`."""
 
 from __future__ import annotations
 

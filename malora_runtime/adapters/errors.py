@@ -15,6 +15,13 @@ class AdapterNotFoundError(AdapterError):
     """The adapter directory or one of its files does not exist."""
 
 
+class UnknownAdapterError(AdapterNotFoundError, KeyError):
+    """No adapter of that name: not registered, not under a root, unloaded, or not in the engine."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsafeFormatError(AdapterError):
     """A pickle-based file (.bin, .pt, .pth, .ckpt) was offered: we never unpickle."""
 

@@ -14,15 +14,15 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import load_adapter
 from .convert import PEFT_CONFIG
-from .errors import AdapterError, AdapterNotFoundError
+from .errors import AdapterError, AdapterNotFoundError, UnknownAdapterError
 from .format import CONFIG_FILE, MaloraAdapter
 from .io import ModuleShapes
 from .unloaded import UnloadedRecord
@@ -72,15 +72,11 @@ class AdapterLimits:
                                     f"budget for adapters (--max-cpu-adapter-bytes {self.max_host_bytes})")
 
 
-class UnknownAdapterNameError(AdapterNotFoundError):
-    """No adapter of that name is registered or found under the roots."""
-
-
 def is_adapter_dir(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / PEFT_CONFIG).is_file())
 
 
-@dataclass
+@dataclass(eq=False)
 class HostAdapter:
     """A parsed, validated adapter version held in host memory."""
 
@@ -91,6 +87,7 @@ class HostAdapter:
     load_seconds: float
     pinned: bool = False
     num_bytes: int = field(init=False)  # of its weights, counted once
+    unloaded: bool = False  # set when the name is unloaded: requests that resolved it do not start
 
     def __post_init__(self) -> None:
         self.num_bytes = self.adapter.num_bytes()
@@ -130,7 +127,6 @@ class AdapterRegistry:
         roots: list[Path] | None = None,
         max_cpu_adapters: int = 64,
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-        on_host_evict: Callable[[str], None] | None = None,
         failed_read_ttl: float = FAILED_READ_TTL,
         limits: AdapterLimits | None = None,
         unloaded_record: UnloadedRecord | None = None,
@@ -140,16 +136,16 @@ class AdapterRegistry:
         self.max_cpu_adapters = max_cpu_adapters
         self.max_adapter_bytes = max_adapter_bytes
         self.limits = limits or AdapterLimits()
-        self.paths: dict[str, Path] = {}  # registered names (CLI, load API) -> directory
-        self.pinned: set[str] = set()
+        self._paths: dict[str, Path] = {}  # registered names (CLI, load API) -> directory
+        self._pinned: set[str] = set()
         # Unloaded names are not lazily found under the roots again, after a restart too when recorded.
         self._unloaded_record = unloaded_record
-        self.unloaded: set[str] = unloaded_record.read() if unloaded_record is not None else set()
-        self.host: OrderedDict[str, HostAdapter] = OrderedDict()
-        self.versions: dict[str, int] = {}
+        self._unloaded: set[str] = unloaded_record.read() if unloaded_record is not None else set()
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()
+        self._issued: dict[str, weakref.WeakSet[HostAdapter]] = {}  # every version read, while someone holds it
+        self._versions: dict[str, int] = {}
         self.counters = RegistryCounters()
         self._inflight: dict[tuple[str, str | None], asyncio.Future[HostAdapter]] = {}
-        self._on_host_evict = on_host_evict
         self.failed_read_ttl = failed_read_ttl
         self._failed_reads: dict[str, tuple[Path, float, AdapterError]] = {}  # name -> (path, expiry, error)
         # Reads and validation run on one background thread below the engine's priority (see
@@ -184,58 +180,85 @@ class AdapterRegistry:
             raise AdapterNotFoundError(f"{path}: adapter directory not found")
         return resolved
 
-    def register(self, name: str, path: str | Path, trusted: bool = False, pinned: bool = False) -> Path:
-        """Know `name` as the adapter at `path`; `trusted` (operator's command line) skips the root check."""
-        self.check_name(name)
-        resolved = Path(path).resolve() if trusted else self.check_path(path)
-        if not resolved.is_dir():
-            raise AdapterNotFoundError(f"{path}: adapter directory not found")
-        self.paths[name] = resolved
-        self._mark_unloaded(name, False)
-        if pinned:
-            self.pinned.add(name)
-        return resolved
-
     def discover(self) -> dict[str, Path]:
         """Every adapter available on disk: registered names plus adapter directories under the roots."""
         found: dict[str, Path] = {}
         for root in self.roots:
             if root.is_dir():
                 for child in sorted(root.iterdir()):
-                    if NAME_PATTERN.match(child.name) and child.name not in self.unloaded and is_adapter_dir(child):
+                    if NAME_PATTERN.match(child.name) and child.name not in self._unloaded and is_adapter_dir(child):
                         found.setdefault(child.name, child.resolve())
-        found.update(self.paths)
+        found.update(self._paths)
         return found
 
     def path_of(self, name: str) -> Path:
         self.check_name(name)
-        if name in self.paths:
-            return self.paths[name]
-        if name in self.unloaded:
-            raise UnknownAdapterNameError(f"adapter {name!r} was unloaded")
+        if name in self._paths:
+            return self._paths[name]
+        if name in self._unloaded:
+            raise UnknownAdapterError(f"adapter {name!r} was unloaded")
         for root in self.roots:
             candidate = root / name
             if is_adapter_dir(candidate):
                 return self.check_path(candidate)
-        raise UnknownAdapterNameError(f"adapter {name!r} does not exist")
+        raise UnknownAdapterError(f"adapter {name!r} does not exist")
 
     def forget(self, name: str) -> None:
         """Unload: the name is unknown from now on (until loaded again, as a new version)."""
-        self.paths.pop(name, None)
+        self._paths.pop(name, None)
         self._mark_unloaded(name, True)
-        self.host.pop(name, None)
-        self.pinned.discard(name)
+        self._host.pop(name, None)
+        for entry in self._issued.pop(name, ()):  # versions requests may still hold, evicted from host memory too
+            entry.unloaded = True
+        self._pinned.discard(name)
         self.counters.unloads += 1
 
     def _mark_unloaded(self, name: str, unloaded: bool) -> None:
-        if (name in self.unloaded) == unloaded:
+        if (name in self._unloaded) == unloaded:
             return
         if unloaded:
-            self.unloaded.add(name)
+            self._unloaded.add(name)
         else:
-            self.unloaded.discard(name)
+            self._unloaded.discard(name)
         if self._unloaded_record is not None:
-            self._unloaded_record.write(self.unloaded)
+            self._unloaded_record.write(self._unloaded)
+
+    # ---- queries and pins ----
+    def is_loaded(self, name: str) -> bool:
+        """Registered by a load, or parsed in host memory."""
+        return name in self._paths or name in self._host
+
+    def host_entry(self, name: str) -> HostAdapter | None:
+        return self._host.get(name)
+
+    def host_names(self) -> list[str]:
+        """Adapters parsed in host memory, least recently used first."""
+        return list(self._host)
+
+    def version(self, name: str) -> int | None:
+        """The current version of `name` (None before its first read)."""
+        return self._versions.get(name)
+
+    def registered_paths(self) -> dict[str, Path]:
+        """Names registered by a load (command line or API) and their directories."""
+        return dict(self._paths)
+
+    def unloaded_names(self) -> set[str]:
+        return set(self._unloaded)
+
+    def pin(self, name: str) -> None:
+        """Keep `name` in host memory (the host LRU never evicts it)."""
+        self._pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        self._pinned.discard(name)
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pinned
+
+    @property
+    def num_pinned(self) -> int:
+        return len(self._pinned)
 
     def is_known(self, name: str) -> bool:
         try:
@@ -261,9 +284,9 @@ class AdapterRegistry:
 
     async def fetch(self, name: str) -> HostAdapter:
         """The current version of `name` from host memory, read from disk when absent (lazy loading)."""
-        if name in self.host:
-            self.host.move_to_end(name)
-            return self.host[name]
+        if name in self._host:
+            self._host.move_to_end(name)
+            return self._host[name]
         path = self.path_of(name)
         failed = self._failed_reads.get(name)
         if failed is not None and failed[0] == path and time.monotonic() < failed[1]:
@@ -279,7 +302,7 @@ class AdapterRegistry:
         entry = await self._single_flight((name, str(resolved)),
                                           lambda: self._read_and_commit(name, resolved, new_version=True))
         if pinned:
-            self.pinned.add(name)
+            self._pinned.add(name)
             entry.pinned = True
         return entry
 
@@ -302,31 +325,32 @@ class AdapterRegistry:
             self._inflight.pop(key, None)
 
     async def _read_and_commit(self, name: str, path: Path, new_version: bool) -> HostAdapter:
-        version_at_start = self.versions.get(name)
+        version_at_start = self._versions.get(name)
         started = time.perf_counter()
         try:
             adapter = await asyncio.get_running_loop().run_in_executor(self._reader, self._read, name, path)
         except AdapterError as exc:
-            if self.versions.get(name) == version_at_start:  # not when a load committed meanwhile
+            if self._versions.get(name) == version_at_start:  # not when a load committed meanwhile
                 self._remember_failure(name, path, exc)
             raise
         self._failed_reads.pop(name, None)
         elapsed = time.perf_counter() - started
-        if not new_version and self.versions.get(name) != version_at_start and name in self.host:
+        if not new_version and self._versions.get(name) != version_at_start and name in self._host:
             # A reload committed while this lazy read ran: its result is the current version, not ours.
-            return self.host[name]
-        if not new_version and name in self.unloaded:
-            raise UnknownAdapterNameError(f"adapter {name!r} was unloaded")
+            return self._host[name]
+        if not new_version and name in self._unloaded:
+            raise UnknownAdapterError(f"adapter {name!r} was unloaded")
         # Commit only after a successful read: a bad reload leaves the old version serving.
-        version = self.versions.get(name)
-        is_reload = new_version and (name in self.paths or name in self.host)
+        version = self._versions.get(name)
+        is_reload = new_version and (name in self._paths or name in self._host)
         if version is None or new_version:
             version = (version or 0) + 1
-            self.versions[name] = version
+            self._versions[name] = version
         if new_version:
-            self.paths[name] = path
+            self._paths[name] = path
             self._mark_unloaded(name, False)
-        entry = HostAdapter(name, version, adapter, path, elapsed, pinned=name in self.pinned)
+        entry = HostAdapter(name, version, adapter, path, elapsed, pinned=name in self._pinned)
+        self._issued.setdefault(name, weakref.WeakSet()).add(entry)
         self._remember(entry)
         if is_reload:
             self.counters.reloads += 1
@@ -344,17 +368,15 @@ class AdapterRegistry:
     @property
     def host_bytes(self) -> int:
         """Bytes of the parsed adapters held in host memory."""
-        return sum(entry.num_bytes for entry in self.host.values())
+        return sum(entry.num_bytes for entry in self._host.values())
 
     def _remember(self, entry: HostAdapter) -> None:
         """Keep `entry`, evicting the least recently used unpinned adapters past the count or the byte budget."""
-        self.host[entry.name] = entry
-        self.host.move_to_end(entry.name)
-        while len(self.host) > self.max_cpu_adapters or self.host_bytes > self.limits.max_host_bytes:
-            victim = next((n for n in self.host if n not in self.pinned and n != entry.name), None)
+        self._host[entry.name] = entry
+        self._host.move_to_end(entry.name)
+        while len(self._host) > self.max_cpu_adapters or self.host_bytes > self.limits.max_host_bytes:
+            victim = next((n for n in self._host if n not in self._pinned and n != entry.name), None)
             if victim is None:
                 break
-            del self.host[victim]
+            del self._host[victim]
             self.counters.host_evictions += 1
-            if self._on_host_evict is not None:
-                self._on_host_evict(victim)

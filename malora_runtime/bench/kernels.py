@@ -39,7 +39,8 @@ from torch import nn
 from ..adapters.format import ModuleSpec, ModuleWeights
 from ..kernels.cpu import add_malora_delta_cpu
 from ..kernels.native import add_malora_delta_native, native_kernel
-from ..kernels.slots import SlotBank, TokenSlots
+from ..kernels.slot_bank import SlotBank
+from ..kernels.token_slots import TokenSlots
 from ..models.packed_linear import PackedLinear, onednn_linear_available
 
 log = logging.getLogger(__name__)

@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     _run(engine, prompts, names, 4, None)  # warm-up
     on, off = [], []
     for _ in range(args.rounds):
-        engine.runner.context.count_experts = False
+        engine.runner.routing.enabled = False
         off.append(_run(engine, prompts, names, args.output_tokens, None))
-        engine.runner.context.count_experts = True
+        engine.runner.routing.enabled = True
         on.append(_run(engine, prompts, names, args.output_tokens, on_step))
     ratio = sorted(on)[len(on) // 2] / sorted(off)[len(off) // 2]
     sys.stdout.write(f"steps/s metrics off: {off}\nsteps/s metrics on:  {on}\nratio on/off (medians): {ratio:.3f}\n")

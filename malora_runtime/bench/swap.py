@@ -75,8 +75,8 @@ async def _first_token(engine, manager, prompt_ids: list[int], name: str) -> flo
     from ..sampling_params import SamplingParams
 
     started = time.perf_counter()
-    await manager.resolve(name)
-    stream = engine.generate(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), name)
+    host = await manager.resolve(name)
+    stream = engine.generate(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), host)
     async for _ in stream:
         break
     await stream.aclose()
@@ -92,9 +92,9 @@ async def _streams(engine, manager, prompt_ids, names, count, tokens, stop: asyn
     async def one(i: int) -> None:
         while not stop.is_set():
             name = names[i % len(names)]
-            await manager.resolve(name)
+            host = await manager.resolve(name)
             last = None
-            async for _ in engine.generate(prompt_ids, params, name):
+            async for _ in engine.generate(prompt_ids, params, host):
                 now = time.perf_counter()
                 if last is not None:
                     gaps.append(now - last)
@@ -128,16 +128,14 @@ async def _phase(engine, manager, prompt_ids, args, names, swap: bool, root: Pat
 
 
 async def _run(args: argparse.Namespace) -> dict:
-    from server.adapters import AdapterManager
-
+    from ..adapters.manager import AdapterManager
     from ..adapters.registry import AdapterRegistry
     from ..config import EngineConfig
     from ..engine.async_engine import AsyncEngine
-    from ..patching import linear_shapes
 
     threads = torch.get_num_threads()  # the engine thread's; from_config leaves this thread 1
     engine = AsyncEngine.from_config(EngineConfig(model=args.model, max_loaded_adapters=8))
-    shapes = linear_shapes(engine.engine.runner.model)
+    shapes = engine.module_shapes()
     prompt_ids = list(engine.tokenizer(PROMPT)["input_ids"])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "adapters"
@@ -153,8 +151,8 @@ async def _run(args: argparse.Namespace) -> dict:
                 seconds = [await _first_token(engine, manager, prompt_ids, f"{name}-cold{rep}")
                            for rep in range(args.load_reps)]
                 warm = [await _first_token(engine, manager, prompt_ids, f"{name}-cold0") for _ in range(args.load_reps)]
-                reads = [registry.host[f"{name}-cold{rep}"].load_seconds for rep in range(args.load_reps)
-                         if f"{name}-cold{rep}" in registry.host]
+                entries = [registry.host_entry(f"{name}-cold{rep}") for rep in range(args.load_reps)]
+                reads = [entry.load_seconds for entry in entries if entry is not None]
                 loads[name] = {"bytes": sizes[name], "p50_ms": percentile(seconds, 0.5) * 1e3,
                                "p99_ms": percentile(seconds, 0.99) * 1e3,
                                "read_p50_ms": statistics.median(reads) * 1e3 if reads else None,
@@ -173,7 +171,7 @@ async def _run(args: argparse.Namespace) -> dict:
            for key, g in phases.items()}
     return {"load": loads, "itl": itl, "swaps": swaps, "engine_threads": threads,
             "itl_ratio": itl["swap"]["p99_ms"] / itl["no_swap"]["p99_ms"],
-            "slot_evictions": engine.engine.runner.adapters.num_evictions}
+            "slot_evictions": engine.stats().num_adapter_evictions}
 
 
 def _markdown(results: dict, args: argparse.Namespace, command: str) -> str:

@@ -21,10 +21,13 @@ import torch
 from torch import nn
 
 from ..adapters.format import MaloraAdapter, ModuleWeights
-from ..kernels.slots import NO_SLOT, SlotBank
-from ..layers import BatchContext, MaloraLinear
+from ..context import StepContext
+from ..kernels.slot_bank import SlotBank
+from ..kernels.token_slots import NO_SLOT
+from ..layers import MaloraLinear
 from ..patching import wrap_linears, wrapped_layers
 from .errors import SlotMemoryError
+from .routing_stats import RoutingStats
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class SlotState:
 @dataclass
 class AdapterSlots:
     model: nn.Module
-    context: BatchContext
+    context: StepContext  # handed to the layers this wraps
+    routing: RoutingStats  # the kernels' routing counters, harvested here
     num_slots: int
     slots: list[SlotState | None] = field(default_factory=list)
     current: dict[str, int] = field(default_factory=dict)  # name -> slot of its newest version
@@ -69,10 +73,6 @@ class AdapterSlots:
         self._layers: dict[str, MaloraLinear] | None = None
 
     # ---- queries ----
-    @property
-    def by_name(self) -> dict[str, SlotState]:
-        return {name: self.slots[slot] for name, slot in self.current.items()}  # type: ignore[misc]
-
     def state(self, name: str) -> SlotState | None:
         slot = self.current.get(name)
         return None if slot is None else self.slots[slot]
@@ -109,7 +109,7 @@ class AdapterSlots:
         state.refs -= 1
         state.last_used = time.monotonic()
         if state.retired and state.refs == 0:
-            return [self._clear(slot)]
+            return [self._empty_slot(slot)]
         return []
 
     # ---- activation ----
@@ -146,7 +146,7 @@ class AdapterSlots:
                 del self.current[evicted.name]
                 self.num_evictions += 1
                 log.info("evicted adapter %s from slot %d", evicted.name, slot)
-            dropped.append(self._clear(slot))
+            dropped.append(self._empty_slot(slot))
         self._write(slot, adapter)
         previous = self.current.get(name)
         self.slots[slot] = SlotState(name, version, adapter, next(self._activations), pinned=pinned)
@@ -184,16 +184,11 @@ class AdapterSlots:
         slot = self.current.pop(name)
         return self._retire(slot)
 
-    def set_pinned(self, name: str, pinned: bool) -> None:
-        state = self.state(name)
-        if state is not None:
-            state.pinned = pinned
-
     def _retire(self, slot: int) -> list[int]:
         state = self.slots[slot]
         assert state is not None
         state.retired = True
-        return [self._clear(slot)] if state.refs == 0 else []
+        return [self._empty_slot(slot)] if state.refs == 0 else []
 
     def harvest_expert_counts(self) -> dict[str, list[int]]:
         """Tokens routed to each expert since the last harvest, by adapter name (summed over layers).
@@ -213,13 +208,13 @@ class AdapterSlots:
         at once: one sum per counter width, not a few ops per layer and slot (a harvest a second on
         120 layers and 8 slots cost ~2% of the engine's steps that way)."""
         by_width: dict[int, list[torch.Tensor]] = {}
-        for counts in self.context.expert_counts.values():
+        for counts in self.routing.counts.values():
             by_width.setdefault(counts.shape[1], []).append(counts)
         collected = [torch.stack(group).sum(0).cpu() for group in by_width.values()]
         for group in by_width.values():
             for counts in group:
                 counts.zero_()
-        collected.append(self.context.routing_log.drain(self.num_slots))
+        collected.append(self.routing.log.drain(self.num_slots))
         width = max(c.shape[1] for c in collected)
         if self._pending.shape[1] < width:
             grown = torch.zeros(self.num_slots, width, dtype=torch.int64)
@@ -238,14 +233,15 @@ class AdapterSlots:
             merged[expert] += value
         self._pending[slot] = 0
 
-    def _clear(self, slot: int) -> int:
+    def _empty_slot(self, slot: int) -> int:
+        """Free `slot`: its routing counts harvested, every bank's slot deactivated; returns its cache key."""
         state = self.slots[slot]
         assert state is not None
         self._collect_counts()
         self._harvest_slot(slot, state)
         for layer in self.layers().values():
             if layer.bank is not None:
-                layer.bank.release_slot(slot)
+                layer.bank.deactivate_slot(slot)
         self.slots[slot] = None
         return state.cache_key
 
@@ -257,7 +253,7 @@ class AdapterSlots:
             weights = adapter.modules.get(path)
             if weights is None:
                 if layer.bank is not None:
-                    layer.bank.release_slot(slot)
+                    layer.bank.deactivate_slot(slot)
                 continue
             weights = weights.to(self.device, self.dtype)
             layer.bank = self._bank_that_fits(layer, weights)
@@ -278,10 +274,10 @@ class AdapterSlots:
         # The kernels' routing counters (the torch CPU path records to the RoutingLog instead); allocated
         # even while counting is off, so that turning it on later counts.
         counts = torch.zeros(self.num_slots, grown.maxima[2], dtype=torch.int64, device=self.device)
-        old = self.context.expert_counts.get(layer.path)
+        old = self.routing.counts.get(layer.path)
         if old is not None:
             counts[:, :old.shape[1]] = old
-        self.context.expert_counts[layer.path] = counts
+        self.routing.counts[layer.path] = counts
         return grown
 
 

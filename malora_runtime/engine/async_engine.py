@@ -8,12 +8,13 @@ its kernels, so the HTTP event loop stays responsive while a step runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,16 +24,16 @@ import torch
 from ..adapters.format import MaloraAdapter
 from ..adapters.registry import HostAdapter
 from ..config import EngineConfig
+from ..patching import linear_shapes
 from ..sampling_params import SamplingParams
 from .adapter_slots import NoFreeSlotError
-from .errors import EngineShutdownError, RequestFailedError
+from .errors import EngineShutdownError, RequestFailedError, UnknownAdapterError
 from .llm_engine import LLMEngine
-from .outputs import EngineStats, RequestOutput
+from .outputs import EngineStats, RequestOutput, ResidentAdapter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 StepListener = Callable[[float, int, int], None]  # (seconds, tokens computed, sequences) per step
-AdapterProvider = Callable[[str], Awaitable[HostAdapter]]
 
 
 @dataclass
@@ -55,10 +56,8 @@ SLOT_RETRY_SECONDS = 0.02
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, adapter_provider: AdapterProvider | None = None) -> None:
+    def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        # Where adapters not resident in the engine come from (the registry's host tier / disk).
-        self.adapter_provider = adapter_provider
         self.num_waiting_for_adapter = 0
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -244,10 +243,13 @@ class AsyncEngine:
         self,
         prompt: str | list[int],
         params: SamplingParams,
-        adapter: str | None = None,
+        adapter: HostAdapter | str | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; the last one has `finished` set. Closing the stream aborts it."""
+        """Stream the request's outputs; the last one has `finished` set. Closing the stream aborts it.
+
+        `adapter`: the adapter version the request runs on, as the caller resolved it (brought into a slot
+        first when it is not resident), or the name of one already in a slot; None for the base model."""
         if self._stopping:
             raise EngineShutdownError("the server is shutting down")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -259,7 +261,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         finished = False
-        record = RequestRecord(request_id, adapter)
+        record = RequestRecord(request_id, adapter.name if isinstance(adapter, HostAdapter) else adapter)
         started = last = time.monotonic()
         try:
             while not finished:
@@ -295,18 +297,21 @@ class AsyncEngine:
         record.finish_reasons.extend(c.finish_reason for c in output.outputs if c.finish_reason)
 
     async def _admit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                     adapter: str | None) -> None:
-        """Add the request, first bringing its adapter's current version into a slot if needed.
+                     adapter: HostAdapter | str | None) -> None:
+        """Add the request, first bringing its adapter version into a slot if needed.
 
         Activation and admission run in one engine command, so the adapter cannot be evicted in
         between. With every slot busy, the request waits (not fails) until one frees up.
         """
-        host = await self.adapter_provider(adapter) if adapter is not None and self.adapter_provider else None
 
         def admit() -> None:
-            if host is not None and not self.engine.runner.adapters.is_resident(host.name, host.version):
-                self.engine.add_adapter(host.name, host.adapter, host.version, host.pinned)
-            self.engine.add_request(request_id, prompt, params, adapter)
+            if isinstance(adapter, HostAdapter):
+                if adapter.unloaded:
+                    raise UnknownAdapterError(f"adapter {adapter.name!r} was unloaded")
+                if not self.engine.runner.adapters.is_resident(adapter.name, adapter.version):
+                    self.engine.add_adapter(adapter.name, adapter.adapter, adapter.version, adapter.pinned)
+            name = adapter.name if isinstance(adapter, HostAdapter) else adapter
+            self.engine.add_request(request_id, prompt, params, name)
 
         waiting = False
         try:
@@ -323,9 +328,6 @@ class AsyncEngine:
             if waiting:
                 self.num_waiting_for_adapter -= 1
 
-    async def abort(self, request_id: str) -> None:
-        await self.run_on_engine(lambda: self._abort_now(request_id))
-
     async def add_adapter(self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False) -> int:
         return await self.run_on_engine(lambda: self.engine.add_adapter(name, adapter, version, pinned))
 
@@ -338,11 +340,26 @@ class AsyncEngine:
 
         await self.run_on_engine(remove)
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
-        self.engine.check_request(prompt_ids, params, adapter)
+    def resident_adapters(self) -> dict[str, ResidentAdapter]:
+        """The adapter versions that sit in engine slots now, by name (a snapshot)."""
+        return self.engine.resident_adapters()
 
-    def adapter_names(self) -> list[str]:
-        return self.engine.adapter_names()
+    async def harvest_expert_counts(self) -> dict[str, list[int]]:
+        """Tokens routed to each expert since the last harvest, by adapter (read between steps)."""
+        return await self.run_on_engine(self.engine.runner.adapters.harvest_expert_counts)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of every linear module an adapter may target, by module path."""
+        return linear_shapes(self.engine.runner.model)
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        self.step_listeners.append(listener)
+
+    def add_request_listener(self, listener: RequestListener) -> None:
+        self.request_listeners.append(listener)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_ids, params, None)
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return dataclasses.replace(self.engine.stats(), num_waiting_for_adapter=self.num_waiting_for_adapter)

@@ -1,9 +1,10 @@
 """Paged attention for a flat packed batch, registered with transformers' attention interface.
 
 The model runs on one packed sequence of T tokens (batch dimension 1) holding chunks of many
-requests. Before every step the runner builds an `AttentionMetadata`; transformers passes it through
-to `paged_attention` as the `paged` keyword, which writes each token's K/V into the block pool and
-attends every chunk to its own request's cached context.
+requests. Before every step the runner builds an `AttentionMetadata` and puts it in the step context
+(`malora_runtime.context.StepContext`), which every attention module of the model holds as
+`malora_context`; `paged_attention` reads it there, writes each token's K/V into the block pool at its
+KV index and attends every chunk to its own request's cached context.
 """
 
 from __future__ import annotations
@@ -39,23 +40,23 @@ class PrefillSpan:
 
     start: int  # first row of the chunk in the packed batch
     length: int  # query tokens in the chunk
-    context: torch.Tensor | None  # [context_len] KV slots to attend to, or None when the chunk is the whole context
+    context: torch.Tensor | None  # [context_len] KV indices to attend to, or None when the chunk is the whole context
 
 
 @dataclass
 class AttentionMetadata:
     """Per-step attention inputs, shared by every layer.
 
-    slot_mapping:  [T] int64, KV slot written by each token
-    decode_rows:   [Bd] int64, rows of single-token chunks
-    decode_slots:  [Bd, Lmax] int64, KV slots each decode row attends to (padded with 0)
-    decode_mask:   [Bd, 1, 1, Lmax] bool, True where the slot is real
+    kv_indices:        [T] int64, KV index written by each token (`kv_cache.kv_index`)
+    decode_rows:       [Bd] int64, rows of single-token chunks
+    decode_kv_indices: [Bd, Lmax] int64, KV indices each decode row attends to (padded with 0)
+    decode_mask:       [Bd, 1, 1, Lmax] bool, True where the index is real
     """
 
     pool: KVPool
-    slot_mapping: torch.Tensor
+    kv_indices: torch.Tensor
     decode_rows: torch.Tensor | None = None
-    decode_slots: torch.Tensor | None = None
+    decode_kv_indices: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
 
@@ -68,27 +69,28 @@ def paged_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    paged: AttentionMetadata | None = None,
     **_: object,
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, T, hd], key/value [1, Hkv, T, hd] -> ([1, T, H, hd], None)."""
+    step = getattr(module, "malora_context", None)
+    paged = step.attention if step is not None else None
     if paged is None:
-        raise RuntimeError("malora_paged attention needs the step's AttentionMetadata (keyword 'paged')")
+        raise RuntimeError("malora_paged attention runs inside a model runner's step (no step context here)")
     layer = module.layer_idx
     k_cache, v_cache = paged.pool.keys[layer], paged.pool.values[layer]
     k_tokens = key[0].transpose(0, 1)  # [T, Hkv, hd]
     v_tokens = value[0].transpose(0, 1)
-    k_cache.index_copy_(0, paged.slot_mapping, k_tokens.to(k_cache.dtype))
-    v_cache.index_copy_(0, paged.slot_mapping, v_tokens.to(v_cache.dtype))
+    k_cache.index_copy_(0, paged.kv_indices, k_tokens.to(k_cache.dtype))
+    v_cache.index_copy_(0, paged.kv_indices, v_tokens.to(v_cache.dtype))
 
     q = query[0]  # [H, T, hd]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=query.dtype, device=query.device)  # [T, H, hd]
     if paged.decode_rows is not None:
         rows = paged.decode_rows
         q_dec = q[:, rows].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, hd]
-        # index_select on the flat slots: one row copy per slot (advanced indexing with the 2-D
+        # index_select on the flat indices: one row copy per index (advanced indexing with the 2-D
         # index was ~6x slower here and a tenth of a decode step).
-        flat, shape = paged.decode_slots.view(-1), (*paged.decode_slots.shape, *k_cache.shape[1:])
+        flat, shape = paged.decode_kv_indices.view(-1), (*paged.decode_kv_indices.shape, *k_cache.shape[1:])
         k_dec = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
         v_dec = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q_dec, k_dec, v_dec, attn_mask=paged.decode_mask,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..adapters.errors import UnknownAdapterError  # noqa: F401 (raised by the engine too: one error, one 404)
+
 
 class EngineRequestError(ValueError):
     """The request cannot be served as given; `param` names the request field at fault."""
@@ -14,12 +16,6 @@ class EngineRequestError(ValueError):
 class PromptTooLongError(EngineRequestError):
     """Prompt plus max_tokens exceeds the model's context."""
 
-
-class UnknownAdapterError(EngineRequestError, KeyError):
-    """The request names an adapter the engine does not have."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 class EngineShutdownError(RuntimeError):

@@ -1,7 +1,8 @@
 """Paged KV-cache bookkeeping: block pool, per-sequence block tables, prefix caching.
 
 Semantics:
-  token position p of a sequence lives in KV slot  block_table[p // block_size] * block_size + p % block_size
+  token position p of a sequence lives at KV index  block_table[p // block_size] * block_size + p % block_size
+  (`kv_index`; the model runner computes it for a whole step)
   a FULL block i has key  h_i = hash((h_{i-1}, adapter_key, tuple(tokens[i*bs:(i+1)*bs])))  (h_{-1} = None)
 The adapter is part of the key because K/V depend on the adapter's weights: the same tokens under
 another adapter must never hit. A block is registered under its key only once its K/V are computed
@@ -26,14 +27,6 @@ class Block:
     key: tuple = field(default=())  # (parent_hash, adapter_key, tokens): verifies a hash hit exactly
 
 
-def num_blocks_for_memory(
-    num_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int, block_size: int
-) -> int:
-    """How many blocks fit: one block holds K and V for `block_size` tokens in every layer."""
-    block_bytes = 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes
-    return max(num_bytes // block_bytes, 0)
-
-
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -53,10 +46,6 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -140,11 +129,11 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
-    def can_append_slots(self, seq: Sequence, num_tokens: int | None = None) -> bool:
+    def can_extend(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens)
         return need - len(seq.block_table) <= len(self._free)
 
-    def append_slots(self, seq: Sequence, num_tokens: int | None = None) -> bool:
+    def extend(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         """Grow the block table to hold `num_tokens` (default: all current tokens). False if short."""
         need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens) - len(seq.block_table)
         if need > len(self._free):
@@ -197,11 +186,9 @@ class BlockManager:
                 del self.cached[h]
                 block.hash, block.key = None, ()
 
-    # ---- model-runner helpers ----
-    def slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Flat KV slot per token position in [start, end): block_id * block_size + offset."""
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+def kv_index(block_table: list[int], position: int, block_size: int) -> int:
+    """Where token `position` of a sequence with `block_table` lives in the flat KV pool."""
+    return block_table[position // block_size] * block_size + position % block_size
 
 
 def _adapter_key(seq: Sequence) -> Hashable:

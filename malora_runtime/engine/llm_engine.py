@@ -19,9 +19,9 @@ from ..sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineRequestError, PromptTooLongError, UnknownAdapterError
 from .model_runner import Chunk, ModelRunner
-from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .outputs import CompletionOutput, EngineStats, RequestOutput, ResidentAdapter
 from .sampler import Sampler
-from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,7 @@ class LLMEngine:
             log.warning("max_model_len lowered from %d to %d to fit the KV pool", self.max_model_len, pool_len)
             self.max_model_len = pool_len
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=self.max_model_len, block_size=config.block_size,
-                            enable_prefix_caching=config.enable_prefix_caching),
-            self.runner.num_blocks, self.eos_token_ids,
-        )
+        self.scheduler = Scheduler(config, self.runner.num_blocks, self.max_model_len, self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
@@ -122,8 +117,15 @@ class LLMEngine:
         """New requests can no longer use `name`; running ones finish first."""
         self._drop_cache_keys(self.runner.adapters.deactivate(name))
 
-    def adapter_names(self) -> list[str]:
-        return sorted(self.runner.adapters.current)
+    def resident_adapters(self) -> dict[str, ResidentAdapter]:
+        """The current version of every adapter in a slot (a snapshot, safe to read from another thread)."""
+        slots = self.runner.adapters
+        resident = {}
+        for name, slot in list(slots.current.items()):
+            state = slots.slots[slot]
+            if state is not None:
+                resident[name] = ResidentAdapter(name, state.version, slot, state.adapter.config, state.pinned)
+        return resident
 
     def _drop_cache_keys(self, keys: list[int]) -> None:
         for key in keys:
@@ -312,5 +314,5 @@ class LLMEngine:
             kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
             prefix_cache_hit_rate=bm.prefix_cache_hit_rate, prefix_cache_hits=bm.prefix_cache_hits,
-            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_queries=bm.prefix_cache_queries, num_adapter_evictions=self.runner.adapters.num_evictions,
         )

@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 from ..config import EngineConfig
+from ..context import StepContext
 from ..kernels.dispatch import choose_backend
-from ..kernels.slots import TokenSlots
-from ..layers import BatchContext
+from ..kernels.token_slots import TokenSlots
 from ..models.packed_linear import pack_linears
 from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
 from .allocator import keep_freed_memory
 from .attention import ATTENTION_NAME, AttentionMetadata, KVPool, PrefillSpan
+from .kv_cache import kv_index
+from .routing_stats import RoutingStats
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,16 @@ class ModelRunner:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.pool = KVPool.allocate(cfg.num_hidden_layers, self.num_blocks, self.block_size,
                                     cfg.num_key_value_heads, head_dim, self.dtype, self.device)
-        self.context = BatchContext(count_experts=config.count_expert_routing)
-        # Layers wrapped earlier (offline generation) must read this runner's per-step context.
+        self.context = StepContext()
+        self.routing = RoutingStats(enabled=config.count_expert_routing)
+        # Layers wrapped earlier (offline generation) must read this runner's per-step context, and the paged
+        # attention reads its metadata from it too.
         for layer in wrapped_layers(model).values():
             layer.context, layer.adapter = self.context, None
-        self.adapters = AdapterSlots(model, self.context, config.max_loaded_adapters,
+        for module in model.modules():
+            if hasattr(module, "layer_idx"):
+                module.malora_context = self.context
+        self.adapters = AdapterSlots(model, self.context, self.routing, config.max_loaded_adapters,
                                      memory_budget=config.adapter_bank_memory)
         if config.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
@@ -72,21 +79,21 @@ class ModelRunner:
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)
 
-    def _slots_for(self, chunk: Chunk) -> list[int]:
-        bs = self.block_size
-        table = chunk.block_table
-        return [table[p // bs] * bs + p % bs for p in range(chunk.start, chunk.start + len(chunk.token_ids))]
+    def _kv_indices_for(self, chunk: Chunk) -> list[int]:
+        end = chunk.start + len(chunk.token_ids)
+        return [kv_index(chunk.block_table, p, self.block_size) for p in range(chunk.start, end)]
 
-    def _context_slots(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """KV slots of each sequence's first `length` tokens, padded: ([B, Lmax] int64, [B, Lmax] bool)."""
+    def _context_kv_indices(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV indices of each sequence's first `length` tokens, padded: ([B, Lmax] int64, [B, Lmax] bool).
+        (`kv_index` for whole block tables at once.)"""
         bs = self.block_size
         longest = max(lengths)
         num_blocks = -(-longest // bs)
         padded = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
         table = torch.tensor(padded, dtype=torch.int64)  # [B, num_blocks]
-        slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)[:, :longest]
+        indices = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)[:, :longest]
         valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
-        return slots.masked_fill(~valid, 0).to(self.device), valid.to(self.device)
+        return indices.masked_fill(~valid, 0).to(self.device), valid.to(self.device)
 
     def prepare(
         self, chunks: list[Chunk]
@@ -94,7 +101,7 @@ class ModelRunner:
         """(input ids [1, T], positions [1, T], attention metadata, adapter slot per token, rows to sample)."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
+        kv_indices: list[int] = []
         token_slots: list[int] = []
         logit_rows: list[int] = []
         decode_rows: list[int] = []
@@ -105,7 +112,7 @@ class ModelRunner:
             n = len(chunk.token_ids)
             input_ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, chunk.start + n))
-            slot_mapping.extend(self._slots_for(chunk))
+            kv_indices.extend(self._kv_indices_for(chunk))
             token_slots.extend([chunk.adapter_slot] * n)
             if chunk.needs_logits:
                 logit_rows.append(row + n - 1)
@@ -115,15 +122,15 @@ class ModelRunner:
             elif chunk.start == 0:
                 prefills.append(PrefillSpan(row, n, None))
             else:
-                context, _ = self._context_slots([chunk.block_table], [chunk.start + n])
+                context, _ = self._context_kv_indices([chunk.block_table], [chunk.start + n])
                 prefills.append(PrefillSpan(row, n, context[0]))
-        meta = AttentionMetadata(self.pool, torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
+        meta = AttentionMetadata(self.pool, torch.tensor(kv_indices, dtype=torch.int64, device=self.device),
                                  prefills=prefills)
         if decode_rows:
-            slots, valid = self._context_slots([c.block_table for c in decode_chunks],
-                                               [c.start + 1 for c in decode_chunks])
+            indices, valid = self._context_kv_indices([c.block_table for c in decode_chunks],
+                                                      [c.start + 1 for c in decode_chunks])
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
-            meta.decode_slots = slots
+            meta.decode_kv_indices = indices
             meta.decode_mask = valid[:, None, None, :]
         ids = torch.tensor([input_ids], dtype=torch.int64, device=self.device)
         pos = torch.tensor([positions], dtype=torch.int64, device=self.device)
@@ -142,11 +149,14 @@ class ModelRunner:
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
         ids, positions, meta, token_slots, logit_rows = self.prepare(chunks)
-        self.context.token_slots = TokenSlots.from_list(token_slots, self.device)
-        self.context.backend = choose_backend(ids) if self.context.token_slots.any_adapter else None
+        step = self.context
+        step.token_slots = TokenSlots.from_list(token_slots, self.device)
+        step.attention = meta
+        step.backend = choose_backend(ids) if step.token_slots.any_adapter else None
+        step.routing = self.routing if self.routing.enabled else None
         try:
-            hidden = self.model.model(input_ids=ids, position_ids=positions, use_cache=False, paged=meta)
+            hidden = self.model.model(input_ids=ids, position_ids=positions, use_cache=False)
         finally:
-            self.context.token_slots, self.context.backend = None, None
+            step.clear()
         last = hidden.last_hidden_state[0, logit_rows]  # [num_logits, hidden]
         return self.model.lm_head(last).float()

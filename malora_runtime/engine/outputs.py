@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..adapters.format import AdapterConfig
 from .sequence import TokenLogprobs
 
 
@@ -43,3 +44,16 @@ class EngineStats:
     prefix_cache_hit_rate: float
     prefix_cache_hits: int = 0  # prompt tokens served from the cache, cumulative
     prefix_cache_queries: int = 0  # prompt tokens looked up, cumulative
+    num_adapter_evictions: int = 0  # idle adapters evicted from a slot for another, cumulative
+    num_waiting_for_adapter: int = 0  # requests waiting for a free adapter slot now
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """An adapter version in an engine slot, as the engine's clients see it."""
+
+    name: str
+    version: int
+    slot: int
+    config: AdapterConfig
+    pinned: bool

@@ -24,30 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from malora_runtime.config import EngineConfig
 from malora_runtime.engine.kv_cache import BlockManager
 from malora_runtime.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    block_size: int = 16
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
-                f"({self.max_model_len}) without chunked prefill: a prompt must fit in one step"
-            )
 
 
 @dataclass(slots=True)
@@ -79,16 +60,21 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, num_blocks: int, eos_token_ids: Iterable[int] = ()
-    ) -> None:
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int,
+                 eos_token_ids: Iterable[int] = ()) -> None:
+        """`config`: the engine's limits (max_num_seqs, max_num_batched_tokens, block_size, prefix caching,
+        chunked prefill); `max_model_len`: the longest sequence, resolved by the engine from the model."""
         self.config = config
+        self.max_model_len = max_model_len
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= max_model_len "
+                             f"({max_model_len}) without chunked prefill: a prompt must fit in one step")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        if self.block_manager.blocks_needed(config.max_model_len) > num_blocks:
+        if self.block_manager.blocks_needed(max_model_len) > num_blocks:
             # Guarantees progress: any sequence fits once everything else is preempted.
             raise ValueError(
                 f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence "
-                f"of max_model_len={config.max_model_len}"
+                f"of max_model_len={max_model_len}"
             )
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -98,7 +84,7 @@ class Scheduler:
 
     # ---- queue management ----
     def add(self, seq: Sequence) -> None:
-        if seq.num_tokens > self.config.max_model_len:
+        if seq.num_tokens > self.max_model_len:
             raise ValueError(f"{seq.seq_id}: {seq.num_tokens} tokens exceed max_model_len")
         self.waiting.append(seq)
         self.requests.setdefault(seq.request_id, []).append(seq)
@@ -156,14 +142,14 @@ class Scheduler:
             if seq.is_prefill:
                 i += 1
                 continue
-            while not bm.can_append_slots(seq):
+            while not bm.can_extend(seq):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                bm.append_slots(seq)
+                bm.extend(seq)
                 out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, seq.num_tokens, True))
                 budget -= 1
                 i += 1
@@ -241,6 +227,6 @@ class Scheduler:
             token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
         ):
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None

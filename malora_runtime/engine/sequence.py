@@ -83,14 +83,6 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.token_ids
-
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 

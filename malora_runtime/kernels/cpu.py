@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.packed_linear import onednn_linear_available
-from .slots import RoutingLog, SlotBank, TokenSlots
+from .onednn import onednn_linear_available
+from .routing_log import RoutingLog
+from .slot_bank import SlotBank
+from .token_slots import TokenSlots
 
 # A segment joins the current group while it is at least half as long as the group's longest one,
 # or shorter by at most this many tokens (a few padded rows cost less than another group's ops).

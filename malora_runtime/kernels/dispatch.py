@@ -16,7 +16,9 @@ import torch
 from .cpu import add_malora_delta_cpu
 from .native import add_malora_delta_native, native_kernel, require_native_kernel
 from .reference import malora_delta_reference, route
-from .slots import RoutingLog, SlotBank, TokenSlots
+from .routing_log import RoutingLog
+from .slot_bank import SlotBank
+from .token_slots import TokenSlots
 
 BACKEND_ENV = "MALORA_KERNEL_BACKEND"
 BACKENDS = ("auto", "native", "cpu", "triton", "reference")

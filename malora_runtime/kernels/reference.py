@@ -1,6 +1,6 @@
 """Reference MALoRA maths: plain torch, written for reading, run in float64 by the tests.
 
-This is the oracle every fast path is compared against. It follows `shared/MALORA.md` line by line.
+This is the oracle every fast path is compared against. It follows `docs/malora.md` line by line.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def malora_delta_reference(
     z, chosen, weights = project_and_route(x, S, G, top_k, router_bias, router_norm, router_temperature)
     out = x.new_zeros(x.shape[0], B.shape[1])
     for i in range(x.shape[0]):
-        for slot in range(chosen.shape[1]):
-            t = int(chosen[i, slot])
-            out[i] += weights[i, slot] * (B[t] @ (P[t] @ z[i]))
+        for j in range(chosen.shape[1]):  # the j-th chosen expert
+            t = int(chosen[i, j])
+            out[i] += weights[i, j] * (B[t] @ (P[t] @ z[i]))
     return scale * out
 
 

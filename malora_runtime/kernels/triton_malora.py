@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .slots import SlotBank, TokenSlots
+from .slot_bank import SlotBank
+from .token_slots import TokenSlots
 
 TILE_TOKENS = 16  # BLOCK_T of the per-tile mode; tl.dot needs >= 16
 MIN_TOKENS_PER_SEGMENT = 8  # the per-tile mode pays off from about here

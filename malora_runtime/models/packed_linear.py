@@ -17,15 +17,13 @@ import logging
 import torch
 from torch import nn
 
+from ..kernels.onednn import onednn_linear_available
+
 log = logging.getLogger(__name__)
 
 # The row count the packed layout is tuned for: the engine's decode batches. Other row counts work
 # (measured 2.2-2.3x faster than MKL at 256 and 2048 rows with this hint).
 PACKING_BATCH_HINT = 32
-
-
-def onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Every method is attached to the same frozen base model and timed on the same fixed batch, side by
 side in one process: rounds go method by method, so load on the machine hits them alike. A step is
 forward + backward + AdamW update; the figure is the median over the timed rounds. Serving cost is
-the per-token multiply-adds of `shared/MALORA.md`'s formulas, summed over the adapted layers.
+the per-token multiply-adds of the formulas of `docs/malora.md`, summed over the adapted layers.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Row:
 
 
 def formula_cost(s: Setting, shapes: list[tuple[int, int]]) -> tuple[int, int]:
-    """(parameters, multiply-adds per token) over the adapted layers, by MALORA.md's table."""
+    """(parameters, multiply-adds per token) over the adapted layers, by the table in docs/malora.md."""
     spec = make_spec(s.method, s.num_experts, s.rank, s.subspace_rank, s.top_k, None)
     params = macs = 0
     for d_in, d_out in shapes:

@@ -17,7 +17,7 @@ from malora_runtime.adapters.registry import (
     AdapterPathError,
     AdapterRegistry,
     AdapterTooLargeError,
-    UnknownAdapterNameError,
+    UnknownAdapterError,
 )
 from malora_runtime.patching import linear_shapes
 from tests.conftest import make_tiny_llama
@@ -45,7 +45,7 @@ def test_discover_and_lazy_fetch(root: Path) -> None:
     assert list(registry.host) == ["beta", "gamma"] and registry.counters.host_evictions == 1
     again = asyncio.run(registry.fetch("alpha"))  # re-read after host eviction: same version
     assert again.version == 1
-    with pytest.raises(UnknownAdapterNameError):
+    with pytest.raises(UnknownAdapterError):
         asyncio.run(registry.fetch("delta"))
 
 
@@ -96,7 +96,7 @@ def test_unload_stops_lazy_discovery_until_loaded_again(root: Path) -> None:
     registry = AdapterRegistry(SHAPES, [root])
     asyncio.run(registry.fetch("alpha"))
     registry.forget("alpha")
-    with pytest.raises(UnknownAdapterNameError):
+    with pytest.raises(UnknownAdapterError):
         asyncio.run(registry.fetch("alpha"))
     assert "alpha" not in registry.discover()
     assert asyncio.run(registry.load("alpha", root / "alpha")).version == 2
@@ -150,7 +150,7 @@ def test_an_unload_is_remembered_across_a_restart_until_a_load(root: Path, tmp_p
     first.forget("beta")
     restarted = AdapterRegistry(SHAPES, [root], unloaded_record=UnloadedRecord(state, [root]))
     assert "beta" not in restarted.discover() and not restarted.is_known("beta")
-    with pytest.raises(UnknownAdapterNameError):
+    with pytest.raises(UnknownAdapterError):
         asyncio.run(restarted.fetch("beta"))
     other_roots = AdapterRegistry(SHAPES, [root, tmp_path], unloaded_record=UnloadedRecord(state, [root, tmp_path]))
     assert other_roots.is_known("beta")  # the record belongs to one set of roots

@@ -103,7 +103,7 @@ def test_lru_eviction_skips_adapters_in_use_and_pinned(tokenizer) -> None:
         engine.add_adapter("c", make_adapter(6))  # b is in use, the other slot is pinned
     drain(engine)
     engine.add_adapter("c", make_adapter(6))  # b is idle now: evicted
-    assert engine.adapter_names() == ["c", "pinned"]
+    assert sorted(engine.resident_adapters()) == ["c", "pinned"]
     assert engine.runner.adapters.num_evictions == 1
     engine.add_request("on-c", PROMPT, GREEDY, adapter="c")
     assert drain(engine)["on-c"] == reference(make_adapter(6))
@@ -152,3 +152,36 @@ def test_routing_counts_follow_versions_with_different_experts_and_reused_slots(
     drain(engine)
     counts = engine.runner.adapters.harvest_expert_counts()
     assert sum(counts["b"]) == per_request and sum(counts.get("a", [])) == 0, counts
+
+
+def test_generate_runs_on_the_version_handed_to_it_and_refuses_an_unloaded_one(tokenizer) -> None:
+    """The server passes the version a request resolved: the engine activates exactly it, even when a newer
+    one is current, and refuses one unloaded since it was resolved."""
+    import asyncio
+
+    from malora_runtime.adapters.registry import HostAdapter
+    from malora_runtime.engine.async_engine import AsyncEngine
+    from malora_runtime.engine.errors import UnknownAdapterError
+
+    v1, v2 = make_adapter(1), make_adapter(2)
+    engine = AsyncEngine(engine_with(tokenizer, slots=2))
+    old = HostAdapter("a", 1, v1, Path("/v1"), 0.0)
+    new = HostAdapter("a", 2, v2, Path("/v2"), 0.0)
+
+    async def run(host: HostAdapter) -> list[int]:
+        tokens: list[int] = []
+        async for output in engine.generate(PROMPT, GREEDY, host):
+            tokens += [t for c in output.outputs for t in c.token_ids]
+        return tokens
+
+    engine.start()
+    try:
+        assert asyncio.run(run(new)) == reference(v2)
+        assert asyncio.run(run(old)) == reference(v1)  # resolved before the reload: runs on its own version
+        assert engine.resident_adapters()["a"].version == 1
+        old.unloaded = True
+        with pytest.raises(UnknownAdapterError, match="unloaded"):
+            asyncio.run(run(old))
+        assert engine.stats().num_running == 0
+    finally:
+        engine.shutdown(timeout=5)

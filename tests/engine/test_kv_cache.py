@@ -1,8 +1,7 @@
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from malora_runtime.engine.kv_cache import BlockManager, num_blocks_for_memory
+from malora_runtime.engine.kv_cache import BlockManager, kv_index
 from malora_runtime.engine.sequence import Sequence
 
 BS = 4
@@ -30,30 +29,20 @@ def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
         assert bm.blocks[block_id].hash == h
 
 
-def test_num_blocks_for_memory():
-    # 2 (K,V) * 2 layers * 4 tokens * 2 heads * 8 dims * 2 bytes = 512 bytes per block
-    assert num_blocks_for_memory(512 * 10 + 511, 2, 2, 8, 2, 4) == 10
-    assert num_blocks_for_memory(100, 2, 2, 8, 2, 4) == 0
-
-
 def test_allocate_free_round_trip():
     bm = BlockManager(8, BS)
     seq = make_seq(range(10))
     assert bm.allocate(seq)
     assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
-    assert bm.usage == pytest.approx(3 / 8)
     check_invariants(bm, [seq])
     bm.free(seq)
-    assert bm.num_free_blocks == 8 and seq.block_table == [] and bm.usage == 0
+    assert bm.num_free_blocks == 8 and seq.block_table == []
     check_invariants(bm, [])
 
 
-def test_slot_mapping_follows_block_table():
-    bm = BlockManager(8, BS)
-    seq = make_seq(range(6))
-    seq.block_table = [5, 2]
-    assert bm.slot_mapping(seq, 0, 6) == [20, 21, 22, 23, 8, 9]
-    assert bm.slot_mapping(seq, 3, 5) == [23, 8]
+def test_kv_index_follows_block_table():
+    table = [5, 2]
+    assert [kv_index(table, p, BS) for p in range(6)] == [20, 21, 22, 23, 8, 9]
 
 
 def test_allocate_fails_without_side_effects():
@@ -70,10 +59,10 @@ def test_append_slots_grows_at_block_boundary():
     bm.allocate(seq)
     assert len(seq.block_table) == 1
     seq.append_token(99)  # 5 tokens -> 2 blocks
-    assert bm.can_append_slots(seq)
-    assert bm.append_slots(seq) and len(seq.block_table) == 2
-    assert bm.append_slots(seq) and len(seq.block_table) == 2  # idempotent
-    assert not bm.can_append_slots(seq, 13) and not bm.append_slots(seq, 13)
+    assert bm.can_extend(seq)
+    assert bm.extend(seq) and len(seq.block_table) == 2
+    assert bm.extend(seq) and len(seq.block_table) == 2  # idempotent
+    assert not bm.can_extend(seq, 13) and not bm.extend(seq, 13)
     assert len(seq.block_table) == 2
 
 
@@ -226,7 +215,7 @@ def test_random_operations_keep_refcounts_consistent(ops):
             seq = live[pick % len(live)]
             if op == "grow":
                 seq.append_token(tokens[0])
-                if not bm.append_slots(seq):
+                if not bm.extend(seq):
                     seq.token_ids.pop()
             elif op == "compute":
                 compute_all(bm, seq)

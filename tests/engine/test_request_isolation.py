@@ -152,9 +152,9 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_before_admission(toke
     engine = make_engine(tokenizer)
     vocab = engine.engine.runner.model.config.vocab_size
     with pytest.raises(EngineRequestError, match="stop_token_ids") as refused:
-        engine.check_request([1, 2], SamplingParams(stop_token_ids=[vocab], min_tokens=2), None)
+        engine.check_request([1, 2], SamplingParams(stop_token_ids=[vocab], min_tokens=2))
     assert refused.value.param == "stop_token_ids"
-    engine.check_request([1, 2], SamplingParams(stop_token_ids=[vocab - 1], min_tokens=2), None)
+    engine.check_request([1, 2], SamplingParams(stop_token_ids=[vocab - 1], min_tokens=2))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread is killed on purpose

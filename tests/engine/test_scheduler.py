@@ -1,16 +1,18 @@
 import pytest
 
-from malora_runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from malora_runtime.config import EngineConfig
+from malora_runtime.engine.kv_cache import kv_index
+from malora_runtime.engine.scheduler import Scheduler, SchedulerOutput
 from malora_runtime.engine.sequence import Sequence, SequenceStatus
 from malora_runtime.sampling_params import SamplingParams
 
 EOS = 0
 
 
-def make_scheduler(num_blocks=64, **cfg) -> Scheduler:
-    defaults = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=64, block_size=4)
+def make_scheduler(num_blocks=64, max_model_len=64, **cfg) -> Scheduler:
+    defaults = dict(max_num_seqs=8, max_num_batched_tokens=32, block_size=4)
     defaults.update(cfg)
-    return Scheduler(SchedulerConfig(**defaults), num_blocks, eos_token_ids=[EOS])
+    return Scheduler(EngineConfig(**defaults), num_blocks, max_model_len, eos_token_ids=[EOS])
 
 
 def make_seq(rid, n_prompt, max_tokens=4, adapter=None, index=0, **params) -> Sequence:
@@ -33,10 +35,12 @@ class FakeModel:
             seq = s.seq
             assert s.start == seq.num_computed_tokens and 0 <= s.start < s.end <= seq.num_tokens
             assert s.sample == (s.end == seq.num_tokens)
-            for pos, slot in zip(range(s.start, s.end), bm.slot_mapping(seq, s.start, s.end)):
-                self.kv[slot] = (seq.adapter_name, tuple(seq.token_ids[: pos + 1]))
-            for pos, slot in enumerate(bm.slot_mapping(seq, 0, s.end)):  # attention reads the prefix
-                assert self.kv[slot] == (seq.adapter_name, tuple(seq.token_ids[: pos + 1])), (seq.seq_id, pos)
+            for pos in range(s.start, s.end):
+                index = kv_index(seq.block_table, pos, bm.block_size)
+                self.kv[index] = (seq.adapter_name, tuple(seq.token_ids[: pos + 1]))
+            for pos in range(s.end):  # attention reads the prefix
+                index = kv_index(seq.block_table, pos, bm.block_size)
+                assert self.kv[index] == (seq.adapter_name, tuple(seq.token_ids[: pos + 1])), (seq.seq_id, pos)
             if s.sample:
                 tokens.append(1 + hash((seq.adapter_name, tuple(seq.token_ids))) % 50)
         return tokens
@@ -94,7 +98,7 @@ def test_without_chunked_prefill_a_prompt_is_never_split():
     out = sched.schedule()
     assert [(s.seq.request_id, s.start, s.end) for s in out.scheduled] == [("a", 0, 40)]
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        SchedulerConfig(max_num_batched_tokens=16, max_model_len=64, enable_chunked_prefill=False)
+        Scheduler(EngineConfig(max_num_batched_tokens=16, enable_chunked_prefill=False), 64, max_model_len=64)
 
 
 def test_seq_cap_and_fcfs():

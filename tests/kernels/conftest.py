@@ -18,7 +18,8 @@ import torch
 
 from malora_runtime.adapters.format import ModuleSpec, ModuleWeights
 from malora_runtime.kernels.reference import malora_delta_reference, route
-from malora_runtime.kernels.slots import NO_SLOT, SlotBank, TokenSlots
+from malora_runtime.kernels.slot_bank import SlotBank
+from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots
 
 # max |out - ref| / max |ref| allowed per input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -184,7 +185,7 @@ def out_of_place(add: Callable[..., None]) -> Callable[..., torch.Tensor]:
 
 def release(case: Case, slot: int) -> None:
     """Release `slot` in the case's bank (stale weights stay) and expect no delta for its tokens."""
-    case.bank.release_slot(slot)
+    case.bank.deactivate_slot(slot)
     rows = torch.tensor([s == slot for s in case.slots])
     case.expected[rows] = 0.0
     case.expected_counts[slot] = 0

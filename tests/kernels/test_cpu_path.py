@@ -11,7 +11,7 @@ from malora_runtime.kernels import cpu as cpu_kernels
 from malora_runtime.kernels import dispatch
 from malora_runtime.kernels.cpu import LONG_SEGMENT, malora_delta_cpu, plan_groups
 from malora_runtime.kernels.native import add_malora_delta_native
-from malora_runtime.kernels.slots import NO_SLOT, TokenSlots
+from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots
 from tests.conftest import requires_native
 from tests.kernels.conftest import (
     MIXED_SPECS,
@@ -146,7 +146,7 @@ def test_dispatch_rejects_unknown_backend(make_case, monkeypatch):
 
 def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed, delta):
     """The CPU path's [S; G] and B^T layouts are built on first use and then updated per slot by
-    set_slot / clear_slot, and its cached per-group constants and per-step plans are dropped: after a
+    set_slot / zero_slot, and its cached per-group constants and per-step plans are dropped: after a
     swap and a clear the delta (same TokenSlots object) must follow the new weights."""
     gen = torch.Generator().manual_seed(seed)
     specs = MIXED_SPECS[:3]
@@ -171,7 +171,7 @@ def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed, delta):
 
     bank.set_slot(0, weights[0])
     check("a swap")
-    bank.clear_slot(2)
+    bank.zero_slot(2)
     weights[2] = None
     out = check("a clear")
     assert (out[torch.tensor([s == 2 for s in slots])] == 0).all()
@@ -182,7 +182,7 @@ def test_layouts_built_in_inference_mode_accept_later_slot_writes(make_case, del
     case = make_case(MIXED_SPECS[:2], 9)
     with torch.inference_mode():
         delta(case.x, case.bank, case.token_slots)
-    case.bank.clear_slot(0)  # raised "Inplace update to inference tensor" when the layouts were inference tensors
+    case.bank.zero_slot(0)  # raised "Inplace update to inference tensor" when the layouts were inference tensors
     out = delta(case.x, case.bank, case.token_slots)
     assert (out[torch.tensor([s == 0 for s in case.slots])] == 0).all()
 

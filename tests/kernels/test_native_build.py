@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from malora_runtime.kernels import native
-from malora_runtime.kernels.native import NativeKernelError
+from malora_runtime.kernels.native import build as native
+from malora_runtime.kernels.native.build import NativeKernelError
 from tests.conftest import requires_native
 
 

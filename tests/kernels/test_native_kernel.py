@@ -12,7 +12,8 @@ import torch
 from malora_runtime.adapters.format import ModuleSpec
 from malora_runtime.kernels import dispatch
 from malora_runtime.kernels.native import BLOCK, add_malora_delta_native
-from malora_runtime.kernels.slots import NO_SLOT, RoutingLog, TokenSlots
+from malora_runtime.kernels.routing_log import RoutingLog
+from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots
 from tests.conftest import requires_native
 from tests.kernels.conftest import MIXED_SPECS, make_bank, make_weights, out_of_place, reference_batch
 
@@ -132,7 +133,7 @@ def test_a_grown_bank_gets_a_layout_of_its_own(seed):
     """The engine grows a bank (larger d, r or N) by allocating a new one and copying the old slots
     over: the new bank's layout must hold the old slots too."""
     from malora_runtime.engine.adapter_slots import _copy_bank
-    from malora_runtime.kernels.slots import SlotBank
+    from malora_runtime.kernels.slot_bank import SlotBank
 
     gen = torch.Generator().manual_seed(seed)
     small = [make_weights(spec, 30, 20, gen) for spec in MIXED_SPECS[:2]]
@@ -164,7 +165,7 @@ def test_bank_growth_and_new_slots_reach_the_native_layout(seed):
     bank.set_slot(2, make_weights(MIXED_SPECS[0], 30, 20, gen))
     after = malora_delta_native(x, bank, token_slots)
     assert after[2:4].abs().sum() > 0 and torch.equal(after[[0, 1, 4]], before[[0, 1, 4]])
-    bank.clear_slot(0)
+    bank.zero_slot(0)
     assert not malora_delta_native(x, bank, token_slots)[0].any()
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from malora_runtime.kernels.cpu import add_malora_delta_cpu
-from malora_runtime.kernels.slots import RoutingLog, TokenSlots
+from malora_runtime.kernels.routing_log import RoutingLog
+from malora_runtime.kernels.token_slots import TokenSlots
 from tests.kernels.conftest import MIXED_SPECS, make_bank, make_weights
 
 

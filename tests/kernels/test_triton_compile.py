@@ -95,7 +95,8 @@ def _arguments(config: Config) -> tuple[tuple, dict]:
     import torch
 
     from malora_runtime.kernels import triton_malora as tm
-    from malora_runtime.kernels.slots import NO_SLOT, SlotBank, TokenSlots
+    from malora_runtime.kernels.slot_bank import SlotBank
+    from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots
 
     dtype = getattr(torch, config.dtype)
     maxima = SHAPES[config.shape]
@@ -233,7 +234,7 @@ def test_the_launcher_passes_launch_config(monkeypatch) -> None:
 
     from malora_runtime.adapters.format import ModuleSpec
     from malora_runtime.kernels import triton_malora as tm
-    from malora_runtime.kernels.slots import TokenSlots
+    from malora_runtime.kernels.token_slots import TokenSlots
     from tests.kernels.conftest import make_bank, make_weights
 
     launches: list[dict] = []

@@ -22,7 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from malora_runtime.adapters.format import ModuleSpec  # noqa: E402
-from malora_runtime.kernels.slots import NO_SLOT, SlotBank, TokenSlots  # noqa: E402
+from malora_runtime.kernels.slot_bank import SlotBank  # noqa: E402
+from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots  # noqa: E402
 from tests.kernels.conftest import MIXED_SPECS, make_ties, release  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")

@@ -232,7 +232,7 @@ def test_16_streams_while_adapters_are_loaded_reloaded_and_unloaded(swap_env, of
     def maybe_unloaded(r: Result) -> bool:
         """"Not found" is the right answer if the adapter was unloaded at some point while the request ran:
         a 404, or, when the unload lands after the stream's headers but before the request got its slot,
-        an adapter_not_found error event before any text."""
+        a model_not_found error event before any text."""
         for op in ops:
             if op.name == r.name and op.kind == "unload" and op.started <= r.ended:
                 reload = next((o for o in ops if o.name == r.name and o.kind == "load" and o.started > op.started),
@@ -242,7 +242,7 @@ def test_16_streams_while_adapters_are_loaded_reloaded_and_unloaded(swap_env, of
         return False
 
     def not_found(r: Result) -> bool:
-        return r.status == 404 or (r.status == 200 and r.error_code == "adapter_not_found" and not r.text)
+        return r.status == 404 or (r.status == 200 and r.error_code == "model_not_found" and not r.text)
 
     failed = [r for r in results if r.error and not (not_found(r) and maybe_unloaded(r))]
     assert not failed, failed[:5]

@@ -113,7 +113,7 @@ void project(const float* const* xr, int rows, const float* w, int64_t ldw, int6
   }
 }
 
-// The chosen experts and their weights from the logits of one token (MALORA.md's routing).
+// The chosen experts and their weights from the logits of one token (docs/malora.md: routing).
 // Returns how many were chosen (the slot's top_k); chosen[j], weight[j] for j < that.
 int route(const float* logits, const float* bias, int n, int k, float inv_temperature, bool softmax_first,
           float* scores, int* chosen, float* weight) {

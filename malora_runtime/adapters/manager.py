@@ -1,35 +1,39 @@
-"""The adapters the server serves, across three tiers: engine slots, host memory and disk.
+"""The adapter lifecycle across three tiers: engine slots (`Tier.DEVICE`), host memory (`Tier.HOST`) and disk.
 
-`AdapterManager` joins the registry (disk and host tiers: names, safe paths, single-flight reads,
-versions) to the engine (slots: activation between steps, reference counts, LRU eviction, pins).
-States shown to clients: `loaded` (its current version sits in an engine slot), `cpu` (parsed in
-host memory), `disk` (known, read on first use), `failed` (the last read of it failed).
+`AdapterManager` joins the registry (disk and host tiers: names, safe paths, single-flight reads, versions) to
+an engine (slots: activation between steps, reference counts, LRU eviction, pins). The verbs: `resolve` (the
+version a request runs on, read on first use), `load` (a new version, from a path), `unload`, and `pin`
+through `load(pinned=...)`.
 
-A request resolves its adapter here before it is admitted: the version resolved is the one it runs
-on (the engine asks `provide`, which hands back exactly that version), so the version the server
-reports in `x-malora-adapter-version` is the one that produced the output. A reload that commits
-between a request's resolve and its admission (a few microseconds on the event loop) leaves that
-request on the version it resolved; the next request re-activates the newer one.
+A request resolves its adapter here and hands that `HostAdapter` to the engine with the request: the version
+it resolved is the one it runs on, which is the version a server reports to the client. A reload that commits
+between a request's resolve and its admission leaves that request on the version it resolved; an unload in
+between makes the request fail as unknown (`HostAdapter.unloaded`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
-from malora_runtime.adapters.errors import AdapterError
-from malora_runtime.adapters.format import AdapterConfig
-from malora_runtime.adapters.registry import AdapterPathError, AdapterRegistry, HostAdapter, UnknownAdapterNameError
-from malora_runtime.engine.adapter_slots import NoFreeSlotError
-
-from .engine_client import EngineClient
+from ..engine.adapter_slots import NoFreeSlotError
+from ..engine.outputs import EngineStats, ResidentAdapter
+from .errors import AdapterError
+from .format import AdapterConfig, MaloraAdapter
+from .registry import AdapterPathError, AdapterRegistry, HostAdapter, UnknownAdapterError
 
 log = logging.getLogger(__name__)
 
-# The adapter version the current request resolved (set per request task, read by `provide`).
-_resolved: contextvars.ContextVar[HostAdapter | None] = contextvars.ContextVar("malora_resolved", default=None)
+
+class Tier(Enum):
+    """Where an adapter's current version is. The values are the names metrics use."""
+
+    DEVICE = "device"  # in an engine slot
+    HOST = "cpu"  # parsed and validated, in host memory
+    DISK = "disk"  # known (registered, or under a root), read on first use
 
 
 class AdapterConflictError(AdapterError):
@@ -40,18 +44,33 @@ class PinLimitError(AdapterError):
     """Pinning would leave no slot for unpinned adapters."""
 
 
+class AdapterEngine(Protocol):
+    """What the manager needs of an engine (`AsyncEngine` has it; tests may pass a fake)."""
+
+    async def add_adapter(self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False) -> int:
+        """Copy `adapter` into a slot between steps; NoFreeSlotError when every slot is busy."""
+        ...
+
+    async def remove_adapter(self, name: str) -> None: ...
+
+    def resident_adapters(self) -> dict[str, ResidentAdapter]: ...
+
+    def stats(self) -> EngineStats: ...
+
+
 @dataclass
 class AdapterView:
     """One adapter as clients see it."""
 
     name: str
-    state: str  # loaded | cpu | disk | failed | unloaded
+    tier: Tier
     path: Path | None = None
     version: int | None = None
     slot: int | None = None
     pinned: bool = False
     config: AdapterConfig | None = None
-    error: str | None = None
+    error: str | None = None  # its last read failed (it stays on disk)
+    unloaded: bool = False  # only in the answer to an unload
 
 
 @dataclass
@@ -64,20 +83,13 @@ class AdapterStats:
     waiting_for_adapter: int
 
 
-def _slots(engine: EngineClient | None):
-    """The engine's device tier (`AdapterSlots`), or None for an engine without one (test fakes)."""
-    runner = getattr(getattr(engine, "engine", None), "runner", None)
-    return getattr(runner, "adapters", None)
-
-
 class AdapterManager:
-    def __init__(self, engine: EngineClient, registry: AdapterRegistry, max_loaded: int) -> None:
+    def __init__(self, engine: AdapterEngine, registry: AdapterRegistry, max_loaded: int) -> None:
         self.engine = engine
         self.registry = registry
         self.max_loaded = max_loaded
         self.trusted: dict[str, Path] = {}  # operator-given (command line) name -> directory, outside roots allowed
         self.failures: dict[str, str] = {}  # name -> error of its last failed read
-        engine.adapter_provider = self.provide
 
     # ---- start-up ----
     async def load_startup(self, adapters: dict[str, Path], pins: list[str]) -> None:
@@ -85,14 +97,14 @@ class AdapterManager:
         self._check_pin_count(len(set(pins)))
         for name in pins:
             if name not in adapters and not self.registry.is_known(name):
-                raise UnknownAdapterNameError(f"--pin {name}: no adapter of that name (give it with --adapter or "
+                raise UnknownAdapterError(f"--pin {name}: no adapter of that name (give it with --adapter or "
                                               "put it under --adapter-root)")
         for name, path in adapters.items():
             self.trusted[name] = Path(path).resolve()
             await self.registry.load(name, path, pinned=name in pins, trusted=True)
         for name in pins:
             if name not in adapters:
-                self.registry.pinned.add(name)
+                self.registry.pin(name)
                 await self.registry.fetch(name)
         order = [*pins, *(n for n in adapters if n not in pins)]
         for name in order[:self.max_loaded]:
@@ -109,16 +121,6 @@ class AdapterManager:
                 log.error("adapter %s failed to load: %s", name, exc)
             raise
         self.failures.pop(name, None)
-        _resolved.set(host)
-        return host
-
-    async def provide(self, name: str) -> HostAdapter:
-        """The engine's adapter provider: the version this request resolved, unless unloaded since."""
-        host = _resolved.get()
-        if host is None or host.name != name:
-            return await self.registry.fetch(name)
-        if name in self.registry.unloaded:
-            raise UnknownAdapterNameError(f"adapter {name!r} was unloaded")
         return host
 
     # ---- management ----
@@ -129,29 +131,30 @@ class AdapterManager:
         The files are read and validated in a worker thread; only then is the version committed and
         copied into a slot between engine steps. A bad file raises and leaves the old version serving.
         """
-        self.registry.check_name(name)
-        loaded = name in self.registry.paths or name in self.registry.host
-        if reload and not loaded and not self.registry.is_known(name):
-            raise UnknownAdapterNameError(f"adapter {name!r} does not exist")
+        registry = self.registry
+        registry.check_name(name)
+        loaded = registry.is_loaded(name)
+        if reload and not loaded and not registry.is_known(name):
+            raise UnknownAdapterError(f"adapter {name!r} does not exist")
         if not reload and loaded:
             raise AdapterConflictError(f"adapter {name!r} is already loaded; reload it with PUT /v1/adapters/{name}")
         if path is None:
-            path = self.registry.path_of(name)
+            path = registry.path_of(name)
         resolved, trusted = self._check_path(name, path)
-        was_pinned = name in self.registry.pinned
+        was_pinned = registry.is_pinned(name)
         if pinned and not was_pinned:
-            self._check_pin_count(len(self.registry.pinned) + 1)
+            self._check_pin_count(registry.num_pinned + 1)
         if pinned is False:
-            self.registry.pinned.discard(name)
+            registry.unpin(name)
         try:
-            before = self.registry.versions.get(name, 0)
+            before = registry.version(name) or 0
             while True:  # a concurrent lazy read or a load of another path hands back its result: load again
-                host = await self.registry.load(name, resolved, pinned=bool(pinned), trusted=trusted)
+                host = await registry.load(name, resolved, pinned=bool(pinned), trusted=trusted)
                 if host.path == resolved and host.version > before:
                     break
         except BaseException:
             if was_pinned:
-                self.registry.pinned.add(name)
+                registry.pin(name)
             raise
         self.failures.pop(name, None)
         await self._activate(host)
@@ -160,14 +163,14 @@ class AdapterManager:
     async def unload(self, name: str) -> AdapterView:
         """New requests for `name` get 404 at once; running ones finish on their version, then its slot frees."""
         self.registry.check_name(name)
-        if not self.registry.is_known(name) and name not in self.registry.host:
-            raise UnknownAdapterNameError(f"adapter {name!r} does not exist")
+        if not self.registry.is_known(name) and not self.registry.is_loaded(name):
+            raise UnknownAdapterError(f"adapter {name!r} does not exist")
         view = self.view(name)
         self.registry.forget(name)
         self.trusted.pop(name, None)
         self.failures.pop(name, None)
         await self.engine.remove_adapter(name)
-        view.state, view.slot = "unloaded", None
+        view.unloaded, view.slot = True, None
         return view
 
     def _check_path(self, name: str, path: str | Path) -> tuple[Path, bool]:
@@ -193,31 +196,31 @@ class AdapterManager:
         except NoFreeSlotError:
             log.info("adapter %s v%d stays in host memory: every slot is busy", host.name, host.version)
 
+    # ---- views ----
     def public_message(self, message: str) -> str:
         """`message` with the server's adapter directories replaced by placeholders (for non-admin callers)."""
-        for name, path in sorted({**self.registry.paths, **self.trusted}.items(), key=lambda item: -len(str(item[1]))):
+        known = {**self.registry.registered_paths(), **self.trusted}
+        for name, path in sorted(known.items(), key=lambda item: -len(str(item[1]))):
             message = message.replace(str(path), f"<adapter {name}>")
         for root in self.registry.roots:
             message = message.replace(str(root), "<adapter root>")
         return message
 
-    # ---- views ----
-    def view(self, name: str, on_disk: dict[str, Path] | None = None) -> AdapterView:
+    def view(self, name: str, on_disk: dict[str, Path] | None = None,
+             resident: dict[str, ResidentAdapter] | None = None) -> AdapterView:
         registry = self.registry
-        host = registry.host.get(name)
-        slots = _slots(self.engine)
-        slot = slots.current.get(name) if slots is not None else None
-        state = slots.slots[slot] if slot is not None else None
-        view = AdapterView(name, "disk", path=host.path if host else registry.paths.get(name),
-                           version=registry.versions.get(name), pinned=name in registry.pinned)
+        host = registry.host_entry(name)
+        in_slot = (self.engine.resident_adapters() if resident is None else resident).get(name)
+        view = AdapterView(name, Tier.DISK, path=host.path if host else registry.registered_paths().get(name),
+                           version=registry.version(name), pinned=registry.is_pinned(name))
         if view.path is None:
             view.path = (registry.discover() if on_disk is None else on_disk).get(name)
-        if state is not None:
-            view.state, view.slot, view.config = "loaded", slot, state.adapter.config
+        if in_slot is not None:
+            view.tier, view.slot, view.config = Tier.DEVICE, in_slot.slot, in_slot.config
         elif host is not None:
-            view.state = "cpu"
+            view.tier = Tier.HOST
         elif name in self.failures:
-            view.state, view.error = "failed", self.failures[name]
+            view.error = self.failures[name]
         if host is not None:
             view.config = host.adapter.config
         return view
@@ -225,14 +228,36 @@ class AdapterManager:
     def views(self) -> list[AdapterView]:
         """Every adapter: registered, under a root, in host memory, or failed (unloaded ones excepted)."""
         on_disk = self.registry.discover()
-        names = sorted({*on_disk, *self.registry.host, *self.failures} - self.registry.unloaded)
-        return [self.view(n, on_disk) for n in names]
+        resident = self.engine.resident_adapters()
+        names = sorted({*on_disk, *self.registry.host_names(), *self.failures} - self.registry.unloaded_names())
+        return [self.view(n, on_disk, resident) for n in names]
+
+    def tiers(self) -> dict[str, Tier]:
+        """The tier of every known adapter."""
+        tiers = {name: Tier.DISK for name in self.registry.discover()}
+        tiers.update({name: Tier.HOST for name in self.registry.host_names()})
+        tiers.update({name: Tier.DEVICE for name in self.engine.resident_adapters()})
+        return tiers
+
+    def is_known_model(self, name: str) -> bool:
+        """Whether `name` names an adapter this manager serves (loaded or findable)."""
+        return self.registry.is_loaded(name) or self.registry.is_known(name)
+
+    def drain_load_seconds(self) -> list[float]:
+        """Read times of the adapters read since the last call (for a latency histogram)."""
+        counters = self.registry.counters
+        seconds, counters.load_seconds = counters.load_seconds, []
+        return seconds
+
+    def close(self) -> None:
+        """Stop the registry's reader thread (reads already queued finish first)."""
+        self.registry.close()
 
     def stats(self) -> AdapterStats:
         counters = self.registry.counters
-        slots = _slots(self.engine)
+        engine = self.engine.stats()
         return AdapterStats(
             loads=counters.loads, reloads=counters.reloads, unloads=counters.unloads,
-            host_evictions=counters.host_evictions, slot_evictions=slots.num_evictions if slots is not None else 0,
-            waiting_for_adapter=getattr(self.engine, "num_waiting_for_adapter", 0),
+            host_evictions=counters.host_evictions, slot_evictions=engine.num_adapter_evictions,
+            waiting_for_adapter=engine.num_waiting_for_adapter,
         )

@@ -1,4 +1,4 @@
-"""The MALoRA delta on CPU through a native kernel (`native/malora_cpu.cpp`), computed in float32.
+"""The MALoRA delta on CPU through a native kernel (`malora_cpu.cpp` beside this file), computed in float32.
 
 Why: per adapter the delta is a few small products over a few dozen tokens. Through torch that is a
 dozen batched ops per module, each gathering, padding or scattering a copy of the tokens; the native
@@ -6,9 +6,8 @@ kernel makes one pass per block of an adapter's tokens: [S; G] x register-blocke
 rows of x, routing and P z in a per-thread buffer, and the chosen experts' rows of B^T added straight
 into y. `malora bench kernels` compares it with the torch path (`kernels.cpu`) and the base linear.
 
-Build: the source is compiled once per machine by the system's C++ compiler (`$CXX`, else `c++`)
-into `$MALORA_CACHE/kernels/`, under a name that hashes the source, the flags, the compiler's version
-and the CPU's feature flags (it is built with -march=native), then loaded with ctypes. Its OpenMP
+Build (`build.py`): the source is compiled once per machine by the system's C++ compiler and cached, then
+loaded with ctypes. Its OpenMP
 threads are torch's own (one libgomp per process); it uses as many as torch does on the calling
 thread (or runs single-threaded where torch's runtime is not libgomp.so.1). Where no compiler works,
 `native_kernel()` returns None once, with the reason logged, and the dispatch falls back to the
@@ -19,111 +18,27 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..models.loader import cache_root
-from .slots import SlotBank, TokenSlots
+from ..slot_bank import SlotBank
+from ..token_slots import TokenSlots
+from .build import NativeKernelError, build_native_kernel
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "malora_cpu.cpp"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
 ABI_VERSION = 4
 LANES = 16  # the kernel's vector width in floats: padded widths are multiples of it
 # Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
 # best at T = 2048 over 32 adapters (32: 1.13x slower, 128: 1.03x; docs/BENCHMARKS.md).
 BLOCK = 64
-BUILD_TIMEOUT_S = 300  # the build takes about a second; a stuck compiler must not hold the server's start
-
-
-class NativeKernelError(RuntimeError):
-    """The native kernel cannot be built or loaded here."""
 
 
 def _round_up(n: int) -> int:
     return -(-n // LANES) * LANES
-
-
-def _compiler() -> str:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    raise NativeKernelError("no C++ compiler found (set CXX, or install g++)")
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next((line for line in handle if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
-def _run_compiler(command: list[str]) -> tuple[int, str, str]:
-    """(return code, stdout, stderr). The compiler runs in its own process group, so a timeout stops
-    the whole pipeline (the driver's cc1plus and ld too), not only the driver."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                          start_new_session=True) as process:
-        try:
-            out, err = process.communicate(timeout=BUILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired as exc:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise NativeKernelError(f"`{' '.join(command[:2])} ...` did not finish in {BUILD_TIMEOUT_S} s") from exc
-    return process.returncode, out, err
-
-
-def _torch_uses_libgomp() -> bool:
-    """Whether the process's OpenMP runtime, loaded by torch, is `libgomp.so.1`, the one g++'s -fopenmp
-    links: the kernel's threads are then torch's own. A torch that bundles a renamed libgomp (or
-    Intel's runtime) would get a second thread pool beside its own, oversubscribing the cores, so the
-    kernel is built single-threaded there."""
-    try:
-        with open("/proc/self/maps") as maps:
-            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
-    except OSError:
-        return False
-
-
-def build_native_kernel(directory: Path | None = None) -> Path:
-    """Compile the kernel (once: the result is cached by content) and return the shared library's path."""
-    compiler = _compiler()
-    version = _run_compiler([compiler, "--version"])[1]
-    flags = (*FLAGS, "-fopenmp") if _torch_uses_libgomp() else (*FLAGS, "-Wno-unknown-pragmas")
-    if "-fopenmp" not in flags:
-        log.warning("torch's OpenMP runtime is not libgomp.so.1: the native MALoRA kernel runs single-threaded")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
-    directory = directory or cache_root() / "kernels"
-    target = directory / f"malora_cpu-{key}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent builders (several servers, test workers) never
-    # load a half-written library.
-    fd, partial = tempfile.mkstemp(prefix=target.stem, suffix=".so.partial", dir=directory)
-    os.close(fd)
-    try:
-        code, _, err = _run_compiler([compiler, *flags, str(SOURCE), "-o", partial])
-        if code != 0:
-            raise NativeKernelError(f"{compiler} failed to build {SOURCE.name}:\n{err.strip()[-2000:]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    log.info("built the native MALoRA kernel: %s", target)
-    return target
 
 
 class _BankDescriptor(ctypes.Structure):

@@ -1,9 +1,6 @@
-"""Per-module stacked adapter weights ("slots") and the per-step token-to-slot metadata.
-
-A `SlotBank` holds, for one target linear layer, the weights of every adapter that is resident in
-the engine, padded to common maxima so that one batched op (or one kernel launch) serves tokens of
-different adapters. A `TokenSlots` describes which slot each token of the packed batch uses; it is
-built once per engine step and shared by every layer.
+"""Per-module stacked adapter weights: a `SlotBank` holds, for one target linear layer, the weights of every
+adapter resident in the engine, padded to common maxima so that one batched op (or one kernel launch) serves
+tokens of different adapters; each kernel may keep its own layout of the same weights in step with it.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import torch
 from ..adapters.format import ModuleWeights
 from .reference import ROUTER_SOFTMAX_TOPK
 
-NO_SLOT = -1
 MAX_DERIVED = 256  # cached derived values per bank (group sets seen since the last slot write)
 
 
@@ -25,7 +21,7 @@ class SlotLayout(Protocol):
     """A kernel's own copy of a bank's weights (see `SlotBank.layout`)."""
 
     def write_slot(self, bank: SlotBank, slot: int) -> None:
-        """Bring `slot` in step with the bank (called after every set_slot / clear_slot)."""
+        """Bring `slot` in step with the bank (called after every set_slot / zero_slot)."""
 
 
 LayoutT = TypeVar("LayoutT", bound=SlotLayout)
@@ -73,7 +69,7 @@ class SlotBank:
     infos: list[SlotInfo | None] = field(default_factory=list)  # the slots' sizes and routing settings
     # Layouts of the same weights for the CPU paths ([S; G] for kernels.cpu, B^T for it and the native
     # kernel, whose own layout is in `_layouts`), built on first use and from then on kept in step by
-    # set_slot / clear_slot one slot at a time: a swap copies one adapter, not the bank.
+    # set_slot / zero_slot one slot at a time: a swap copies one adapter, not the bank.
     _stacked_sg: torch.Tensor | None = field(default=None, repr=False)
     _transposed_b: torch.Tensor | None = field(default=None, repr=False)
     _layouts: dict[str, SlotLayout] = field(default_factory=dict, repr=False)
@@ -133,7 +129,7 @@ class SlotBank:
 
     def stacked_sg(self) -> torch.Tensor:
         """[S; G] per slot, [num_slots, d_max + n_max, d_in]: the shared projection and the router
-        logits come from one product over x (MALORA.md's fused first step)."""
+        logits come from one product over x (docs/malora.md: the fused first step)."""
         if self._stacked_sg is None:
             with torch.inference_mode(False):  # a normal tensor: set_slot updates it outside inference mode
                 self._stacked_sg = torch.cat([self.S, self.G], dim=1)
@@ -216,7 +212,7 @@ class SlotBank:
         spec = weights.spec
         d, r, n = spec.d, spec.r, spec.num_experts
         if (d, r, n) != self.maxima:  # padding to zero; a full-size adapter overwrites every element
-            self._zero_slot(slot)
+            self._zero_weights(slot)
         self.S[slot, :d].copy_(weights.S)
         self.G[slot, :n].copy_(weights.G)
         self.router_bias[slot, :n] = 0.0 if weights.router_bias is None else weights.router_bias.to(self.G.dtype)
@@ -232,14 +228,14 @@ class SlotBank:
         self._derived.clear()
 
     @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
+    def zero_slot(self, slot: int) -> None:
         """Make `slot` inactive and zero its weights."""
-        self._zero_slot(slot)
+        self._zero_weights(slot)
         self._sync_layouts(slot)
         self._derived.clear()
 
     @torch.no_grad()
-    def release_slot(self, slot: int) -> None:
+    def deactivate_slot(self, slot: int) -> None:
         """Make `slot` inactive without rewriting its weights (the cheap path of an unload or swap,
         which runs between engine steps): no token is routed to a released slot, its scale and top_k
         in `params()` are 0 for kernels that read them per token, and `set_slot` writes every element
@@ -249,123 +245,10 @@ class SlotBank:
         self.infos[slot] = None
         self._derived.clear()
 
-    def _zero_slot(self, slot: int) -> None:
+    def _zero_weights(self, slot: int) -> None:
         self.S[slot].zero_()
         self.G[slot].zero_()
         self.router_bias[slot].fill_(float("-inf"))
         self.P[slot].zero_()
         self.B[slot].zero_()
         self.infos[slot] = None
-
-
-@dataclass
-class TokenSlots:
-    """Which adapter slot each token of a packed batch uses, with grouping computed once per step.
-
-    slots:    [T] int64, NO_SLOT (-1) for tokens on the base model
-    order:    [T'] int64, indices of adapter tokens sorted by slot (stable), T' = adapter tokens
-    segments: (slot, start, end) over `order`, one per distinct slot present
-    segment_rows: per segment, the batch row of its first token when its tokens are consecutive
-              rows of the batch (a prefill's prompt), else None: such a segment is a slice of x and y
-    """
-
-    slots: torch.Tensor
-    order: torch.Tensor
-    segments: list[tuple[int, int, int]]
-    segment_rows: list[int | None] = field(default_factory=list, compare=False)
-    # Kernel plans for this step, keyed by a bank's active slots: every module with the same active
-    # slots (all of one adapter's targets, in every layer) shares one plan.
-    plans: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_list(cls, slots: list[int], device: torch.device | str = "cpu") -> TokenSlots:
-        slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
-        # Group on the host: the list is already there and this runs once per step.
-        by_slot: dict[int, list[int]] = {}
-        for index, slot in enumerate(slots):
-            if slot != NO_SLOT:
-                by_slot.setdefault(slot, []).append(index)
-        order: list[int] = []
-        segments: list[tuple[int, int, int]] = []
-        segment_rows: list[int | None] = []
-        for slot in sorted(by_slot):
-            start, rows = len(order), by_slot[slot]
-            order.extend(rows)
-            segments.append((slot, start, len(order)))
-            segment_rows.append(rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None)  # ascending rows
-        return cls(slot_tensor, torch.tensor(order, dtype=torch.int64, device=device), segments, segment_rows)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.slots.shape[0]
-
-    @property
-    def any_adapter(self) -> bool:
-        return bool(self.segments)
-
-
-@dataclass
-class RoutingLog:
-    """Expert choices recorded as they happen and counted only when read.
-
-    The torch CPU path appends references to its routing tensors, so counting costs the step loop no
-    arithmetic; `drain` counts everything recorded since the last call in one pass (the engine
-    calls it about once a second, and before it reuses a slot). Past `max_entries` the records are
-    folded into running totals, so memory stays bounded when nobody drains.
-    """
-
-    max_entries: int = 4096
-    entries: list[tuple[list[int], torch.Tensor, torch.Tensor | None, int]] = field(default_factory=list)
-    totals: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
-
-    def record(self, slots: list[int], chosen: torch.Tensor, hits: torch.Tensor | None, num_experts: int) -> None:
-        """slots: the m slots of a group; chosen [m, L, k] expert ids (< num_experts); hits [m, L, k] 0/1
-        or None (all count)."""
-        self.entries.append((slots, chosen, hits, num_experts))
-        if len(self.entries) >= self.max_entries:
-            self._fold()
-
-    @torch.inference_mode()
-    def _fold(self) -> None:
-        # Always in inference mode: a fold may happen inside the forward (past max_entries) or outside
-        # it (harvest), and a tensor made in inference mode may only be updated in inference mode.
-        entries, self.entries = self.entries, []
-        num_slots = max(max(slots) for slots, _, _, _ in entries) + 1
-        width = max(n for _, _, _, n in entries)
-        # The same groups recur in every layer: bucket by group, one concatenation and add per bucket.
-        buckets: dict[tuple[tuple[int, ...], bool], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
-        for slots, chosen, hits, _ in entries:
-            buckets.setdefault((tuple(slots), hits is None), []).append((chosen, hits))
-        plain: list[torch.Tensor] = []
-        weighted: list[torch.Tensor] = []
-        weights: list[torch.Tensor] = []
-        for (slots, unweighted), members in buckets.items():
-            m = len(slots)
-            base = torch.tensor(slots, dtype=torch.int64).view(m, 1) * width
-            index = (base + torch.cat([c.reshape(m, -1) for c, _ in members], dim=1).cpu()).reshape(-1)
-            if unweighted:
-                plain.append(index)
-            else:
-                weighted.append(index)
-                weights.append(torch.cat([h.reshape(m, -1) for _, h in members], dim=1).cpu().reshape(-1))
-        counts = torch.zeros(num_slots * width, dtype=torch.int64)
-        if plain:
-            counts += torch.bincount(torch.cat(plain), minlength=num_slots * width)
-        if weighted:
-            counts.index_add_(0, torch.cat(weighted), torch.cat(weights))
-        rows, cols = max(num_slots, self.totals.shape[0]), max(width, self.totals.shape[1])
-        if self.totals.shape != (rows, cols):
-            grown = torch.zeros(rows, cols, dtype=torch.int64)
-            grown[:self.totals.shape[0], :self.totals.shape[1]] = self.totals
-            self.totals = grown
-        self.totals[:num_slots, :width] += counts.view(num_slots, width)
-
-    @torch.inference_mode()
-    def drain(self, num_slots: int) -> torch.Tensor:
-        """Tokens per (slot, expert) since the last drain: [num_slots, max experts seen] int64, on the CPU."""
-        if self.entries:
-            self._fold()
-        totals, self.totals = self.totals, torch.zeros(0, 0, dtype=torch.int64)
-        out = torch.zeros(num_slots, totals.shape[1], dtype=torch.int64)
-        out[:min(num_slots, totals.shape[0])] = totals[:num_slots]
-        return out

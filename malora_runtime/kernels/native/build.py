@@ -1,0 +1,99 @@
+"""Building the native kernel: compiled once per machine by the system's C++ compiler (`$CXX`, else `c++`)
+into `$MALORA_CACHE/kernels/`, under a name that hashes the source, the flags, the compiler's version and the
+CPU's feature flags (it is built with -march=native); concurrent builders rename a finished library into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ...cache import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("malora_cpu.cpp")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
+BUILD_TIMEOUT_S = 300  # the build takes about a second; a stuck compiler must not hold the server's start
+
+
+class NativeKernelError(RuntimeError):
+    """The native kernel cannot be built or loaded here."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise NativeKernelError("no C++ compiler found (set CXX, or install g++)")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _run_compiler(command: list[str]) -> tuple[int, str, str]:
+    """(return code, stdout, stderr). The compiler runs in its own process group, so a timeout stops
+    the whole pipeline (the driver's cc1plus and ld too), not only the driver."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise NativeKernelError(f"`{' '.join(command[:2])} ...` did not finish in {BUILD_TIMEOUT_S} s") from exc
+    return process.returncode, out, err
+
+
+def _torch_uses_libgomp() -> bool:
+    """Whether the process's OpenMP runtime, loaded by torch, is `libgomp.so.1`, the one g++'s -fopenmp
+    links: the kernel's threads are then torch's own. A torch that bundles a renamed libgomp (or
+    Intel's runtime) would get a second thread pool beside its own, oversubscribing the cores, so the
+    kernel is built single-threaded there."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
+    except OSError:
+        return False
+
+
+def build_native_kernel(directory: Path | None = None) -> Path:
+    """Compile the kernel (once: the result is cached by content) and return the shared library's path."""
+    compiler = _compiler()
+    version = _run_compiler([compiler, "--version"])[1]
+    flags = (*FLAGS, "-fopenmp") if _torch_uses_libgomp() else (*FLAGS, "-Wno-unknown-pragmas")
+    if "-fopenmp" not in flags:
+        log.warning("torch's OpenMP runtime is not libgomp.so.1: the native MALoRA kernel runs single-threaded")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    directory = directory or cache_root() / "kernels"
+    target = directory / f"malora_cpu-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent builders (several servers, test workers) never
+    # load a half-written library.
+    fd, partial = tempfile.mkstemp(prefix=target.stem, suffix=".so.partial", dir=directory)
+    os.close(fd)
+    try:
+        code, _, err = _run_compiler([compiler, *flags, str(SOURCE), "-o", partial])
+        if code != 0:
+            raise NativeKernelError(f"{compiler} failed to build {SOURCE.name}:\n{err.strip()[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    log.info("built the native MALoRA kernel: %s", target)
+    return target
