@@ -349,7 +349,7 @@ def test_a_failed_read_is_reraised_without_reading_until_a_load_succeeds(tmp_pat
         assert reads == ["a"]
         entry = await registry.load("a", dst)  # ...and reloads: this always reads
         assert reads == ["a", "a"] and entry.version == 1
-        registry.host.clear()  # evicted: the next request reads again, the failure is forgotten
+        registry._host.clear()  # as an eviction would: the next request reads again, the failure is forgotten
         assert (await registry.fetch("a")).version == 1 and reads == ["a", "a", "a"]
 
     try:

@@ -42,7 +42,7 @@ def test_discover_and_lazy_fetch(root: Path) -> None:
     assert sorted(registry.discover()) == ["alpha", "beta", "gamma"]
     entries = [asyncio.run(registry.fetch(n)) for n in ("alpha", "beta", "gamma")]
     assert [e.version for e in entries] == [1, 1, 1]
-    assert list(registry.host) == ["beta", "gamma"] and registry.counters.host_evictions == 1
+    assert registry.host_names() == ["beta", "gamma"] and registry.counters.host_evictions == 1
     again = asyncio.run(registry.fetch("alpha"))  # re-read after host eviction: same version
     assert again.version == 1
     with pytest.raises(UnknownAdapterError):
@@ -118,7 +118,7 @@ def test_limits_on_n_r_and_d_refuse_an_adapter_before_it_is_kept(root: Path, tmp
         registry = AdapterRegistry(SHAPES, [root], limits=limits)
         with pytest.raises(AdapterLimitError, match=field):
             asyncio.run(registry.fetch("wide"))
-        assert "wide" not in registry.host
+        assert registry.host_entry("wide") is None
         assert asyncio.run(registry.fetch("alpha")).version == 1  # the others are unaffected
     registry = AdapterRegistry(SHAPES, [root], limits=AdapterLimits(max_experts=5, max_rank=3, max_subspace_rank=7))
     assert asyncio.run(registry.load("wide", wide)).adapter.config.modules
@@ -132,10 +132,10 @@ def test_the_host_tier_keeps_within_its_byte_budget(root: Path) -> None:
     for name in ("alpha", "beta", "gamma"):
         asyncio.run(registry.fetch(name))
         assert registry.host_bytes <= 2 * one
-    assert list(registry.host) == ["beta", "gamma"] and registry.counters.host_evictions == 1
-    registry.pinned.add("beta")
+    assert registry.host_names() == ["beta", "gamma"] and registry.counters.host_evictions == 1
+    registry.pin("beta")
     asyncio.run(registry.fetch("alpha"))  # evicts gamma, the least recent that is not pinned
-    assert list(registry.host) == ["beta", "alpha"]
+    assert registry.host_names() == ["beta", "alpha"]
     tiny = AdapterRegistry(SHAPES, [root], limits=AdapterLimits(max_host_bytes=one - 1))
     with pytest.raises(AdapterLimitError, match="--max-cpu-adapter-bytes"):
         asyncio.run(tiny.fetch("alpha"))
@@ -166,9 +166,9 @@ def test_a_broken_or_unwritable_record_never_stops_the_registry(root: Path, tmp_
     record.path.parent.mkdir()
     record.path.write_text("{not json")
     registry = AdapterRegistry(SHAPES, [root], unloaded_record=record)
-    assert registry.unloaded == set()
+    assert registry.unloaded_names() == set()
     blocked = UnloadedRecord(tmp_path / "file-not-dir" / "state", [root])
     (tmp_path / "file-not-dir").write_text("x")
     registry = AdapterRegistry(SHAPES, [root], unloaded_record=blocked)
     registry.forget("alpha")  # logged, not raised
-    assert "alpha" in registry.unloaded
+    assert "alpha" in registry.unloaded_names()
