@@ -18,7 +18,6 @@ from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
 from .allocator import keep_freed_memory
 from .attention import ATTENTION_NAME, AttentionMetadata, KVPool, PrefillSpan
-from .kv_cache import kv_index
 from .routing_stats import RoutingStats
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,9 @@ class ModelRunner:
                  self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)
 
     def _kv_indices_for(self, chunk: Chunk) -> list[int]:
-        end = chunk.start + len(chunk.token_ids)
-        return [kv_index(chunk.block_table, p, self.block_size) for p in range(chunk.start, end)]
+        # kv_cache.kv_index, inlined: this runs for every token of every step.
+        bs, table = self.block_size, chunk.block_table
+        return [table[p // bs] * bs + p % bs for p in range(chunk.start, chunk.start + len(chunk.token_ids))]
 
     def _context_kv_indices(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """KV indices of each sequence's first `length` tokens, padded: ([B, Lmax] int64, [B, Lmax] bool).

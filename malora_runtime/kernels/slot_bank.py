@@ -120,7 +120,7 @@ class SlotBank:
         them (on the CPU: [S; G], B^T and the native kernel's layout, about twice the bank again)."""
         per_slot = d_max * d_in + n_max * d_in + n_max + n_max * r_max * d_max + n_max * d_out * r_max
         copies = 3 if torch.device(device).type == "cpu" else 1
-        return copies * num_slots * per_slot * torch.empty((), dtype=dtype).element_size()
+        return copies * num_slots * per_slot * dtype.itemsize
 
     @property
     def maxima(self) -> tuple[int, int, int]:
