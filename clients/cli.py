@@ -98,6 +98,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 BENCHES = {
     "kernels": "malora_runtime.bench.kernels",
+    "memory": "malora_runtime.bench.memory",
     "metrics": "malora_runtime.bench.metrics_overhead",
     "offline": "malora_runtime.bench.offline",
     "serve": "malora_runtime.bench.serve",

@@ -30,7 +30,8 @@ class EngineConfig:
     max_loaded_adapters: int = 32
     """Adapter slots in the batched weight tensors."""
     adapter_bank_memory: int | None = 8 << 30
-    """Bytes the adapter slot banks may grow to (None: no limit); an adapter that would pass it is refused."""
+    """Bytes of adapters in slots at most (None: no limit): least recently used idle ones are evicted to make room;
+    an adapter larger than the whole budget is refused."""
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     """A long prompt is computed over several steps (decodes are never stalled behind it)."""

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from malora_runtime.adapters.errors import AdapterError
+from malora_runtime.adapters.errors import AdapterError, AdapterMemoryError
 from malora_runtime.adapters.manager import AdapterConflictError
 from malora_runtime.engine.errors import (
     EngineRequestError,
@@ -74,6 +74,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(500, str(exc), code="request_failed")
     if isinstance(exc, AdapterConflictError):
         return APIError(409, str(exc), code="adapter_exists")
+    if isinstance(exc, AdapterMemoryError):
+        return APIError(503, str(exc), code="adapter_memory_full", headers={"Retry-After": "5"})
     if isinstance(exc, AdapterError):
         return APIError(400, str(exc), code="invalid_adapter")
     if isinstance(exc, EngineShutdownError):

@@ -31,7 +31,7 @@ class ServerSettings:
     pins: list[str] = field(default_factory=list)
     """Adapters kept in an engine slot and in host memory, never evicted."""
     max_cpu_adapters: int = 64
-    """Parsed adapters kept in host memory (LRU); at least --max-loaded-adapters."""
+    """Parsed adapters kept in host memory outside the engine's slots (LRU)."""
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     """Largest adapter directory (sum of its files) a load reads."""
     adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
@@ -127,10 +127,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "use; runtime loads must be inside one (repeatable; env: comma-separated)", kind=Path, action="append")
     add("--pin", "NAME: keep this adapter in a slot, never evicted (repeatable; env: comma-separated)",
         action="append", metavar="NAME")
-    add("--max-cpu-adapters", "parsed adapters kept in host memory (LRU)", defaults.max_cpu_adapters, int)
+    add("--max-cpu-adapters", "parsed adapters kept in host memory outside the slots (LRU)", defaults.max_cpu_adapters,
+        int)
     add("--max-adapter-bytes", "largest adapter directory a load reads", defaults.max_adapter_bytes, int)
     limits = defaults.adapter_limits
-    add("--max-cpu-adapter-bytes", "bytes of parsed adapters kept in host memory (LRU)", limits.max_host_bytes, int)
+    add("--max-cpu-adapter-bytes", "bytes of parsed adapters kept in host memory outside the slots (LRU)",
+        limits.max_host_bytes, int)
     add("--max-adapter-experts", "largest N (experts) of one adapter module", limits.max_experts, int)
     add("--max-adapter-rank", "largest r (expert rank) of one adapter module", limits.max_rank, int)
     add("--max-adapter-subspace-rank", "largest d (shared subspace rank) of one adapter module",
@@ -169,7 +171,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--max-num-batched-tokens", "most tokens in one step", engine.max_num_batched_tokens, int)
     add("--max-model-len", "longest prompt plus output (default: the model's context)", kind=int)
     add("--max-loaded-adapters", "adapter slots", engine.max_loaded_adapters, int)
-    add("--adapter-bank-memory", "bytes the adapter slot banks may grow to; an adapter that would pass it is refused",
+    add("--adapter-bank-memory", "bytes of adapters in slots (LRU eviction of idle ones; on the CPU read in place)",
         engine.adapter_bank_memory, int)
     add("--enable-prefix-caching", "reuse KV blocks of shared prompt prefixes", engine.enable_prefix_caching,
         _bool)
@@ -211,7 +213,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         parser.error(str(exc))
     for flag, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0),
                              ("--max-body-bytes", args.max_body_bytes, 1),
-                             ("--max-cpu-adapters", args.max_cpu_adapters, engine.max_loaded_adapters),
+                             ("--max-cpu-adapters", args.max_cpu_adapters, 1),
                              ("--max-adapter-bytes", args.max_adapter_bytes, 1),
                              ("--metrics-max-adapters", args.metrics_max_adapters, 1)):
         if value < low:

@@ -57,6 +57,14 @@ class Telemetry:
         adapters = self.state.adapters
         return {name: tier.value for name, tier in adapters.tiers().items()} if adapters is not None else {}
 
+    def adapter_memory(self) -> dict[str, int | None]:
+        """Bytes held by adapters in slots and in host memory (not in a slot), with their budgets."""
+        if self.state.adapters is None:
+            return {}
+        counts = self.state.adapters.stats()
+        return {"device": counts.slot_bytes, "device_budget": counts.slot_budget,
+                "cpu": counts.host_bytes, "cpu_budget": counts.host_budget}
+
     # ---- scrape-time families ----
     def _families(self) -> list[Any]:
         engine = self.state.engine
@@ -99,6 +107,20 @@ class Telemetry:
             counter("malora_adapter_host_evictions", "Adapters evicted from host memory",
                     counts.host_evictions if counts else 0),
         ]
+        if counts is not None:
+            memory = GaugeMetricFamily("malora_adapter_memory_bytes", "Bytes held by adapters per tier (device: in "
+                                       "slots, read in place from host memory on a CPU; cpu: host memory, not in a "
+                                       "slot)", labels=["tier"])
+            budget = GaugeMetricFamily("malora_adapter_memory_budget_bytes", "Budget for the bytes of each tier",
+                                       labels=["tier"])
+            memory.add_metric([Tier.DEVICE.value], counts.slot_bytes)
+            memory.add_metric([Tier.HOST.value], counts.host_bytes)
+            budget.add_metric([Tier.HOST.value], counts.host_budget)
+            if counts.slot_budget is not None:
+                budget.add_metric([Tier.DEVICE.value], counts.slot_budget)
+            copies = gauge("malora_adapter_device_copy_bytes", "Bytes of device copies of adapters in slots (a GPU; "
+                           "0 where the kernels read them in host memory)", stats.adapter_device_copy_bytes)
+            families += [memory, budget, copies]
         return families
 
     # ---- dashboard ----
@@ -131,5 +153,6 @@ class Telemetry:
             "preemptions": stats.num_preemptions if stats else 0,
             "adapters": per_adapter,
             "tiers": self.adapter_tiers(),
+            "adapter_memory": self.adapter_memory(),
             "routing": self.metrics.routing_snapshot(),
         }

@@ -69,3 +69,7 @@ class FileTooLargeError(AdapterError):
 
 class DestinationError(AdapterError):
     """A writer refuses its destination: it exists and is not an adapter directory (or an empty one)."""
+
+
+class AdapterMemoryError(AdapterError):
+    """Host memory for adapters is held by pinned adapters: this one cannot be held now (a 503, not a 400)."""

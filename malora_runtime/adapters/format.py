@@ -194,6 +194,8 @@ class ModuleWeights:
     P: torch.Tensor
     B: torch.Tensor
     router_bias: torch.Tensor | None = None
+    packed: Any = field(default=None, compare=False, repr=False)
+    """The kernels' packed buffer (`kernels.packed.PackedModule`) these tensors are views of, when packed."""
 
     @property
     def d_in(self) -> int:
@@ -213,6 +215,8 @@ class ModuleWeights:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)
 
+        if all(move(t) is t for t in self.tensors().values()):
+            return self  # nothing to convert: keep the packed buffer these may be views of
         return ModuleWeights(self.spec, move(self.S), move(self.G), move(self.P), move(self.B),
                              move(self.router_bias))
 
@@ -230,7 +234,7 @@ def expected_shapes(spec: ModuleSpec, d_in: int, d_out: int) -> dict[str, tuple[
     return shapes
 
 
-@dataclass
+@dataclass(eq=False)
 class MaloraAdapter:
     """A parsed, validated adapter: its config and per module path its weights."""
 
@@ -242,4 +246,11 @@ class MaloraAdapter:
         return MaloraAdapter(self.config, {p: w.to(device, dtype) for p, w in self.modules.items()}, self.source)
 
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in w.tensors().values())
+        """Bytes of memory its weights hold: the packed buffers when packed, else the tensors."""
+        total = 0
+        for w in self.modules.values():
+            if w.packed is not None:
+                total += w.packed.num_bytes
+            else:
+                total += sum(t.numel() * t.element_size() for t in w.tensors().values())
+        return total

@@ -81,6 +81,10 @@ class AdapterStats:
     host_evictions: int
     slot_evictions: int
     waiting_for_adapter: int
+    host_bytes: int  # of adapters in host memory and not in a slot
+    host_budget: int  # --max-cpu-adapter-bytes
+    slot_bytes: int  # of adapters in slots
+    slot_budget: int | None  # --adapter-bank-memory
 
 
 class AdapterManager:
@@ -90,6 +94,8 @@ class AdapterManager:
         self.max_loaded = max_loaded
         self.trusted: dict[str, Path] = {}  # operator-given (command line) name -> directory, outside roots allowed
         self.failures: dict[str, str] = {}  # name -> error of its last failed read
+        # Adapters in slots count against the slots' memory budget, not the host tier's.
+        registry.slot_versions = lambda: {n: r.version for n, r in engine.resident_adapters().items()}
 
     # ---- start-up ----
     async def load_startup(self, adapters: dict[str, Path], pins: list[str]) -> None:
@@ -260,4 +266,6 @@ class AdapterManager:
             loads=counters.loads, reloads=counters.reloads, unloads=counters.unloads,
             host_evictions=counters.host_evictions, slot_evictions=engine.num_adapter_evictions,
             waiting_for_adapter=engine.num_waiting_for_adapter,
+            host_bytes=self.registry.host_bytes, host_budget=self.registry.limits.max_host_bytes,
+            slot_bytes=engine.adapter_slot_bytes, slot_budget=engine.adapter_slot_budget,
         )

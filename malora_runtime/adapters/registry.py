@@ -16,13 +16,15 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..kernels.packed import pack_adapter
 from . import load_adapter
 from .convert import PEFT_CONFIG
-from .errors import AdapterError, AdapterNotFoundError, UnknownAdapterError
+from .errors import AdapterError, AdapterMemoryError, AdapterNotFoundError, UnknownAdapterError
 from .format import CONFIG_FILE, MaloraAdapter
 from .io import ModuleShapes
 from .unloaded import UnloadedRecord
@@ -57,7 +59,8 @@ class AdapterLimits:
     max_rank: int = 256
     max_subspace_rank: int = 1024
     max_host_bytes: int = 4 << 30
-    """Bytes of parsed adapters held in host memory (an LRU over them, like the count)."""
+    """Bytes of parsed adapters held in host memory and not in an engine slot (an LRU over them, like the
+    count); adapters in slots have their own budget (the engine's `adapter_bank_memory`)."""
 
     def check(self, adapter: MaloraAdapter, source: Path) -> None:
         for kind, spec in adapter.config.modules.items():
@@ -142,6 +145,9 @@ class AdapterRegistry:
         self._unloaded_record = unloaded_record
         self._unloaded: set[str] = unloaded_record.read() if unloaded_record is not None else set()
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()
+        # Whether an entry's adapter is in an engine slot (set by the manager): such entries count against the
+        # slots' memory budget, not the host one, and evicting them here would free nothing.
+        self.slot_versions: Callable[[], dict[str, int]] = dict  # name -> version in a slot now
         self._issued: dict[str, weakref.WeakSet[HostAdapter]] = {}  # every version read, while someone holds it
         self._versions: dict[str, int] = {}
         self.counters = RegistryCounters()
@@ -278,7 +284,8 @@ class AdapterRegistry:
             raise AdapterNotFoundError(f"{path}: adapter directory cannot be listed ({exc.strerror})") from None
         if size > self.max_adapter_bytes:
             raise AdapterTooLargeError(f"{path}: {size} bytes exceeds the cap of {self.max_adapter_bytes}")
-        adapter = load_adapter(path, self.module_shapes, max_bytes=self.max_adapter_bytes)
+        # Packed once, here, in the layout the kernels read: on the CPU a slot then reads it in place.
+        adapter = pack_adapter(load_adapter(path, self.module_shapes, max_bytes=self.max_adapter_bytes))
         self.limits.check(adapter, path)
         return adapter
 
@@ -341,6 +348,7 @@ class AdapterRegistry:
         if not new_version and name in self._unloaded:
             raise UnknownAdapterError(f"adapter {name!r} was unloaded")
         # Commit only after a successful read: a bad reload leaves the old version serving.
+        self._make_room(name, adapter)
         version = self._versions.get(name)
         is_reload = new_version and (name in self._paths or name in self._host)
         if version is None or new_version:
@@ -365,18 +373,43 @@ class AdapterRegistry:
         self._failed_reads = {n: f for n, f in self._failed_reads.items() if f[1] > now}  # drop expired ones
         self._failed_reads[name] = (path, now + self.failed_read_ttl, error)
 
+    def _outside_slots(self) -> list[HostAdapter]:
+        """Host entries whose version is not in an engine slot, least recently used first."""
+        in_slots = self.slot_versions()
+        return [e for e in self._host.values() if in_slots.get(e.name) != e.version]
+
     @property
     def host_bytes(self) -> int:
-        """Bytes of the parsed adapters held in host memory."""
-        return sum(entry.num_bytes for entry in self._host.values())
+        """Bytes of the parsed adapters held in host memory and not in an engine slot."""
+        return sum(entry.num_bytes for entry in self._outside_slots())
+
+    @property
+    def host_count(self) -> int:
+        """Adapters held in host memory and not in an engine slot."""
+        return len(self._outside_slots())
+
+    def _make_room(self, name: str, adapter: MaloraAdapter) -> None:
+        """Evict least recently used adapters (not pinned, not in a slot) until `adapter` fits the host tier's
+        count and bytes; AdapterMemoryError, with nothing evicted, when pinned adapters leave it no room."""
+        kept = [e for e in self._outside_slots() if e.name != name]
+        pinned = [e for e in kept if e.name in self._pinned]
+        pinned_bytes = sum(e.num_bytes for e in pinned)
+        if pinned_bytes + adapter.num_bytes() > self.limits.max_host_bytes or len(pinned) + 1 > self.max_cpu_adapters:
+            raise AdapterMemoryError(
+                f"adapter {name!r} ({adapter.num_bytes() / 2**20:.1f} MiB) does not fit host memory for adapters: "
+                f"{len(pinned)} pinned adapters hold {pinned_bytes / 2**20:.0f} MiB of the "
+                f"{self.limits.max_host_bytes / 2**20:.0f} MiB (--max-cpu-adapter-bytes) and --max-cpu-adapters "
+                f"{self.max_cpu_adapters}")
+        count, total = len(kept), sum(e.num_bytes for e in kept)
+        for victim in [e for e in kept if e.name not in self._pinned]:  # least recently used first
+            if count + 1 <= self.max_cpu_adapters and total + adapter.num_bytes() <= self.limits.max_host_bytes:
+                break
+            del self._host[victim.name]
+            self.counters.host_evictions += 1
+            count, total = count - 1, total - victim.num_bytes
+            log.info("adapter %s v%d left host memory (least recently used)", victim.name, victim.version)
 
     def _remember(self, entry: HostAdapter) -> None:
-        """Keep `entry`, evicting the least recently used unpinned adapters past the count or the byte budget."""
+        """Keep `entry` as the most recently used (`_make_room` made room for it)."""
         self._host[entry.name] = entry
         self._host.move_to_end(entry.name)
-        while len(self._host) > self.max_cpu_adapters or self.host_bytes > self.limits.max_host_bytes:
-            victim = next((n for n in self._host if n not in self._pinned and n != entry.name), None)
-            if victim is None:
-                break
-            del self._host[victim]
-            self.counters.host_evictions += 1

@@ -39,6 +39,7 @@ from torch import nn
 from ..adapters.format import ModuleSpec, ModuleWeights
 from ..kernels.cpu import add_malora_delta_cpu
 from ..kernels.native import add_malora_delta_native, native_kernel
+from ..kernels.packed import PackedModule
 from ..kernels.slot_bank import SlotBank
 from ..kernels.token_slots import TokenSlots
 from ..models.packed_linear import PackedLinear, onednn_linear_available
@@ -79,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rotate weight sets (and inputs) of at least this many MiB, so figures are not "
                              "measured out of the cache")
     parser.add_argument("--json", metavar="FILE", help="write every figure (seconds per call) here")
+    parser.add_argument("--weight-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="dtype the adapters' weights are stored and read in (x and y stay float32)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda: the Triton kernel against naive and base, on the GPU")
 
@@ -96,16 +99,18 @@ class WeightSet:
     packed: nn.Linear | None  # the same weight as a PackedLinear, when oneDNN is available
 
 
-def make_set(adapters: int, d_out: int, gen: torch.Generator, device: str = "cpu") -> WeightSet:
+def make_set(adapters: int, d_out: int, gen: torch.Generator, device: str = "cpu",
+             weight_dtype: torch.dtype = torch.float32) -> WeightSet:
     n = SPEC.num_experts
-    bank = SlotBank.allocate(adapters, D_IN, d_out, SPEC.d, SPEC.r, n, torch.float32, device)
+    # Packed adapters in weight_dtype: on the CPU the bank reads them in place, on a GPU it copies them there.
+    bank = SlotBank(D_IN, d_out, adapters, torch.device(device), None if device == "cpu" else weight_dtype)
     naive = []
     for slot in range(adapters):
         w = ModuleWeights(SPEC, S=torch.randn(SPEC.d, D_IN, generator=gen) / D_IN**0.5,
                           G=torch.randn(n, D_IN, generator=gen) / D_IN**0.5,
                           P=torch.randn(n, SPEC.r, SPEC.d, generator=gen) / SPEC.d**0.5,
                           B=torch.randn(n, d_out, SPEC.r, generator=gen) / SPEC.r**0.5)
-        bank.set_slot(slot, w)
+        bank.set_slot(slot, PackedModule.from_weights(w, weight_dtype).weights(SPEC))
         naive.append((w.G.to(device), [(w.P[t] @ w.S).to(device) for t in range(n)],
                       [w.B[t].to(device, copy=True) for t in range(n)]))
     base = (torch.randn(d_out, D_IN, generator=gen) / D_IN**0.5).to(device)
@@ -219,9 +224,10 @@ def _calls(device: str, y: torch.Tensor, pick: Callable[[int], tuple[torch.Tenso
 def measure(args: argparse.Namespace, d_out: int, token_counts: list[int]) -> dict[str, dict[int, float]]:
     device, sync = args.device, _sync_for(args.device)
     gen = torch.Generator().manual_seed(0)
-    probe = make_set(args.adapters, d_out, gen, device)
-    set_bytes = sum(t.numel() * 4 for t in (probe.bank.S, probe.bank.G, probe.bank.P, probe.bank.B))
-    sets = [probe] + [make_set(args.adapters, d_out, gen, device)
+    weight_dtype = getattr(torch, args.weight_dtype)
+    probe = make_set(args.adapters, d_out, gen, device, weight_dtype)
+    set_bytes = sum(m.num_bytes for m in probe.bank.modules if m is not None)
+    sets = [probe] + [make_set(args.adapters, d_out, gen, device, weight_dtype)
                       for _ in range(max(3, (args.rotate_mib << 20) // set_bytes))]
     figures: dict[str, dict[int, float]] = {path: {} for path in (CUDA_PATHS if device == "cuda" else PATHS)}
     shuffle = random.Random(0)

@@ -6,7 +6,8 @@ One process, one run, the default model in float32, 64 prompt + 64 output tokens
   a   transformers + PEFT mixed-adapter generate (adapter_names), 8 LoRA adapters r=16 on q/k/v/o
   b   this engine, the same 8 adapters converted to MALoRA
   c   this engine, no adapter
-  d   this engine, 32 distinct MALoRA adapters (N=4, top_k=2, r=8, d=16 on q/k/v/o), one request each
+  d   this engine, 32 distinct MALoRA adapters (N=4, top_k=2, r=8, d=16 on q/k/v/o), one request each;
+      `--mixed-shapes`: cycling through four different shapes (`bench/adapter_shapes.py`) instead
 `--device cuda` runs all of them on the GPU (the engine's adapters through the Triton kernel).
 """
 
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .adapter_shapes import MIXED_SHAPES, OFFLINE_SHAPE
+
 log = logging.getLogger(__name__)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -35,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--skip", default="", help="comma-separated keys to skip (a0,a,b,c,d)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
+    parser.add_argument("--mixed-shapes", action="store_true", help="d: adapters of four different shapes")
+    parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="d: the adapters' dtype (`malora adapter init` writes float16)")
 
 
 def _prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -133,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
             results["a"] = _hf_generate(peft_model, prompts, n_new, warmup, adapter_names=names)
             log.info("a  transformers + PEFT mixed adapters: %.1f tok/s", results["a"])
             del peft_model
-        engine = LLMEngine(model, tokenizer, EngineConfig(device=args.device), source.name)
+        engine = LLMEngine(model, tokenizer, EngineConfig(device=args.device, max_loaded_adapters=max(32, args.batch)),
+                           source.name)
         shapes = linear_shapes(model)
         for i, path in enumerate(lora_dirs):
             engine.add_adapter(f"lora{i}", load_adapter(path, shapes))
@@ -147,9 +154,11 @@ def run(args: argparse.Namespace) -> int:
         if "d" not in skip:
             for i in range(8):
                 engine.remove_adapter(f"lora{i}")
+            kinds = list(MIXED_SHAPES.values()) if args.mixed_shapes else [OFFLINE_SHAPE]
             for i in range(args.batch):
-                engine.add_adapter(f"m{i}", random_adapter(shapes, source.name, TARGETS, 4, 8, 16, 2, seed=i,
-                                                           dtype="float32"))
+                targets, n, r, d, k = kinds[i % len(kinds)]
+                engine.add_adapter(f"m{i}", random_adapter(shapes, source.name, targets, n, r, d, k, seed=i,
+                                                           dtype=args.adapter_dtype))
             results["d"] = _engine_run(engine, prompts, [f"m{i}" for i in range(args.batch)], n_new, warmup)
             log.info("d  engine, %d distinct MALoRA adapters: %.1f tok/s", args.batch, results["d"])
     ratios = {}

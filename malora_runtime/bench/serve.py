@@ -122,14 +122,14 @@ def measure(args: argparse.Namespace, target: LoadTarget, model: str, title: str
     return summarize(results), results
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start(cmd: list[str], ready_path: str, log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+def start_server(cmd: list[str], ready_path: str, log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with log_path.open("w") as out:
         process = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT,
@@ -148,7 +148,7 @@ def _start(cmd: list[str], ready_path: str, log_path: Path, env: dict[str, str])
     raise RuntimeError(f"{cmd[0]} not ready after 600 s; see {log_path}")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_server(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(30)
@@ -171,12 +171,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix="malora-bench-serve-"))
     report: dict[str, Any] = {"model": model_dir, "logs": str(logs)}
     for name, (cmd, ready, env) in servers.items():
-        process, url = _start(cmd, ready, logs / f"{name}.log", env)
+        process, url = start_server(cmd, ready, logs / f"{name}.log", env)
         try:
             target = LoadTarget(url, extra={"temperature": args.temperature})
             summary, _ = measure(args, target, base_model_of(url, None), name)
         finally:
-            _stop(process)
+            stop_server(process)
         _out(format_summary(summary, f"== {name} ({' '.join(cmd[:3])} ...)"))
         report[name] = summary.to_dict()
     ours, theirs = report["malora"], report["transformers"]

@@ -3,11 +3,13 @@
 Each slot holds one adapter version. A name points at its current slot; requests take a reference
 on the slot they start with, so a reload (the new version goes to another slot) or an unload never
 changes weights under a running request: the old slot is cleared when its last request ends.
-When every slot is taken, the least recently used one with no request and no pin is evicted.
+When every slot is taken, or the adapters in slots would pass their memory budget, the least
+recently used slot with no request and no pin is evicted.
 
-Banks are sized by what is loaded: an adapter with a larger d, r or N (or a module no resident
-adapter targeted before) re-allocates the affected banks, copying the old slots over. All of this
-runs on the engine thread, between steps.
+A slot costs nothing until an adapter is in it: a module's bank holds a table row per slot and a
+reference to each active adapter's packed module (`kernels.packed`). On the CPU the kernels read that
+module where the host tier holds it, so activation copies no weights; on a GPU each bank copies the
+module to the device. All of this runs on the engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters.format import MaloraAdapter, ModuleWeights
+from ..adapters.format import MaloraAdapter
 from ..context import StepContext
+from ..kernels.packed import pack_adapter
 from ..kernels.slot_bank import SlotBank
 from ..kernels.token_slots import NO_SLOT
 from ..layers import MaloraLinear
@@ -42,6 +45,8 @@ class SlotState:
     version: int
     adapter: MaloraAdapter
     cache_key: int  # unique per activation: the prefix-cache namespace of this slot's K/V
+    num_bytes: int  # of the adapter's packed weights
+    device_bytes: int = 0  # of the copies the banks made of them (a GPU); 0 where they are read in place
     pinned: bool = False
     refs: int = 0  # requests running on this slot
     retired: bool = False  # replaced or unloaded: cleared once `refs` reaches 0
@@ -58,7 +63,7 @@ class AdapterSlots:
     current: dict[str, int] = field(default_factory=dict)  # name -> slot of its newest version
     num_evictions: int = 0
     memory_budget: int | None = None
-    """Bytes the slot banks may grow to (`SlotBank.estimated_bytes`, the kernels' copies included)."""
+    """Bytes of adapters in slots at most (each counted once, at its packed size); LRU eviction keeps them within."""
 
     def __post_init__(self) -> None:
         param = next(self.model.parameters())
@@ -128,7 +133,7 @@ class AdapterSlots:
     def activate(
         self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False
     ) -> tuple[int, list[int]]:
-        """Copy `adapter` into a slot as `name`'s current version.
+        """Put `adapter` in a slot as `name`'s current version (packed first, unless the host tier packed it).
 
         Returns (slot, cache keys dropped): keys of activations evicted or retired here, whose
         cached K/V blocks must be forgotten.
@@ -137,47 +142,64 @@ class AdapterSlots:
         if state is not None and state.version == version:
             state.pinned = state.pinned or pinned
             return self.current[name], []
-        self._check_budget(name, adapter)
+        adapter = pack_adapter(adapter)
+        num_bytes = adapter.num_bytes()
+        dropped = self._make_room(name, num_bytes)
         slot = self.pick_slot()
-        dropped: list[int] = []
         evicted = self.slots[slot]
         if evicted is not None:
-            if self.current.get(evicted.name) == slot:
-                del self.current[evicted.name]
-                self.num_evictions += 1
-                log.info("evicted adapter %s from slot %d", evicted.name, slot)
-            dropped.append(self._empty_slot(slot))
-        self._write(slot, adapter)
+            dropped.append(self._evict(slot))
+        device_bytes = self._write(slot, adapter)
         previous = self.current.get(name)
-        self.slots[slot] = SlotState(name, version, adapter, next(self._activations), pinned=pinned)
+        self.slots[slot] = SlotState(name, version, adapter, next(self._activations), num_bytes, device_bytes,
+                                     pinned=pinned)
         self.current[name] = slot
         if previous is not None:
             dropped.extend(self._retire(previous))
-        log.info("adapter %s v%d active in slot %d (%d modules)", name, version, slot, len(adapter.modules))
+        log.info("adapter %s v%d active in slot %d (%d modules, %.1f MiB)", name, version, slot,
+                 len(adapter.modules), num_bytes / 2**20)
         return slot, dropped
 
-    def bank_bytes(self, adapter: MaloraAdapter | None = None) -> int:
-        """Estimated memory of every slot bank, after growing them for `adapter` when one is given."""
-        sizes: dict[str, tuple[int, int, int, int, int]] = {}  # path -> (d_in, d_out, d, r, N)
-        for path, layer in self.layers().items():
-            if layer.bank is not None:
-                sizes[path] = (layer.in_features, layer.out_features, *layer.bank.maxima)
-        for path, weights in (adapter.modules.items() if adapter is not None else ()):
-            d_in, d_out, d, r, n = sizes.get(path, (weights.d_in, weights.d_out, 0, 0, 0))
-            spec = weights.spec
-            sizes[path] = (d_in, d_out, max(d, spec.d), max(r, spec.r), max(n, spec.num_experts))
-        return sum(SlotBank.estimated_bytes(self.num_slots, *size, self.dtype, self.device) for size in sizes.values())
+    @property
+    def active_bytes(self) -> int:
+        """Bytes of the adapters in slots (packed size, each counted once; retired ones still running included).
+        Safe to read from another thread (a snapshot of the slot list)."""
+        return sum(state.num_bytes for state in list(self.slots) if state is not None)
 
-    def _check_budget(self, name: str, adapter: MaloraAdapter) -> None:
-        if self.memory_budget is None:
-            return
-        projected = self.bank_bytes(adapter)
-        if projected > self.memory_budget:
-            raise SlotMemoryError(
-                f"adapter {name!r} would grow the adapter slot banks to {projected / 2**20:.0f} MiB, past their "
-                f"budget of {self.memory_budget / 2**20:.0f} MiB (--adapter-bank-memory; every one of the "
-                f"{self.num_slots} slots of a module is sized for the largest d, r and N loaded there)",
-                param="model")
+    @property
+    def device_copy_bytes(self) -> int:
+        """Bytes the banks hold as copies of adapters in slots (on a GPU); 0 on the CPU, where they read in place."""
+        return sum(state.device_bytes for state in list(self.slots) if state is not None)
+
+    def _evict(self, slot: int) -> int:
+        """Empty an idle slot whose adapter is still current; returns its cache key."""
+        evicted = self.slots[slot]
+        assert evicted is not None
+        if self.current.get(evicted.name) == slot:
+            del self.current[evicted.name]
+            self.num_evictions += 1
+            log.info("evicted adapter %s from slot %d", evicted.name, slot)
+        return self._empty_slot(slot)
+
+    def _make_room(self, name: str, num_bytes: int) -> list[int]:
+        """Evict least recently used idle adapters until `num_bytes` more fit the memory budget."""
+        budget = self.memory_budget
+        if budget is None:
+            return []
+        if num_bytes > budget:
+            raise SlotMemoryError(f"adapter {name!r} needs {num_bytes / 2**20:.1f} MiB, more than the whole budget "
+                                  f"for adapters in slots ({budget / 2**20:.0f} MiB, --adapter-bank-memory)",
+                                  param="model")
+        dropped: list[int] = []
+        while self.active_bytes + num_bytes > budget:
+            idle = [(s.last_used, slot) for slot, s in enumerate(self.slots)
+                    if s is not None and s.refs == 0 and not s.pinned]
+            if not idle:  # a request waits for running ones to end, as for a free slot
+                raise NoFreeSlotError(
+                    f"adapter {name!r} ({num_bytes / 2**20:.1f} MiB) does not fit the budget for adapters in slots "
+                    f"({budget / 2**20:.0f} MiB, --adapter-bank-memory) until adapters in use there are released")
+            dropped.append(self._evict(min(idle)[1]))
+        return dropped
 
     def deactivate(self, name: str) -> list[int]:
         """Stop serving `name` to new requests; its slot is cleared once running requests end."""
@@ -245,7 +267,9 @@ class AdapterSlots:
         self.slots[slot] = None
         return state.cache_key
 
-    def _write(self, slot: int, adapter: MaloraAdapter) -> None:
+    def _write(self, slot: int, adapter: MaloraAdapter) -> int:
+        """Point every layer's slot at `adapter`'s modules; returns the bytes of the copies the banks made."""
+        copied = 0
         if not self.layers().keys() >= adapter.modules.keys():
             wrap_linears(self.model, adapter.modules, self.context)
             self._layers = None
@@ -255,37 +279,24 @@ class AdapterSlots:
                 if layer.bank is not None:
                     layer.bank.deactivate_slot(slot)
                 continue
-            weights = weights.to(self.device, self.dtype)
-            layer.bank = self._bank_that_fits(layer, weights)
+            if layer.bank is None:
+                # On a GPU the bank keeps device copies in the model's dtype; on the CPU it reads in place.
+                storage = None if self.device.type == "cpu" else self.dtype
+                layer.bank = SlotBank(layer.in_features, layer.out_features, self.num_slots, self.device, storage)
+            self._count_experts(layer.path, weights.spec.num_experts)
             layer.bank.set_slot(slot, weights)
+            if layer.bank.module(slot) is not weights.packed:
+                copied += layer.bank.module(slot).num_bytes
+        return copied
 
-    def _bank_that_fits(self, layer: MaloraLinear, weights: ModuleWeights) -> SlotBank:
-        bank = layer.bank
-        spec = weights.spec
-        if bank is not None and bank.fits(weights) is None:
-            return bank
-        d_max, r_max, n_max = bank.maxima if bank is not None else (0, 0, 0)
-        grown = SlotBank.allocate(
-            self.num_slots, layer.in_features, layer.out_features,
-            max(d_max, spec.d), max(r_max, spec.r), max(n_max, spec.num_experts), self.dtype, self.device,
-        )
-        if bank is not None:
-            _copy_bank(bank, grown)
-        # The kernels' routing counters (the torch CPU path records to the RoutingLog instead); allocated
-        # even while counting is off, so that turning it on later counts.
-        counts = torch.zeros(self.num_slots, grown.maxima[2], dtype=torch.int64, device=self.device)
-        old = self.routing.counts.get(layer.path)
+    def _count_experts(self, path: str, num_experts: int) -> None:
+        """The kernels' routing counters of a layer, [num_slots, N] for the most experts it has seen (the torch
+        CPU path records to the RoutingLog instead); allocated even while counting is off, so that turning it
+        on later counts."""
+        old = self.routing.counts.get(path)
+        if old is not None and old.shape[1] >= num_experts:
+            return
+        counts = torch.zeros(self.num_slots, num_experts, dtype=torch.int64, device=self.device)
         if old is not None:
             counts[:, :old.shape[1]] = old
-        self.routing.counts[layer.path] = counts
-        return grown
-
-
-def _copy_bank(old: SlotBank, new: SlotBank) -> None:
-    d, r, n = old.maxima
-    new.S[:, :d].copy_(old.S)
-    new.G[:, :n].copy_(old.G)
-    new.router_bias[:, :n].copy_(old.router_bias)
-    new.P[:, :n, :r, :d].copy_(old.P)
-    new.B[:, :n, :, :r].copy_(old.B)
-    new.infos = list(old.infos)
+        self.routing.counts[path] = counts

@@ -315,4 +315,6 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
             prefix_cache_hit_rate=bm.prefix_cache_hit_rate, prefix_cache_hits=bm.prefix_cache_hits,
             prefix_cache_queries=bm.prefix_cache_queries, num_adapter_evictions=self.runner.adapters.num_evictions,
+            adapter_slot_bytes=self.runner.adapters.active_bytes, adapter_slot_budget=self.config.adapter_bank_memory,
+            adapter_device_copy_bytes=self.runner.adapters.device_copy_bytes,
         )

@@ -46,6 +46,9 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up, cumulative
     num_adapter_evictions: int = 0  # idle adapters evicted from a slot for another, cumulative
     num_waiting_for_adapter: int = 0  # requests waiting for a free adapter slot now
+    adapter_slot_bytes: int = 0  # bytes of the adapters in slots, packed (the CPU reads them in host memory)
+    adapter_slot_budget: int | None = None  # the budget for those bytes (EngineConfig.adapter_bank_memory)
+    adapter_device_copy_bytes: int = 0  # bytes of device copies of adapters in slots (a GPU); 0 on the CPU
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,27 @@
 """The MALoRA delta on CPU in plain torch: batched products grouped by adapter, no loop over tokens.
 
+The fallback where the native kernel cannot be built, and the second opinion its tests compare with.
+
 Strategy. The adapter tokens of the step (`TokenSlots.order`, already grouped by slot) are laid out
-as a padded block per adapter, `[m, L, d_in]` (m segments, L the longest); every product is then one
-`bmm` over the m adapters, reading each adapter's weights once:
+as a padded block per adapter, `[m, L, d_in]` (m segments of adapters of one shape, L the longest);
+every product is then one `bmm` over the m adapters:
 
-  z      = bmm(x_pad, S^T)              [m, L, d]       the shared projection, once per token
-  logits = bias + bmm(x_pad, G^T)       [m, L, N]
-  w      = route(logits)  (stable sort; k, norm, temperature and scale per adapter) -> [m, L, k]
-  u      = bmm(z, P^T)                  [m, L, N r]     every expert: N r d is cheap
-  y      = embedding_bag(rows of the chosen experts' B^T, weights w u)   [m L, d_out]
-           a weighted sum of k r rows of one [slots N r, d_out] table per token: reads only the
-           chosen experts' B, copies nothing, and beat both a gather + bmm and a dense bmm over all
-           N experts (1.8x at T = 2048, 4x at T = 32 here)
+  [z | logits] = bmm(x_pad, [S; G]^T)   [m, L, d + N]   the shared projection and the router, one pass
+  w            = route(logits + bias)   (stable; k, norm, temperature and scale per adapter) -> [m, L, k]
+  u            = bmm(z, P^T)            [m, L, N r]     every expert: N r d is cheap
+  y            = embedding_bag(rows of the chosen experts' B^T, weights w u)   [m L, d_out]
+                 a weighted sum of k r rows of one [m N r, d_out] table per token: reads only the
+                 chosen experts' B (1.8x faster than a gather + bmm at T = 2048, 4x at T = 32 here)
 
-Decode (one token per adapter) is the case L = 1: the same few ops over all adapters at once, with
-[S; G] x as a GEMV over each adapter's rows. Segments of very different lengths are split into
-groups of similar length (`plan_groups`) so a long prefill segment does not pad many short decode
-segments. A long segment (a prefill) is a group of its own: its [S; G] x and P z are then 2-D
-products through oneDNN (2x faster than the batched ones here), and when its tokens are consecutive
-rows of the batch, x and y are sliced instead of gathered and scattered. Weights are viewed, not
-copied, when a group's slots are a contiguous range; products are sliced to the group's real maxima
-of d, r, N. Python-side work is done once, not per module call:
-a group's constants (`group_constants`) are cached on the bank until its next slot write, and the
-plan (groups and their token layout) once per step for each set of active slots. Half-precision
-inputs are computed in float32.
+The weights are each adapter's packed module (`kernels.packed`), where it lies: a group of one adapter
+reads it in place; a group of several stacks their modules for the step (a copy of the active adapters'
+weights per module and step: the price of a fallback that keeps no padded bank in memory). Groups hold
+adapters of one shape (d, r, N, dtype) and segments of similar length (`plan_groups`), so a long prefill
+segment does not pad many short decode segments; a long segment is a group of its own whose products are
+2-D, and when its tokens are consecutive rows of the batch, x and y are sliced instead of gathered.
+Python-side work is done once, not per module call: a group's constants (`group_constants`) are cached
+on the bank until its next slot write, and the plan once per step for each set of active slots and shapes.
+Half-precision inputs and weights are computed in float32.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .onednn import onednn_linear_available
 from .routing_log import RoutingLog
 from .slot_bank import SlotBank
 from .token_slots import TokenSlots
@@ -80,27 +77,26 @@ class SegmentGroup:
 class GroupConstants:
     """What a group's slots imply for the kernel, cached on the bank until its next slot write."""
 
-    d: int  # the group's largest d, r, N and top_k
+    d: int  # the group's d, r and N (equal for every slot of a group) and largest top_k
     r: int
     n: int
     k_max: int
     temperatures: torch.Tensor | None  # [m, 1, 1]; None when every router temperature is 1
     k_mask: torch.Tensor | None  # [m, 1, k_max] bool, j < the slot's top_k; None when all equal k_max
     softmax_first: torch.Tensor | bool  # [m, 1, 1] bool when mixed, else the common value
-    first_rows: torch.Tensor  # [m, 1, 1, r]: each slot's first row in the flattened B^T table, + 0..r-1
+    row_offsets: torch.Tensor  # [m, 1, 1, r]: each slot's first row in the group's B^T table, + 0..r-1
+    scales: torch.Tensor  # [m, 1] float32: each slot's alpha / r
 
 
 def group_constants(bank: SlotBank, slots: tuple[int, ...], device: torch.device) -> GroupConstants:
     def compute() -> GroupConstants:
         infos = [bank.infos[s] for s in slots]
         m = len(slots)
-        d, r, n = (max(getattr(info, f) for info in infos) for f in ("d", "r", "num_experts"))
+        d, r, n = infos[0].d, infos[0].r, infos[0].num_experts
         k_max = max(info.top_k for info in infos)
         temps = [info.router_temperature for info in infos]
         ks = [info.top_k for info in infos]
         firsts = [info.softmax_first for info in infos]
-        _, r_max, n_max = bank.maxima
-        slot_ids = torch.tensor(slots, device=device).view(m, 1, 1, 1)
         return GroupConstants(
             d, r, n, k_max,
             temperatures=None if all(t == 1.0 for t in temps)
@@ -108,29 +104,40 @@ def group_constants(bank: SlotBank, slots: tuple[int, ...], device: torch.device
             k_mask=None if all(k == k_max for k in ks)
             else torch.arange(k_max, device=device) < torch.tensor(ks, device=device).view(m, 1, 1),
             softmax_first=firsts[0] if len(set(firsts)) == 1 else torch.tensor(firsts, device=device).view(m, 1, 1),
-            first_rows=slot_ids * (n_max * r_max) + torch.arange(r, device=device),
+            row_offsets=(torch.arange(m, device=device) * (n * r)).view(m, 1, 1, 1) + torch.arange(r, device=device),
+            scales=torch.tensor([info.scale for info in infos], dtype=torch.float32, device=device).view(m, 1),
         )
 
     return bank.derived(("group", slots, str(device)), compute)
 
 
+def _shape(bank: SlotBank, slot: int) -> tuple:
+    info = bank.infos[slot]
+    return info.d, info.r, info.num_experts, info.dtype
+
+
 def plan_groups(
     segments: list[tuple[int, int, int]], bank: SlotBank, segment_rows: list[int | None] | None = None
 ) -> list[SegmentGroup]:
-    """Split the active segments into groups of similar length; inactive slots are dropped. A long
-    segment is a group of its own; `segment_rows` (see `TokenSlots`) lets one-segment groups slice."""
+    """Split the active segments into groups of one adapter shape and similar length; inactive slots are
+    dropped. A long segment is a group of its own; `segment_rows` (see `TokenSlots`) lets one-segment
+    groups slice."""
     rows = dict(zip(segments, segment_rows)) if segment_rows else {}
-    active = [seg for seg in segments if bank.infos[seg[0]] is not None]
-    active.sort(key=lambda seg: seg[2] - seg[1], reverse=True)
+    by_shape: dict[tuple, list[tuple[int, int, int]]] = {}
+    for seg in segments:
+        if bank.infos[seg[0]] is not None:
+            by_shape.setdefault(_shape(bank, seg[0]), []).append(seg)
     grouped: list[list[tuple[int, int, int]]] = []
-    width = 0
-    for seg in active:
-        length = seg[2] - seg[1]
-        if grouped and length < LONG_SEGMENT and (2 * length >= width or width - length <= PAD_SLACK):
-            grouped[-1].append(seg)
-        else:
-            grouped.append([seg])
-            width = length
+    for active in by_shape.values():
+        active.sort(key=lambda seg: seg[2] - seg[1], reverse=True)
+        width, first = 0, len(grouped)
+        for seg in active:
+            length = seg[2] - seg[1]
+            if len(grouped) > first and length < LONG_SEGMENT and (2 * length >= width or width - length <= PAD_SLACK):
+                grouped[-1].append(seg)
+            else:
+                grouped.append([seg])
+                width = length
     groups = []
     for members in grouped:
         members.sort()
@@ -138,22 +145,6 @@ def plan_groups(
                                    [b - a for _, a, b in members],
                                    first_row=rows.get(members[0]) if len(members) == 1 else None))
     return groups
-
-
-def _times_transposed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T for 2-D float32 CPU tensors through oneDNN (b's rows contiguous; no packing, so b may
-    be a view of the bank), else torch's matmul."""
-    if a.device.type == "cpu" and onednn_linear_available():
-        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), None, "none", [], "")
-    return a @ b.T
-
-
-def _slot_view(tensor: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
-    """tensor[slots] as a view when the slots are a contiguous range, else a gathered copy."""
-    lo, hi = slots[0], slots[-1] + 1
-    if hi - lo == len(slots):
-        return tensor[lo:hi]
-    return tensor[torch.tensor(slots, device=tensor.device)]
 
 
 def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +201,19 @@ def _route(
     return chosen, torch.where(consts.softmax_first, full, renormalised), kmask
 
 
+def _group_weights(bank: SlotBank, slots: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """([S; G]^T [m, d_in, d + N], P^T [m, d, N r], bias [m, N], B^T table [m N r, d_out]) in float32: one
+    adapter's own tensors (viewed; converted when half precision), several stacked for this step."""
+    modules = [bank.module(s) for s in slots]
+    f32 = torch.float32
+    if len(modules) == 1:
+        one = modules[0]
+        return (one.sgt.unsqueeze(0).to(f32), one.pt.unsqueeze(0).to(f32), one.bias.unsqueeze(0).to(f32),
+                one.bt.to(f32))
+    return (torch.stack([m.sgt for m in modules]).to(f32), torch.stack([m.pt for m in modules]).to(f32),
+            torch.stack([m.bias for m in modules]).to(f32), torch.cat([m.bt for m in modules]).to(f32))
+
+
 def _run_group(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -230,38 +234,25 @@ def _run_group(
         tokens, valid = group.token_layout(order)
         xp = x.index_select(0, tokens.view(-1)).view(m, width, -1).to(f32)
 
-    d_max = bank.maxima[0]
-    SG = _slot_view(bank.stacked_sg(), group.slots)[:, :d_max + n].to(f32)  # rows d..d_max are zero padding
-    bias = _slot_view(bank.router_bias, group.slots)[:, :n].to(f32)
-    # [S; G] x in one pass over x, [m, L, d_max + n]; at decode (L = 1) as [S; G] rows times x, the
-    # weight-streaming (GEMV) form, 1.6x faster here.
-    if width == 1:
-        zl = torch.bmm(SG, xp.transpose(1, 2)).transpose(1, 2)
-    elif m == 1 and width >= LONG_SEGMENT:
-        zl = _times_transposed(xp[0], SG[0]).unsqueeze(0)
-    else:
-        zl = torch.bmm(xp, SG.transpose(1, 2))
+    SGt, Pt, bias, Bt = _group_weights(bank, group.slots)
+    long_segment = m == 1 and width >= LONG_SEGMENT
+    # [S; G] x in one pass over x, [m, L, d + n]; a long segment as one 2-D product.
+    zl = torch.mm(xp[0], SGt[0]).unsqueeze(0) if long_segment else torch.bmm(xp, SGt)
     z = zl[..., :d]  # [m, L, d]
-    logits = zl[..., d_max:] + bias.unsqueeze(1)  # [m, L, n]
+    logits = zl[..., d:] + bias.unsqueeze(1)  # [m, L, n]
     chosen, weights, kmask = _route(logits, consts)
 
-    row_scale = _slot_view(bank.params().scale, group.slots).view(m, 1)  # float32
+    row_scale = consts.scales
     if valid is not None:
         row_scale = row_scale * valid
     weights = weights * row_scale.unsqueeze(-1)  # [m, L, k], the scale folded in
-    P = _slot_view(bank.P, group.slots)[:, :n, :r, :d].to(f32).reshape(m, n * r, d)
-    if m == 1 and width >= LONG_SEGMENT:
-        u = _times_transposed(z[0], P[0]).view(m, width, n, r)
-    else:
-        u = torch.bmm(z, P.transpose(1, 2)).view(m, width, n, r)
+    u = (torch.mm(z[0], Pt[0]).unsqueeze(0) if long_segment else torch.bmm(z, Pt)).view(m, width, n, r)
     # y = sum over the k chosen experts and r of (w u)[t, j, rho] * B_t^T[rho, :]: a weighted sum of
-    # rows of the [slots * N * r, d_out] table of B^T, which embedding_bag computes in one pass,
-    # reading only the chosen experts' rows (k r per token) and copying none of them.
-    Bt = bank.transposed_b()  # [num_slots, n_max, r_max, d_out] float32
-    r_max = Bt.shape[2]
+    # rows of the group's [m N r, d_out] table of B^T, which embedding_bag computes in one pass,
+    # reading only the chosen experts' rows (k r per token).
     coefficients = u.gather(2, chosen.unsqueeze(-1).expand(m, width, k_max, r)) * weights.unsqueeze(-1)
-    rows = (chosen * r_max).unsqueeze(-1) + consts.first_rows  # [m, L, k, r]
-    out = torch.nn.functional.embedding_bag(rows.view(m * width, k_max * r), Bt.view(-1, Bt.shape[-1]),
+    rows = (chosen * r).unsqueeze(-1) + consts.row_offsets  # [m, L, k, r]
+    out = torch.nn.functional.embedding_bag(rows.view(m * width, k_max * r), Bt,
                                             per_sample_weights=coefficients.view(m * width, k_max * r),
                                             mode="sum")  # [m L, d_out]
     if group.first_row is not None:
@@ -300,10 +291,10 @@ def add_malora_delta_cpu(
     y [T, d_out] (updated in place), x [T, d_in]; expert_counts [num_slots, n_max] int64 gets +1
     for every (token, chosen expert). Tokens without a slot, or of an inactive slot, are untouched.
     """
-    active = bank.active_slots
-    groups = token_slots.plans.get(active)
-    if groups is None:  # the first module of the step with this set of active slots
-        groups = token_slots.plans[active] = plan_groups(token_slots.segments, bank, token_slots.segment_rows)
+    key = ("cpu", bank.derived("shapes", lambda: tuple((s, _shape(bank, s)) for s in bank.active_slots)))
+    groups = token_slots.plans.get(key)
+    if groups is None:  # the first module of the step with these active slots and shapes
+        groups = token_slots.plans[key] = plan_groups(token_slots.segments, bank, token_slots.segment_rows)
     for group in groups:
         _run_group(y, x, bank, token_slots.order, group, expert_counts)
 

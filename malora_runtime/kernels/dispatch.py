@@ -95,13 +95,15 @@ def add_malora_delta_reference(
         info = bank.infos[slot]
         if info is None:
             continue
-        d, r, n = info.d, info.r, info.num_experts
+        n = info.num_experts
         rows = token_slots.order[start:end]
         xs = x[rows].double()
-        dt = xs.dtype
-        S, G = bank.S[slot, :d].to(dt), bank.G[slot, :n].to(dt)
-        P, B = bank.P[slot, :n, :r, :d].to(dt), bank.B[slot, :n, :, :r].to(dt)
-        bias = bank.router_bias[slot, :n].to(dt)
+        module = bank.module(slot)
+        sgt, dt = module.sgt.to(xs.dtype), xs.dtype
+        S, G = sgt[:, :info.d].T, sgt[:, info.d:].T
+        P = module.pt.to(dt).view(info.d, n, info.r).permute(1, 2, 0)
+        B = module.bt.to(dt).view(n, info.r, bank.d_out).transpose(1, 2)
+        bias = module.bias.to(dt)
         norm = "softmax_topk" if info.softmax_first else "topk_softmax"
         delta = malora_delta_reference(xs, S, G, P, B, info.scale, info.top_k, bias, norm, info.router_temperature)
         y.index_add_(0, rows, delta.to(y.dtype))

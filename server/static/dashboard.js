@@ -85,6 +85,17 @@ function renderTables(summary) {
   });
 }
 
+function mib(bytes) {
+  return bytes === null || bytes === undefined ? "–" : (bytes / 1048576).toFixed(1);
+}
+
+// Bytes held by adapters: in slots (read in place on a CPU) and in host memory outside slots, with budgets.
+function renderAdapterMemory(memory) {
+  document.getElementById("adapter-memory").textContent = `${mib(memory.device)} / ${mib(memory.cpu)}`;
+  document.getElementById("adapter-memory-unit").textContent =
+    `MiB in slots / in host memory (budgets ${mib(memory.device_budget)} / ${mib(memory.cpu_budget)})`;
+}
+
 function render(summary) {
   document.getElementById("model").textContent = summary.model || "no model";
   document.getElementById("throughput").textContent = fmt(summary.throughput_tokens_per_second, 1);
@@ -93,6 +104,7 @@ function render(summary) {
   document.getElementById("queues").textContent = `${summary.running} / ${summary.waiting}`;
   document.getElementById("kv").textContent = `${summary.kv_blocks_used} / ${summary.kv_blocks_total}`;
   document.getElementById("preemptions").textContent = String(summary.preemptions);
+  renderAdapterMemory(summary.adapter_memory || {});
   push(history.throughput, summary.throughput_tokens_per_second);
   push(history.ttft50, summary.ttft_p50); push(history.ttft99, summary.ttft_p99);
   push(history.itl50, summary.itl_p50); push(history.itl99, summary.itl_p99);

@@ -141,6 +141,45 @@ def test_the_host_tier_keeps_within_its_byte_budget(root: Path) -> None:
         asyncio.run(tiny.fetch("alpha"))
 
 
+def test_adapters_in_slots_count_against_the_slots_not_the_host_tier(root: Path) -> None:
+    """An adapter version in an engine slot is held for the slot: the host tier neither counts nor evicts it
+    (evicting it would free nothing); it counts and evicts the others."""
+    registry = AdapterRegistry(SHAPES, [root], max_cpu_adapters=1)
+    alpha = asyncio.run(registry.fetch("alpha"))
+    registry.slot_versions = lambda: {"alpha": alpha.version}
+    asyncio.run(registry.fetch("beta"))
+    assert registry.host_names() == ["alpha", "beta"] and registry.host_count == 1
+    assert registry.host_bytes == registry.host_entry("beta").num_bytes
+    asyncio.run(registry.fetch("gamma"))  # evicts beta, the only one outside a slot
+    assert registry.host_names() == ["alpha", "gamma"] and registry.counters.host_evictions == 1
+
+
+def test_pinned_adapters_filling_the_host_tier_refuse_a_new_one_and_commit_nothing(root: Path) -> None:
+    from malora_runtime.adapters.registry import AdapterLimits
+
+    one = asyncio.run(AdapterRegistry(SHAPES, [root]).fetch("alpha")).num_bytes
+    registry = AdapterRegistry(SHAPES, [root], limits=AdapterLimits(max_host_bytes=2 * one))
+    for name in ("alpha", "beta"):
+        registry.pin(name)
+        asyncio.run(registry.fetch(name))
+    with pytest.raises(E.AdapterMemoryError, match="2 pinned adapters"):
+        asyncio.run(registry.fetch("gamma"))
+    assert registry.host_names() == ["alpha", "beta"] and registry.version("gamma") is None
+
+
+def test_adapters_are_held_packed_at_their_own_size(root: Path) -> None:
+    """The host tier holds each module once, packed in the layout the kernels read (its tensors are views)."""
+    from malora_runtime.kernels.packed import TAIL, PackedModule
+
+    entry = asyncio.run(AdapterRegistry(SHAPES, [root]).fetch("alpha"))
+    for weights in entry.adapter.modules.values():
+        assert isinstance(weights.packed, PackedModule)
+        assert weights.S.untyped_storage().data_ptr() == weights.packed.buffer.untyped_storage().data_ptr()
+    tensors = sum(t.numel() * t.element_size() for w in entry.adapter.modules.values() for t in w.tensors().values())
+    extra = sum((TAIL + w.spec.num_experts) * 4 for w in entry.adapter.modules.values())  # tail, zero bias
+    assert entry.num_bytes == tensors + extra
+
+
 def test_an_unload_is_remembered_across_a_restart_until_a_load(root: Path, tmp_path: Path) -> None:
     from malora_runtime.adapters.unloaded import UnloadedRecord
 

@@ -50,20 +50,13 @@ def make_weights(spec: ModuleSpec, d_in: int, d_out: int, gen: torch.Generator) 
     )
 
 
-def make_bank(weights: list[ModuleWeights | None], dtype: torch.dtype, extra: int = 1) -> SlotBank:
-    """A bank with one slot per entry (None: inactive slot), maxima `extra` above the largest sizes."""
+def make_bank(weights: list[ModuleWeights | None], dtype: torch.dtype) -> SlotBank:
+    """A bank with one slot per entry (None: inactive slot), each adapter packed in `dtype` on its own."""
     real = [w for w in weights if w is not None]
-    d_in, d_out = real[0].d_in, real[0].d_out
-    bank = SlotBank.allocate(
-        len(weights), d_in, d_out,
-        d_max=max(w.spec.d for w in real) + extra,
-        r_max=max(w.spec.r for w in real) + extra,
-        n_max=max(w.spec.num_experts for w in real) + extra,
-        dtype=dtype,
-    )
+    bank = SlotBank(real[0].d_in, real[0].d_out, len(weights))
     for slot, w in enumerate(weights):
         if w is not None:
-            bank.set_slot(slot, w)
+            bank.set_slot(slot, w.to(dtype=dtype))
     return bank
 
 
@@ -169,6 +162,22 @@ def make_case(seed: int) -> Callable[..., Case]:
         return Case(seed, dtype, x, slots, bank, TokenSlots.from_list(slots), expected, counts)
 
     return build
+
+
+def make_mixed_dtype_case(seed: int, num_tokens: int = 80) -> Case:
+    """A float32 batch over adapters stored in float32, bfloat16 and float16 in one bank (each read in its own
+    dtype, as the CPU tier holds it); the reference uses the same rounded weights, so float32's bound holds."""
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    stored = [make_weights(spec, 37, 45, gen).to(dtype=dtypes[i % 3]) for i, spec in enumerate(MIXED_SPECS)]
+    bank = SlotBank(37, 45, len(stored))
+    for slot, w in enumerate(stored):
+        bank.set_slot(slot, w)
+    slots = random_slots(gen, num_tokens, len(stored), none_fraction=0.1)
+    x = torch.randn(num_tokens, 37, generator=gen)
+    expected, counts = reference_batch(x, slots, [w.to(dtype=torch.float32) for w in stored], torch.float32,
+                                       bank.maxima[2])
+    return Case(seed, torch.float32, x, slots, bank, TokenSlots.from_list(slots), expected, counts)
 
 
 def out_of_place(add: Callable[..., None]) -> Callable[..., torch.Tensor]:

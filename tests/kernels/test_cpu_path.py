@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from malora_runtime.adapters.format import ModuleSpec
-from malora_runtime.kernels import cpu as cpu_kernels
 from malora_runtime.kernels import dispatch
 from malora_runtime.kernels.cpu import LONG_SEGMENT, malora_delta_cpu, plan_groups
 from malora_runtime.kernels.native import add_malora_delta_native
@@ -16,6 +15,7 @@ from tests.conftest import requires_native
 from tests.kernels.conftest import (
     MIXED_SPECS,
     make_bank,
+    make_mixed_dtype_case,
     make_ties,
     make_weights,
     out_of_place,
@@ -88,13 +88,9 @@ def test_skewed_segments_split_into_groups(make_case, delta):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-matmul"])
-def test_long_segments_run_on_their_own_rows(make_case, monkeypatch, dtype, onednn):
-    """Prefill-length segments are groups of their own: consecutive ones slice x and y (no gather),
-    an interleaved one is gathered; decode tokens and base tokens share the batch. Their 2-D
-    products go through oneDNN where torch has it, else through torch's matmul."""
-    if not onednn:
-        monkeypatch.setattr(cpu_kernels, "onednn_linear_available", lambda: False)
+def test_long_segments_run_on_their_own_rows(make_case, dtype):
+    """Prefill-length segments are groups of their own (2-D products): consecutive ones slice x and y (no
+    gather), an interleaved one is gathered; decode tokens and base tokens share the batch."""
     interleaved = [val for pair in zip([2] * LONG_SEGMENT, [4] * LONG_SEGMENT) for val in pair]
     slots = [1, NO_SLOT, 3] + [0] * (LONG_SEGMENT + 73) + [1] * LONG_SEGMENT + interleaved + [NO_SLOT, 3]
     specs = [MIXED_SPECS[i % len(MIXED_SPECS)] for i in range(5)]
@@ -144,17 +140,17 @@ def test_dispatch_rejects_unknown_backend(make_case, monkeypatch):
         dispatch.add_malora_delta(torch.zeros(1, case.bank.d_out), case.x, case.bank, case.token_slots)
 
 
-def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed, delta):
-    """The CPU path's [S; G] and B^T layouts are built on first use and then updated per slot by
-    set_slot / zero_slot, and its cached per-group constants and per-step plans are dropped: after a
-    swap and a clear the delta (same TokenSlots object) must follow the new weights."""
+def test_slot_writes_after_first_use_reach_the_kernels(seed, delta):
+    """A slot write (set_slot / deactivate_slot) after a first call drops the cached per-group constants,
+    per-step plans and slot tables: after a swap and a clear the delta (same TokenSlots object) must
+    follow the new weights."""
     gen = torch.Generator().manual_seed(seed)
     specs = MIXED_SPECS[:3]
     weights = [make_weights(spec, 37, 45, gen) for spec in specs]
     bank = make_bank(weights, torch.float32)
     slots = random_slots(gen, 40, len(specs), none_fraction=0.1)
     x, token_slots = torch.randn(40, 37, generator=gen), TokenSlots.from_list(slots)
-    delta(x, bank, token_slots)  # builds the layouts
+    delta(x, bank, token_slots)  # builds the plans and constants
 
     # A new version in slot 0 with other routing (top_k, temperature, norm, bias): the group
     # constants and plans cached during the first call must not survive the write.
@@ -171,20 +167,27 @@ def test_slot_writes_after_first_use_reach_the_cpu_layouts(seed, delta):
 
     bank.set_slot(0, weights[0])
     check("a swap")
-    bank.zero_slot(2)
+    bank.deactivate_slot(2)
     weights[2] = None
     out = check("a clear")
     assert (out[torch.tensor([s == 2 for s in slots])] == 0).all()
 
 
-def test_layouts_built_in_inference_mode_accept_later_slot_writes(make_case, delta):
+def test_tables_built_in_inference_mode_accept_later_slot_writes(make_case, delta):
     """The engine runs forwards under inference_mode and writes slots outside it."""
     case = make_case(MIXED_SPECS[:2], 9)
     with torch.inference_mode():
         delta(case.x, case.bank, case.token_slots)
-    case.bank.zero_slot(0)  # raised "Inplace update to inference tensor" when the layouts were inference tensors
+    case.bank.deactivate_slot(0)  # raised "Inplace update to inference tensor" when the layouts were inference tensors
     out = delta(case.x, case.bank, case.token_slots)
     assert (out[torch.tensor([s == 0 for s in case.slots])] == 0).all()
+
+
+def test_adapters_of_every_dtype_share_a_batch(seed, delta):
+    """float32, bfloat16 and float16 adapters in one bank, each read in its own dtype."""
+    case = make_mixed_dtype_case(seed)
+    out, counts = run_cpu(delta, case)
+    case.check(out, "mixed weight dtypes", counts)
 
 
 def test_released_slot_gets_no_delta(make_case, delta):

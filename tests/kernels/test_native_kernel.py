@@ -98,7 +98,7 @@ def test_tensors_off_the_cpu_are_refused_before_any_pointer_is_read(make_case, m
     meta_x = torch.empty(case.x.shape, device="meta")
     with pytest.raises(ValueError, match="runs on CPU tensors"):
         add_malora_delta_native(torch.zeros(8, case.bank.d_out), meta_x, case.bank, case.token_slots)
-    assert "native" not in case.bank._layouts  # nothing was built for it
+    assert "native" not in case.bank._derived  # nothing was built for it
     monkeypatch.setenv(dispatch.BACKEND_ENV, "native")
     with pytest.raises(ValueError, match="native runs on the CPU"):
         dispatch.choose_backend(meta_x)
@@ -129,32 +129,51 @@ def test_auto_uses_native_and_falls_back_to_torch(make_case, monkeypatch):
     case.check(y, "auto without native", counts)
 
 
-def test_a_grown_bank_gets_a_layout_of_its_own(seed):
-    """The engine grows a bank (larger d, r or N) by allocating a new one and copying the old slots
-    over: the new bank's layout must hold the old slots too."""
-    from malora_runtime.engine.adapter_slots import _copy_bank
+def test_slots_read_the_adapters_own_buffers(seed):
+    """A packed adapter is read where it lies: the bank holds no copy, and a change to the adapter's buffer
+    is what the next call computes with. Mixed shapes and dtypes share the bank with no padding."""
+    from malora_runtime.kernels.packed import PackedModule
     from malora_runtime.kernels.slot_bank import SlotBank
 
     gen = torch.Generator().manual_seed(seed)
-    small = [make_weights(spec, 30, 20, gen) for spec in MIXED_SPECS[:2]]
-    bank = make_bank([*small, None], torch.float32, extra=0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    weights = [PackedModule.from_weights(make_weights(spec, 30, 20, gen), dtype).weights(spec)
+               for spec, dtype in zip(WIDE_SPECS[:1] + MIXED_SPECS[:2], dtypes)]
+    bank = SlotBank(30, 20, 3)
+    for slot, w in enumerate(weights):
+        bank.set_slot(slot, w)
+        assert bank.module(slot) is w.packed
+    assert bank.copied_bytes() == 0
     token_slots = TokenSlots.from_list([0, 1, 2, 2, 1, 0])
     x = torch.randn(6, 30, generator=gen)
     before = malora_delta_native(x, bank, token_slots)
-    big = make_weights(WIDE_SPECS[0], 30, 20, gen)
-    grown = SlotBank.allocate(3, 30, 20, 70, 8, 12, torch.float32)
-    _copy_bank(bank, grown)
-    grown.set_slot(2, big)
-    after = malora_delta_native(x, grown, token_slots)
-    assert torch.equal(after[[0, 1, 4, 5]], before[[0, 1, 4, 5]]), f"seed {seed}"
-    expected, _ = reference_batch(x, token_slots.slots.tolist(), [*small, big], torch.float32, 12)
-    error = float((after.double() - expected).abs().max() / expected.abs().max())
-    assert error <= 1e-5, f"relative error {error:.3g} (seed {seed})"
+    for slot, w in enumerate(weights):
+        expected, _ = reference_batch(x, token_slots.slots.tolist(), [w if s == slot else None for s in range(3)],
+                                      w.S.dtype, 12)
+        rows = token_slots.slots == slot
+        error = float((before[rows].double() - expected[rows]).abs().max() / expected[rows].abs().max())
+        assert error <= 1e-5, f"slot {slot} ({w.S.dtype} weights, exact in float32): error {error:.3g} (seed {seed})"
+    weights[1].B.mul_(2)  # through the adapter's own tensors: the bank sees it
+    after = malora_delta_native(x, bank, token_slots)
+    rows = token_slots.slots == 1
+    assert torch.allclose(after[rows], 2 * before[rows], rtol=1e-3, atol=1e-6) and torch.equal(after[~rows],
+                                                                                           before[~rows])
 
 
-def test_bank_growth_and_new_slots_reach_the_native_layout(seed):
-    """The layout is built on first use and rewritten per slot: an adapter written after that (or a
-    slot cleared) must be what the next call computes with."""
+def test_reads_past_a_row_end_never_reach_the_output(make_case):
+    """The kernel reads whole vectors of 16 from each row's start, past the row's end (into the next part
+    of the buffer or its tail) and drops those columns: NaN there must change nothing."""
+    case = make_case(MIXED_SPECS, 50)
+    for slot in case.bank.active_slots:
+        module = case.bank.module(slot)
+        module.buffer[module.shape.offsets[4]:] = float("nan")
+    out, counts = run_native(case)
+    case.check(out, "native NaN tail", counts)
+
+
+def test_new_and_cleared_slots_reach_the_kernel(seed):
+    """The slot table is written per slot: an adapter written after a first call (or a slot cleared)
+    must be what the next call computes with."""
     gen = torch.Generator().manual_seed(seed)
     weights = [make_weights(spec, 30, 20, gen) for spec in MIXED_SPECS[:2]] + [None]
     bank = make_bank(weights, torch.float32)
@@ -165,7 +184,7 @@ def test_bank_growth_and_new_slots_reach_the_native_layout(seed):
     bank.set_slot(2, make_weights(MIXED_SPECS[0], 30, 20, gen))
     after = malora_delta_native(x, bank, token_slots)
     assert after[2:4].abs().sum() > 0 and torch.equal(after[[0, 1, 4]], before[[0, 1, 4]])
-    bank.zero_slot(0)
+    bank.deactivate_slot(0)
     assert not malora_delta_native(x, bank, token_slots)[0].any()
 
 

@@ -37,7 +37,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 D_IN = D_OUT = 576  # the default model's q_proj and o_proj
 
-# Bank maxima (d_max, r_max, n_max) the engine builds for adapters this project ships or benchmarks.
+# Largest (d, r, N) of the adapters in a bank, for adapters this project ships or benchmarks.
 SHAPES = {
     "examples": (16, 4, 4),  # examples/adapters (d 16 or 8, r 4, N 4 or 2): `make serve`
     "lora16": (16, 16, 1),  # a PEFT LoRA of rank 16, converted (N = 1): bench offline's b
@@ -94,13 +94,20 @@ def _arguments(config: Config) -> tuple[tuple, dict]:
     """(positional arguments, launch keywords) of `_malora_kernel` for `config`, as the launcher builds them."""
     import torch
 
+    from malora_runtime.adapters.format import ModuleSpec, ModuleWeights
     from malora_runtime.kernels import triton_malora as tm
     from malora_runtime.kernels.slot_bank import SlotBank
     from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots
 
     dtype = getattr(torch, config.dtype)
     maxima = SHAPES[config.shape]
-    bank = SlotBank.allocate(2, D_IN, D_OUT, *maxima, dtype)
+    d, r, n = maxima
+    spec = ModuleSpec(d=d, r=r, num_experts=n, top_k=min(2, n), alpha=float(r))
+    weights = ModuleWeights(spec, S=torch.zeros(d, D_IN), G=torch.zeros(n, D_IN), P=torch.zeros(n, r, d),
+                            B=torch.zeros(n, D_OUT, r))
+    bank = SlotBank(D_IN, D_OUT, 2, storage_dtype=dtype)  # as a GPU bank: every module in the model's dtype
+    for slot in range(2):
+        bank.set_slot(slot, weights)
     token_slots = TokenSlots.from_list([0, 1, NO_SLOT, 0])
     x = torch.zeros(4, D_IN, dtype=dtype)
     y = torch.zeros(4, D_OUT, dtype=dtype)

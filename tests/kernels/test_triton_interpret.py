@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from malora_runtime.adapters.format import ModuleSpec  # noqa: E402
 from malora_runtime.kernels.slot_bank import SlotBank  # noqa: E402
 from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots  # noqa: E402
-from tests.kernels.conftest import MIXED_SPECS, make_ties, release  # noqa: E402
+from tests.kernels.conftest import MIXED_SPECS, make_mixed_dtype_case, make_ties, release  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
 if DEVICE != "cpu":
@@ -45,10 +45,15 @@ def on_device(case) -> tuple[torch.Tensor, SlotBank, TokenSlots]:
     if DEVICE == "cpu":
         return case.x, case.bank, case.token_slots
     cpu = case.bank
-    bank = SlotBank.allocate(cpu.num_slots, cpu.d_in, cpu.d_out, *cpu.maxima, cpu.S.dtype, device=DEVICE)
-    for name in ("S", "G", "router_bias", "P", "B"):
-        getattr(bank, name).copy_(getattr(cpu, name))
-    bank.infos = list(cpu.infos)
+    bank = SlotBank(cpu.d_in, cpu.d_out, cpu.num_slots, torch.device(DEVICE), storage_dtype=case.dtype)
+    for slot in cpu.active_slots:  # a GPU bank: each active module copied there, in the model's dtype
+        module = cpu.module(slot)
+        info = cpu.infos[slot]
+        spec = ModuleSpec(d=info.d, r=info.r, num_experts=info.num_experts, top_k=info.top_k,
+                          alpha=info.scale * info.r, router_temperature=info.router_temperature,
+                          router_norm="softmax_topk" if info.softmax_first else "topk_softmax",
+                          router_bias=info.has_router_bias)
+        bank.set_slot(slot, module.weights(spec))
     return case.x.to(DEVICE), bank, TokenSlots.from_list(case.slots, DEVICE)
 
 
@@ -118,6 +123,15 @@ def test_mode_chooser_and_dispatch(make_case, monkeypatch):
         y = base.to(DEVICE, copy=True)
         dispatch.add_malora_delta(y, *on_device(case))
         case.check(y.cpu() - base, "dispatch triton")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a CPU bank reads each adapter in its own dtype; a GPU bank has one")
+@pytest.mark.parametrize("mode", MODES)
+def test_adapters_of_every_dtype_share_a_batch(seed, mode):
+    """One launch per weight dtype: each program reads only slots of its launch's dtype."""
+    case = make_mixed_dtype_case(seed)
+    out, counts = run_triton(case, mode)
+    case.check(out, f"triton {mode} mixed weight dtypes", counts)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -16,14 +16,16 @@ def metrics_server(default_model, tmp_path_factory):
     model, _, source = default_model
     shapes = linear_shapes(model)
     root = tmp_path_factory.mktemp("metrics-adapters")
-    args = []
+    args, files = [], []
     for name, targets, experts, seed in (("alpha", ["q_proj", "v_proj"], 4, 1), ("beta", ["o_proj"], 3, 2)):
         adapter = random_adapter(shapes, source.name, targets, experts, 4, 8, 2, seed, dtype="float32")
-        args.append(f"--adapter={name}={save_adapter(adapter, root / name)}")
+        directory = save_adapter(adapter, root / name)
+        args.append(f"--adapter={name}={directory}")
+        files.append(directory / "malora_model.safetensors")
     log = tmp_path_factory.mktemp("metrics-server") / "server.log"
     process, url = start_server(args + ["--log-level", "warning"], log, env={"MALORA_API_KEY": API_KEY})
     try:
         wait_ready(process, url, log)
-        yield LiveServer(url, process, log, source.name)
+        yield LiveServer(url, process, log, source.name, files)
     finally:
         stop_server(process)

@@ -37,6 +37,8 @@ def test_dashboard_renders_live_values(metrics_server, tmp_path) -> None:
     throughput = re.search(r'id="throughput">([^<]*)<', html).group(1)
     assert throughput not in ("", "–") and float(throughput) > 0
     assert re.search(r'id="queues">0 / 0<', html)
+    in_slots, in_host = re.search(r'id="adapter-memory">([\d.]+) / ([\d.]+)<', html).groups()
+    assert float(in_slots) > 0 and float(in_host) == 0  # alpha and beta are in slots
     for name in ("alpha", "beta"):
         assert f"<td>{name}</td>" in html
     assert re.search(r'class="heat"[^>]*title="expert 0: \d+ tokens"', html), "no routing heat map"

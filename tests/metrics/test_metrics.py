@@ -116,6 +116,19 @@ def test_gauges_return_to_zero_when_idle(metrics_server, traffic) -> None:
     assert value(s, "malora_adapter_tier", adapter="alpha", tier="device") == 1
 
 
+def test_adapter_memory_is_the_adapters_own_bytes(metrics_server, traffic) -> None:
+    """Both adapters sit in slots: the device tier holds their packed weights, within 2% of the safetensors
+    files' tensor bytes (the packing adds a 16-element tail and, without a router bias, N zeros per module),
+    and no more than its budget."""
+    s = scrape(metrics_server.url)
+    files = sum(path.stat().st_size for path in metrics_server.adapter_files)
+    held = value(s, "malora_adapter_memory_bytes", tier="device")
+    assert 0.98 * files <= held <= 1.02 * files, (held, files)
+    assert held <= value(s, "malora_adapter_memory_budget_bytes", tier="device")
+    assert value(s, "malora_adapter_memory_bytes", tier="cpu") == 0  # none outside a slot
+    assert value(s, "malora_adapter_device_copy_bytes") == 0  # read in place on the CPU
+
+
 def test_expert_routing_is_counted_per_adapter(metrics_server, traffic) -> None:
     time.sleep(1.1)
     s = scrape(metrics_server.url)

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,7 @@ class LiveServer:
     process: subprocess.Popen
     log: Path
     base_model: str
+    adapter_files: list[Path] = field(default_factory=list)  # weights files of the adapters it was started with
 
     def http(self, key: str | None = API_KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -60,7 +60,7 @@ def test_adapter_flags():
     assert parse_settings([], env={}).admin_key is None
 
 
-@pytest.mark.parametrize("argv", [["--max-cpu-adapters", "4"], ["--max-loaded-adapters", "2", "--pin", "a",
+@pytest.mark.parametrize("argv", [["--max-cpu-adapters", "0"], ["--max-loaded-adapters", "2", "--pin", "a",
                                                                  "--pin", "b"], ["--max-adapter-bytes", "0"]])
 def test_bad_adapter_flags_exit_2(argv):
     with pytest.raises(SystemExit):
