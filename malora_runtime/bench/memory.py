@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -134,6 +135,7 @@ def measure(args: argparse.Namespace) -> dict:
         seconds, succeeded = asyncio.run(_batch(url, names[:batch]))
     finally:
         stop_server(process)
+        shutil.rmtree(root, ignore_errors=True)  # the adapters (GBs with --count); the server log stays
     growth = after - before
     goal = GOAL_RATIO * adapter_bytes + GOAL_SLACK
     return {
