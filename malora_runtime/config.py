@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dtype_choice import choose_dtype
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -14,6 +16,8 @@ class EngineConfig:
     model: str | None = None
     """Base model: None for the default (SmolLM2-135M-Instruct), a HF directory or a .gguf file."""
     dtype: str = "float32"
+    """float32, bfloat16, float16, or auto (`dtype_choice.choose_dtype`: bfloat16 where the hardware has it),
+    resolved when the config is built."""
     device: str = "cpu"
     block_size: int = 16
     """Tokens per KV cache block."""
@@ -40,13 +44,18 @@ class EngineConfig:
     keep_freed_memory: bool = True
     """On CPU with glibc, serve large tensors from the heap and keep freed memory for reuse (no page
     faults on every prefill's fresh activations; 18% faster prefill; process-wide, see engine.allocator)."""
+    dtype_reason: str = ""
+    """Why `dtype` is what it is (set when the config is built; logged at start and shown by /version)."""
     pack_cpu_linears: bool = True
-    """On CPU in float32, run the base linears through oneDNN on pre-packed weights (2.2-2.7x faster
+    """On CPU in float32 or bfloat16, run the base linears through oneDNN on pre-packed weights (2.2-2.7x faster
     than torch's default matmul here; one more copy of the linear weights in memory)."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
+        if self.dtype == "auto" or not self.dtype_reason:
+            choice = choose_dtype(self.dtype, self.device)
+            self.dtype, self.dtype_reason = choice.name, choice.reason
         for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
                      "max_loaded_adapters"):
             if getattr(self, name) < 1:

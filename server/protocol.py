@@ -332,6 +332,8 @@ class StatusResponse(BaseModel):
 class VersionResponse(BaseModel):
     version: str
     model: str | None = None
+    dtype: str | None = Field(None, description="The dtype the engine serves in (`--dtype`, auto resolved).")
+    dtype_reason: str | None = Field(None, description="Why: the flag, or what `auto` detected.")
 
 
 class EngineStatsResponse(BaseModel):

@@ -163,7 +163,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         defaults.allow_unauthenticated, _bool, nargs="?", const=True)
     add("--public-metrics", "with --api-key, /metrics and /dashboard need no key", defaults.public_metrics, _bool,
         nargs="?", const=True)
-    add("--dtype", "model dtype", engine.dtype)
+    add("--dtype", "model dtype: auto (bfloat16 where the CPU or GPU computes it natively, else float32), "
+        "float32, bfloat16 or float16", "auto", choices=("auto", "float32", "bfloat16", "float16"))
     add("--device", "torch device", engine.device)
     add("--block-size", "tokens per KV cache block", engine.block_size, int)
     add("--kv-cache-memory", "bytes for the KV cache pool", engine.kv_cache_memory, int)

@@ -1,13 +1,15 @@
 """Offline throughput: this engine against transformers `generate` (with and without PEFT adapters).
 
-One process, one run, the default model in float32, 64 prompt + 64 output tokens per request
-(ignore_eos), batch 32. Output tokens per second of:
+One process, one run, the default model in float32 (`--dtype bfloat16`: every path in bfloat16,
+transformers and PEFT too), 64 prompt + 64 output tokens per request (ignore_eos), batch 32. Output tokens
+per second of:
   a0  transformers generate, base model, static batch of 32
   a   transformers + PEFT mixed-adapter generate (adapter_names), 8 LoRA adapters r=16 on q/k/v/o
   b   this engine, the same 8 adapters converted to MALoRA
   c   this engine, no adapter
   d   this engine, 32 distinct MALoRA adapters (N=4, top_k=2, r=8, d=16 on q/k/v/o), one request each;
       `--mixed-shapes`: cycling through four different shapes (`bench/adapter_shapes.py`) instead
+  c32 with --dtype bfloat16: this engine in float32, no adapter, in the same run (c / c32: what bfloat16 buys)
 `--device cuda` runs all of them on the GPU (the engine's adapters through the Triton kernel).
 """
 
@@ -39,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", default="", help="comma-separated keys to skip (a0,a,b,c,d)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
     parser.add_argument("--mixed-shapes", action="store_true", help="d: adapters of four different shapes")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the model's dtype for every path (bfloat16 adds c32, the engine in float32)")
     parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="d: the adapters' dtype (`malora adapter init` writes float16)")
 
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         log.error("--device cuda: torch sees no GPU here")
         return 1
-    model, tokenizer, source = load_model(None, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer, source = load_model(None, dtype=dtype, device=args.device)
     prompts = _prompts(tokenizer, args.batch, args.prompt_tokens)
     warmup = _prompts(tokenizer, args.batch, args.prompt_tokens, seed=1)
     n_new = args.output_tokens
@@ -139,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
             results["a"] = _hf_generate(peft_model, prompts, n_new, warmup, adapter_names=names)
             log.info("a  transformers + PEFT mixed adapters: %.1f tok/s", results["a"])
             del peft_model
-        engine = LLMEngine(model, tokenizer, EngineConfig(device=args.device, max_loaded_adapters=max(32, args.batch)),
-                           source.name)
+        config = EngineConfig(device=args.device, dtype=args.dtype, max_loaded_adapters=max(32, args.batch))
+        engine = LLMEngine(model, tokenizer, config, source.name)
         shapes = linear_shapes(model)
         for i, path in enumerate(lora_dirs):
             engine.add_adapter(f"lora{i}", load_adapter(path, shapes))
@@ -151,6 +156,12 @@ def run(args: argparse.Namespace) -> int:
         if "c" not in skip:
             results["c"] = _engine_run(engine, prompts, [None] * args.batch, n_new, warmup)
             log.info("c  engine, base model: %.1f tok/s", results["c"])
+        if args.dtype != "float32" and "c32" not in skip:
+            model32, _, _ = load_model(None, device=args.device)
+            engine32 = LLMEngine(model32, tokenizer, EngineConfig(device=args.device), source.name)
+            results["c32"] = _engine_run(engine32, prompts, [None] * args.batch, n_new, warmup)
+            log.info("c32 engine in float32, base model: %.1f tok/s", results["c32"])
+            del engine32, model32
         if "d" not in skip:
             for i in range(8):
                 engine.remove_adapter(f"lora{i}")
@@ -162,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             results["d"] = _engine_run(engine, prompts, [f"m{i}" for i in range(args.batch)], n_new, warmup)
             log.info("d  engine, %d distinct MALoRA adapters: %.1f tok/s", args.batch, results["d"])
     ratios = {}
-    for name, (num, den) in {"c/a0": ("c", "a0"), "b/a": ("b", "a"), "d/c": ("d", "c")}.items():
+    for name, (num, den) in {"c/a0": ("c", "a0"), "b/a": ("b", "a"), "d/c": ("d", "c"), "c/c32": ("c", "c32")}.items():
         if num in results and den in results:
             ratios[name] = results[num] / results[den]
     lines = [f"{'run':<6}{'output tok/s':>14}"] + [f"{k:<6}{v:>14.1f}" for k, v in results.items()]
@@ -170,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json:
         payload = {**results, "ratios": ratios, "machine": platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads(), "device": args.device}
+                   "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype}
         if args.device == "cuda":
             payload["gpu"] = torch.cuda.get_device_name()
         args.json.write_text(json.dumps(payload, indent=2))

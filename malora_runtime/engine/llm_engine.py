@@ -99,6 +99,7 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         from ..models.loader import load_model
 
+        log.info("serving in %s: %s", config.dtype, config.dtype_reason)
         model, tokenizer, source = load_model(config.model, dtype=config.torch_dtype, device=config.device)
         return cls(model, tokenizer, config, source.name)
 

@@ -13,7 +13,7 @@ from ..config import EngineConfig
 from ..context import StepContext
 from ..kernels.dispatch import choose_backend
 from ..kernels.token_slots import TokenSlots
-from ..models.packed_linear import pack_linears
+from ..models.packed_linear import PACKABLE_DTYPES, pack_linears
 from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
 from .allocator import keep_freed_memory
@@ -70,7 +70,7 @@ class ModelRunner:
                                      memory_budget=config.adapter_bank_memory)
         if config.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
-        if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:
+        if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype in PACKABLE_DTYPES:
             log.info("packed %d base linear layers for oneDNN", pack_linears(model))
         # Resolved now, not at the first request: builds the native kernel once per machine (a second or
         # two) and refuses a bad MALORA_KERNEL_BACKEND at start-up.

@@ -37,7 +37,9 @@ async def ready(request: Request) -> StatusResponse:
 @router.get("/version", response_model=VersionResponse)
 async def version(request: Request) -> VersionResponse:
     server = state(request)
-    return VersionResponse(version=__version__, model=server.base_model if server.engine is not None else None)
+    engine = server.settings.engine
+    return VersionResponse(version=__version__, model=server.base_model if server.engine is not None else None,
+                           dtype=engine.dtype, dtype_reason=engine.dtype_reason)
 
 
 @router.get("/v1/engine/stats", response_model=EngineStatsResponse, responses=ERROR_RESPONSES)

@@ -32,6 +32,11 @@ def test_health_ready_version(http):
     assert http.get("/ready").json() == {"status": "ready"}
     version = http.get("/version").json()
     assert version["version"] and version["model"]
+    # The live server runs with the default --dtype auto: what it chose, and why, as detected here.
+    from malora_runtime.dtype_choice import choose_dtype
+
+    expected = choose_dtype("auto", "cpu")
+    assert (version["dtype"], version["dtype_reason"]) == (expected.name, expected.reason)
 
 
 def test_openapi_describes_the_bodies(http):
