@@ -70,11 +70,14 @@ def test_each_token_is_batch_and_thread_invariant(make_case):
         assert torch.equal(alone[0], whole[i]), f"token {i} (seed {case.seed})"
 
 
-def test_strided_x_and_y(make_case):
-    case = make_case(MIXED_SPECS, 40, d_in=37, d_out=45)
-    wide_x = torch.randn(40, 60)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_x_and_y(make_case, dtype):
+    """Rows apart in both (bfloat16: x read and y written where they lie, or through a copy when y's rows
+    are not contiguous)."""
+    case = make_case(MIXED_SPECS, 40, d_in=37, d_out=45, dtype=dtype)
+    wide_x = torch.randn(40, 60).to(dtype)
     wide_x[:, 5:42] = case.x
-    wide_y = torch.full((40, 50), float("nan"))
+    wide_y = torch.full((40, 50), float("nan"), dtype=dtype)
     y = wide_y[:, 2:47]
     y.zero_()
     counts = case.new_counts()
