@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 
 
 class NoFreeSlotError(RuntimeError):
-    """Every adapter slot holds an adapter that is in use or pinned."""
+    """Every adapter slot holds an adapter that is in use or pinned (or their bytes fill the budget)."""
+
+    def __init__(self, message: str, dropped_cache_keys: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.dropped_cache_keys = dropped_cache_keys or []
+        """Activations evicted before the attempt gave up: their cached K/V must still be forgotten."""
 
 
 @dataclass
@@ -144,8 +149,13 @@ class AdapterSlots:
             return self.current[name], []
         adapter = pack_adapter(adapter)
         num_bytes = adapter.num_bytes()
-        dropped = self._make_room(name, num_bytes)
-        slot = self.pick_slot()
+        dropped: list[int] = []
+        try:
+            self._make_room(name, num_bytes, dropped)
+            slot = self.pick_slot()
+        except NoFreeSlotError as exc:
+            exc.dropped_cache_keys = dropped + exc.dropped_cache_keys
+            raise
         evicted = self.slots[slot]
         if evicted is not None:
             dropped.append(self._evict(slot))
@@ -181,16 +191,16 @@ class AdapterSlots:
             log.info("evicted adapter %s from slot %d", evicted.name, slot)
         return self._empty_slot(slot)
 
-    def _make_room(self, name: str, num_bytes: int) -> list[int]:
-        """Evict least recently used idle adapters until `num_bytes` more fit the memory budget."""
+    def _make_room(self, name: str, num_bytes: int, dropped: list[int]) -> None:
+        """Evict least recently used idle adapters until `num_bytes` more fit the memory budget; the cache keys
+        of those evicted go to `dropped` (also when it then gives up with NoFreeSlotError)."""
         budget = self.memory_budget
         if budget is None:
-            return []
+            return
         if num_bytes > budget:
             raise SlotMemoryError(f"adapter {name!r} needs {num_bytes / 2**20:.1f} MiB, more than the whole budget "
                                   f"for adapters in slots ({budget / 2**20:.0f} MiB, --adapter-bank-memory)",
                                   param="model")
-        dropped: list[int] = []
         while self.active_bytes + num_bytes > budget:
             idle = [(s.last_used, slot) for slot, s in enumerate(self.slots)
                     if s is not None and s.refs == 0 and not s.pinned]
@@ -199,7 +209,6 @@ class AdapterSlots:
                     f"adapter {name!r} ({num_bytes / 2**20:.1f} MiB) does not fit the budget for adapters in slots "
                     f"({budget / 2**20:.0f} MiB, --adapter-bank-memory) until adapters in use there are released")
             dropped.append(self._evict(min(idle)[1]))
-        return dropped
 
     def deactivate(self, name: str) -> list[int]:
         """Stop serving `name` to new requests; its slot is cleared once running requests end."""

@@ -16,6 +16,7 @@ from torch import nn
 from ..adapters.format import MaloraAdapter
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
+from .adapter_slots import NoFreeSlotError
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineRequestError, PromptTooLongError, UnknownAdapterError
 from .model_runner import Chunk, ModelRunner
@@ -110,7 +111,11 @@ class LLMEngine:
         Requests already running on an older version finish on it. Raises `NoFreeSlotError` when
         every slot holds an adapter in use or pinned.
         """
-        slot, dropped = self.runner.adapters.activate(name, adapter, version, pinned)
+        try:
+            slot, dropped = self.runner.adapters.activate(name, adapter, version, pinned)
+        except NoFreeSlotError as exc:  # it may have evicted idle adapters before giving up
+            self._drop_cache_keys(exc.dropped_cache_keys)
+            raise
         self._drop_cache_keys(dropped)
         return slot
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..adapters.format import MaloraAdapter, ModuleWeights
+from ..adapters.format import MaloraAdapter, ModuleSpec, ModuleWeights
 from .reference import ROUTER_SOFTMAX_TOPK
 
 TAIL = 16  # elements: the native kernel reads whole vectors of 16 from a row's start
@@ -128,7 +128,7 @@ class PackedModule:
             self._addresses = (base + sgt_at * size, base + pt_at * size, base + bt_at * size, base + bias_at * size)
         return self._addresses
 
-    def weights(self, spec) -> ModuleWeights:
+    def weights(self, spec: ModuleSpec) -> ModuleWeights:
         """`spec`'s tensors as views into the buffer (no copy)."""
         s = self.shape
         sgt = self.sgt

@@ -162,9 +162,14 @@ def test_pinned_adapters_filling_the_host_tier_refuse_a_new_one_and_commit_nothi
     for name in ("alpha", "beta"):
         registry.pin(name)
         asyncio.run(registry.fetch(name))
-    with pytest.raises(E.AdapterMemoryError, match="2 pinned adapters"):
+    with pytest.raises(E.AdapterMemoryError, match="2 pinned adapters") as refused:
         asyncio.run(registry.fetch("gamma"))
     assert registry.host_names() == ["alpha", "beta"] and registry.version("gamma") is None
+    # A client sees a retryable 503, not a 400 blaming its adapter.
+    from server.errors import to_api_error
+
+    error = to_api_error(refused.value)
+    assert (error.status, error.code, error.headers.get("Retry-After")) == (503, "adapter_memory_full", "5")
 
 
 def test_adapters_are_held_packed_at_their_own_size(root: Path) -> None:

@@ -143,6 +143,24 @@ def test_the_budget_evicts_least_recently_used_idle_adapters():
     assert set(slots.current) == {"a0", "a3"} and slots.active_bytes <= core.config.adapter_bank_memory
 
 
+def test_evictions_before_a_refusal_still_drop_their_cached_blocks(monkeypatch):
+    """An activation that evicts an idle adapter and then finds the rest in use gives up (the request waits),
+    but the evicted activation's prefix-cache blocks are forgotten all the same."""
+    small = [pack_adapter(make_adapter("alpha", seed=i)) for i in range(2)]
+    size = small[0].num_bytes()
+    big = pack_adapter(_huge(size))
+    core = engine(slots=8, budget=big.num_bytes() + size // 2)
+    core.add_adapter("a0", small[0])
+    core.add_adapter("a1", small[1])
+    a0_key = core.runner.adapters.slots[core.runner.adapters.current["a0"]].cache_key
+    core.add_request("busy", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "a1")
+    forgotten: list[int] = []
+    monkeypatch.setattr(core.scheduler.block_manager, "drop_adapter", forgotten.append)
+    with pytest.raises(NoFreeSlotError):
+        core.add_adapter("big", big)  # evicts idle a0, then a1 (in use) still leaves no room
+    assert "a0" not in core.runner.adapters.current and forgotten == [a0_key]
+
+
 def _huge(size: int):
     adapter = random_adapter(linear_shapes(make_tiny_llama()), "tiny", ALL, 8, 16, 32, 2, seed=0, dtype="float32")
     assert adapter.num_bytes() > 3 * size
