@@ -7,7 +7,7 @@
   an adapter's requests to the replicas that already hold it. Adapter changes (load, reload, unload) are not routed
   to one replica: they are broadcast to every replica's own URL, and answer 200 only when every replica took them.
 - `Directory`: where each replica listens, and the last change of each adapter, which a replica started later
-  (scale-up, restart) replays before it serves.
+  (scale-up, restart) replays before it is listed.
 
     MALORA_API_KEY=... MALORA_ADMIN_KEY=... serve run deploy.ray.app:build_app replicas=2 \
         server_args="--adapter-root /adapters"
@@ -72,25 +72,45 @@ def _headers(headers) -> list[tuple[str, str]]:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class Directory:
-    """Where each server replica listens, and the changes a replica started later must replay."""
+    """Where each server replica listens, and the changes a replica started later must replay.
+
+    A replica is listed (and so reached by broadcasts) only once it has replayed every recorded change; a change
+    recorded by a broadcast that did not reach a listed replica (it registered while the broadcast was in flight)
+    waits for that replica's next health check."""
 
     def __init__(self) -> None:
         self.replicas: dict[str, dict] = {}  # replica id -> {"replica", "url", "base_models"}
-        self.changes: dict[str, dict] = {}  # adapter name -> its last change {"method", "path", "body"}, oldest first
+        self.changes: dict[str, dict] = {}  # adapter name -> its last change {"seq", "method", "path", "body"}
+        self.seq = 0  # of the last recorded change
+        self.missed: dict[str, list[dict]] = {}  # listed replica id -> changes recorded without it
 
-    def register(self, replica: str, url: str, base_models: list[str]) -> list[dict]:
-        self.replicas[replica] = {"replica": replica, "url": url, "base_models": base_models}
-        return list(self.changes.values())
+    def register(self, replica: str, url: str, base_models: list[str], replayed: int) -> tuple[list[dict], int]:
+        """The changes after `replayed`, oldest first, and the newest seq; the replica is listed when none remain."""
+        pending = sorted((c for c in self.changes.values() if c["seq"] > replayed), key=lambda c: c["seq"])
+        if not pending:
+            self.replicas[replica] = {"replica": replica, "url": url, "base_models": base_models}
+            self.missed[replica] = []
+        return pending, self.seq
 
     def unregister(self, replica: str) -> None:
         self.replicas.pop(replica, None)
+        self.missed.pop(replica, None)
 
     def list(self) -> list[dict]:
         return list(self.replicas.values())
 
-    def record(self, name: str, change: dict) -> None:
+    def record(self, name: str, change: dict, reached: list[str]) -> None:
+        self.seq += 1
+        change = {**change, "seq": self.seq}
         self.changes.pop(name, None)
         self.changes[name] = change
+        for replica, missed in self.missed.items():
+            if replica not in reached:
+                missed.append(change)
+
+    def take_missed(self, replica: str) -> list[dict]:
+        missed, self.missed[replica] = self.missed.get(replica, []), []
+        return missed if replica in self.replicas else []
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=10)
@@ -128,12 +148,17 @@ class MaloraServer:
         self.directory = directory
         self.replica = serve.get_replica_context().replica_id.unique_id
         base_models = sorted({self.state.base_model, engine.model_name})  # the names that mean "no adapter"
-        changes = await directory.register.remote(self.replica, self.url, base_models)
-        await self._replay(changes, settings.admin_key)
+        self.admin_key = settings.admin_key
+        replayed = 0
+        while True:  # listed only once nothing recorded is left to replay
+            changes, replayed = await directory.register.remote(self.replica, self.url, base_models, replayed)
+            if not changes:
+                break
+            await self._replay(changes)
         log.info("replica %s serving %s at %s", self.replica, self.state.base_model, self.url)
 
-    async def _replay(self, changes: list[dict], admin_key: str | None) -> None:
-        headers = {"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"}
+    async def _replay(self, changes: list[dict]) -> None:
+        headers = {"Authorization": f"Bearer {self.admin_key}", "Content-Type": "application/json"}
         for change in changes:
             response = await self.client.request(change["method"], change["path"], content=change["body"],
                                                  headers=headers)
@@ -166,6 +191,7 @@ class MaloraServer:
         if response.status_code != 200:
             raise RuntimeError(f"replica {self.replica}: /health answered {response.status_code}: "
                                f"{response.text[:200]}")
+        await self._replay(await self.directory.take_missed.remote(self.replica))
 
     async def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -231,7 +257,8 @@ class Ingress:
         statuses = [status for _, status, _, _ in results]
         if len(set(statuses)) == 1:  # every replica agrees: their answer, as one server would give it
             if statuses[0] < 300 and name:
-                await self.directory.record.remote(name, {"method": method, "path": path, "body": body.decode()})
+                await self.directory.record.remote(name, {"method": method, "path": path, "body": body.decode()},
+                                                   [r["replica"] for r in replicas])
             _, status, text, media_type = results[0]
             return Response(text, status_code=status, media_type=media_type,
                             headers={"x-malora-replicas": str(len(results))})

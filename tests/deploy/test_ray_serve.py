@@ -212,3 +212,26 @@ def test_build_app_refuses_public_replicas_without_a_key(monkeypatch):
     assert "short-key" not in str(refused.value) and "some-key" not in str(refused.value)
     build_app({"server_args": "--host 0.0.0.0 --api-key some-key"})  # builds the graph only, starts nothing
     build_app({"server_args": "--host 0.0.0.0 --allow-unauthenticated"})
+
+
+def test_the_directory_lists_a_replica_only_after_it_replayed_every_change():
+    from deploy.ray.app import Directory
+
+    directory = Directory.func_or_class()
+    directory.register("r1", "http://a", ["base"], 0)
+    directory.record("a0", {"method": "PUT", "path": "/v1/adapters/a0", "body": "{}"}, ["r1"])
+    pending, seq = directory.register("r2", "http://b", ["base"], 0)
+    assert [c["path"] for c in pending] == ["/v1/adapters/a0"] and seq == 1
+    assert [r["replica"] for r in directory.list()] == ["r1"]  # not listed while it has changes to replay
+    directory.record("x", {"method": "DELETE", "path": "/v1/adapters/x", "body": ""}, ["r1"])  # while r2 replays
+    pending, seq = directory.register("r2", "http://b", ["base"], seq)
+    assert [c["path"] for c in pending] == ["/v1/adapters/x"] and seq == 2
+    assert directory.register("r2", "http://b", ["base"], seq) == ([], 2)
+    assert [r["replica"] for r in directory.list()] == ["r1", "r2"]
+    # a broadcast that listed the replicas before r3 registered records without it: r3 replays it at its health check
+    directory.register("r3", "http://c", ["base"], 2)
+    directory.record("a1", {"method": "PUT", "path": "/v1/adapters/a1", "body": "{}"}, ["r1", "r2"])
+    assert [c["path"] for c in directory.take_missed("r3")] == ["/v1/adapters/a1"]
+    assert directory.take_missed("r3") == [] and directory.take_missed("r1") == []
+    directory.unregister("r3")
+    assert directory.take_missed("r3") == []
