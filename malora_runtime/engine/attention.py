@@ -51,6 +51,8 @@ class AttentionMetadata:
     decode_rows:       [Bd] int64, rows of single-token chunks
     decode_kv_indices: [Bd, Lmax] int64, KV indices each decode row attends to (padded with 0)
     decode_mask:       [Bd, 1, 1, Lmax] bool, True where the index is real
+    decode_lengths:    [Bd] int64, context length of each decode row (its query sits at length - 1)
+    layers_seen:       when a set, every layer whose attention ran adds its index (the start-up probe)
     """
 
     pool: KVPool
@@ -58,7 +60,52 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None
     decode_kv_indices: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
+    decode_lengths: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
+    layers_seen: set[int] | None = None
+    windowed_decode_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask_within(self, window: int | None) -> torch.Tensor:
+        """The decode mask, limited to each row's last `window` keys (transformers' sliding window: a query at
+        position i sees keys j with i - window < j <= i); one per window size per step, shared by its layers."""
+        assert self.decode_mask is not None and self.decode_lengths is not None
+        if window is None:
+            return self.decode_mask
+        mask = self.windowed_decode_masks.get(window)
+        if mask is None:
+            keys = torch.arange(self.decode_mask.shape[-1], device=self.decode_mask.device)
+            recent = keys[None, :] >= (self.decode_lengths - window)[:, None]  # [Bd, Lmax]
+            mask = self.windowed_decode_masks[window] = self.decode_mask & recent[:, None, None, :]
+        return mask
+
+
+def span_mask(context_len: int, length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[length, context_len] bool: query i of a chunk ending at the context's end sees keys up to its own
+    position and, with a sliding window, only the last `window` of them."""
+    query_pos = torch.arange(context_len - length, context_len, device=device)[:, None]
+    keys = torch.arange(context_len, device=device)[None, :]
+    mask = keys <= query_pos
+    if window is not None:
+        mask &= keys > query_pos - window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+           softcap: float | None) -> torch.Tensor:
+    """q [B, H, q, hd], k/v [B, Hkv, L, hd], mask broadcastable to [B, H, q, L] (True: attend) or None for causal.
+    With `softcap` (Gemma 2) the scores go through cap * tanh(s / cap) before the softmax, as transformers'
+    eager attention computes it; without, one fused SDPA call."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def paged_attention(
@@ -69,14 +116,20 @@ def paged_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    **_: object,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, T, hd], key/value [1, Hkv, T, hd] -> ([1, T, H, hd], None)."""
     step = getattr(module, "malora_context", None)
     paged = step.attention if step is not None else None
     if paged is None:
         raise RuntimeError("malora_paged attention runs inside a model runner's step (no step context here)")
+    if kwargs.get("s_aux") is not None:  # attention sinks change the softmax; computing without them is wrong
+        raise NotImplementedError("attention sinks (s_aux) are not supported by the paged attention")
     layer = module.layer_idx
+    if paged.layers_seen is not None:
+        paged.layers_seen.add(layer)
     k_cache, v_cache = paged.pool.keys[layer], paged.pool.values[layer]
     k_tokens = key[0].transpose(0, 1)  # [T, Hkv, hd]
     v_tokens = value[0].transpose(0, 1)
@@ -93,25 +146,19 @@ def paged_attention(
         flat, shape = paged.decode_kv_indices.view(-1), (*paged.decode_kv_indices.shape, *k_cache.shape[1:])
         k_dec = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
         v_dec = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(q_dec, k_dec, v_dec, attn_mask=paged.decode_mask,
-                                                  scale=scaling, enable_gqa=True)
+        attended = attend(q_dec, k_dec, v_dec, paged.decode_mask_within(sliding_window), scaling, softcap)
         out[rows] = attended[:, :, 0]
     for span in paged.prefills:
         q_span = q[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, q, hd]
         if span.context is None:
             k_span = key[:, :, span.start:span.start + span.length]
             v_span = value[:, :, span.start:span.start + span.length]
-            attended = F.scaled_dot_product_attention(q_span, k_span, v_span, is_causal=True, scale=scaling,
-                                                      enable_gqa=True)
+            mask = None if sliding_window is None else span_mask(span.length, span.length, sliding_window, q.device)
         else:
             k_span = k_cache.index_select(0, span.context).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, hd]
             v_span = v_cache.index_select(0, span.context).transpose(0, 1).unsqueeze(0)
-            context_len = span.context.shape[0]
-            # Query i sits at absolute position context_len - length + i and sees keys up to there.
-            query_pos = torch.arange(context_len - span.length, context_len, device=q.device)
-            mask = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
-            attended = F.scaled_dot_product_attention(q_span, k_span, v_span, attn_mask=mask, scale=scaling,
-                                                      enable_gqa=True)
+            mask = span_mask(span.context.shape[0], span.length, sliding_window, q.device)
+        attended = attend(q_span, k_span, v_span, mask, scaling, softcap)
         out[span.start:span.start + span.length] = attended[0].transpose(0, 1)
     return out.unsqueeze(0), None
 

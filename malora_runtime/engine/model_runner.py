@@ -12,7 +12,8 @@ from torch import nn
 from ..config import EngineConfig
 from ..context import StepContext
 from ..kernels.dispatch import choose_backend
-from ..kernels.token_slots import TokenSlots
+from ..kernels.token_slots import NO_SLOT, TokenSlots
+from ..models.compat import check_config, conv1d_to_linear, probe_failure, probe_tokens, reference_forward
 from ..models.packed_linear import PACKABLE_DTYPES, pack_linears
 from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
@@ -34,10 +35,25 @@ class Chunk:
     needs_logits: bool
 
 
+@dataclass(frozen=True)
+class KVGeometry:
+    """What one token's K/V holds per layer: heads and their width (GPT-2's config names no KV heads: as many as
+    the query heads)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> KVGeometry:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim)
+
+
 def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+    kv = KVGeometry.of(model.config)
+    per_token = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * torch.finfo(dtype).bits // 8
     return per_token * block_size
 
 
@@ -47,16 +63,17 @@ class ModelRunner:
     def __init__(self, model: nn.Module, config: EngineConfig) -> None:
         self.model = model
         self.config = config
-        cfg = model.config
+        check_config(model)
+        conv1d_to_linear(model)
         model.set_attn_implementation(ATTENTION_NAME)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or max(
             2, config.kv_cache_memory // kv_bytes_per_block(model, self.block_size, self.dtype))
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.pool = KVPool.allocate(cfg.num_hidden_layers, self.num_blocks, self.block_size,
-                                    cfg.num_key_value_heads, head_dim, self.dtype, self.device)
+        kv = KVGeometry.of(model.config)
+        self.pool = KVPool.allocate(kv.num_layers, self.num_blocks, self.block_size, kv.num_kv_heads, kv.head_dim,
+                                    self.dtype, self.device)
         self.context = StepContext()
         self.routing = RoutingStats(enabled=config.count_expert_routing)
         # Layers wrapped earlier (offline generation) must read this runner's per-step context, and the paged
@@ -77,6 +94,30 @@ class ModelRunner:
         log.info("MALoRA delta kernels: %s", choose_backend(torch.empty(0, device=self.device)))
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)
+        self.probe()
+
+    def probe(self) -> None:
+        """Before serving: prefill two tokens, decode a third, and compare with the model's own forward. A model
+        whose layers do not all attend through the paged attention, that fails in it, or that keeps other state
+        between steps is refused now (`UnsupportedModelError`) rather than wrong or failing per request."""
+        tokens = probe_tokens(self.model)
+        blocks = list(range(-(-len(tokens) // self.block_size)))
+        layers_seen: set[int] = set()
+        served = reference = error = None
+        try:
+            for chunk in (Chunk(tokens[:-1], 0, blocks, NO_SLOT, True), Chunk(tokens[-1:], len(tokens) - 1, blocks,
+                                                                                 NO_SLOT, True)):
+                ids, positions, meta, token_slots, logit_rows = self.prepare([chunk])
+                meta.layers_seen = layers_seen
+                served = self._forward(ids, positions, meta, token_slots, logit_rows)[0]
+            reference = reference_forward(self.model, tokens, ATTENTION_NAME)
+        except Exception as exc:  # any failure here is the model's: reported as the reason it is refused
+            error = exc
+        finally:
+            self.clear_kv_blocks(blocks)
+        refusal = probe_failure(self.model, error, layers_seen, served, reference)
+        if refusal is not None:
+            raise refusal from error
 
     def _kv_indices_for(self, chunk: Chunk) -> list[int]:
         # kv_cache.kv_index, inlined: this runs for every token of every step.
@@ -132,6 +173,8 @@ class ModelRunner:
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
             meta.decode_kv_indices = indices
             meta.decode_mask = valid[:, None, None, :]
+            meta.decode_lengths = torch.tensor([c.start + 1 for c in decode_chunks], dtype=torch.int64,
+                                               device=self.device)
         ids = torch.tensor([input_ids], dtype=torch.int64, device=self.device)
         pos = torch.tensor([positions], dtype=torch.int64, device=self.device)
         return ids, pos, meta, token_slots, logit_rows
@@ -145,18 +188,23 @@ class ModelRunner:
         for cache in (*self.pool.keys, *self.pool.values):
             cache.view(self.num_blocks, self.block_size, *cache.shape[1:]).index_fill_(0, index, 0)
 
-    @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
-        ids, positions, meta, token_slots, logit_rows = self.prepare(chunks)
+        return self._forward(*self.prepare(chunks))
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, token_slots: list[int],
+                 logit_rows: list[int]) -> torch.Tensor:
         step = self.context
         step.token_slots = TokenSlots.from_list(token_slots, self.device)
         step.attention = meta
         step.backend = choose_backend(ids) if step.token_slots.any_adapter else None
         step.routing = self.routing if self.routing.enabled else None
         try:
-            hidden = self.model.model(input_ids=ids, position_ids=positions, use_cache=False)
+            # The whole causal-LM forward, with the rows to sample: the model's own head and what follows it
+            # (Gemma's final softcapping, Granite's logit scaling) apply as in `generate`.
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
+                             logits_to_keep=torch.tensor(logit_rows, dtype=torch.int64, device=self.device))
         finally:
             step.clear()
-        last = hidden.last_hidden_state[0, logit_rows]  # [num_logits, hidden]
-        return self.model.lm_head(last).float()
+        return out.logits[0].float()  # [num_logits, vocab]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..cache import cache_root
+from .compat import conv1d_to_linear
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def load_model(
     log.info("loading %s from %s", source.name, directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    conv1d_to_linear(hf_model)  # GPT-2-style projections as linear layers, for the engine and the offline path
     hf_model.eval()
     hf_model.requires_grad_(False)
     return hf_model, tokenizer, source
