@@ -7,6 +7,11 @@ margin `tests/training/test_examples_served.py` requires of the served adapter.
 
     .venv/bin/python examples/train_examples.py            # all of them (a few minutes each on a CPU)
     .venv/bin/python examples/train_examples.py --only json
+    .venv/bin/python examples/train_examples.py --served   # no training: each card's served accuracy per dtype
+
+`--served` starts `malora-serve` on the adapters once per dtype (float32, bfloat16) and records in every card
+`served_accuracy: {dtype: accuracy}` (what a client gets from a server in that dtype; float32 matches the offline
+`adapter_accuracy`); `tests/training/test_examples_served.py` holds bfloat16 within 0.05 of float32.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.tasks import make_splits  # noqa: E402
 from malora_runtime.adapters import atomic_directory, load_adapter  # noqa: E402
 from malora_runtime.adapters.io import write_adapter_files  # noqa: E402
+from malora_runtime.bench.serve import start_server, stop_server  # noqa: E402
 from malora_runtime.models.loader import load_model  # noqa: E402
 from malora_runtime.patching import linear_shapes  # noqa: E402
-from malora_runtime.training.data import write_jsonl  # noqa: E402
-from malora_runtime.training.evaluate import evaluate_offline  # noqa: E402
+from malora_runtime.training.data import read_jsonl, reference_answer, write_jsonl  # noqa: E402
+from malora_runtime.training.evaluate import EvalReport, evaluate_offline, server_answers  # noqa: E402
 from malora_runtime.training.trainer import TrainConfig, train  # noqa: E402
 
 log = logging.getLogger("examples.train")
@@ -38,6 +45,7 @@ MAX_TOKENS = 32
 EVAL_COUNT = 30
 TRAIN_COUNT = 2000
 MARGIN_SLACK = 0.15
+SERVED_DTYPES = ("float32", "bfloat16")
 """The test requires adapter - base >= (measured gap - this), rounded down to 0.05."""
 
 
@@ -109,13 +117,38 @@ def build(name: str, example: Example, model, tokenizer, model_name: str, out_ro
     return card
 
 
+def record_served_accuracy(out_root: Path, dtypes: tuple[str, ...] = SERVED_DTYPES) -> None:
+    """Serve every adapter under `out_root` once per dtype and write each card's `served_accuracy`."""
+    cards = sorted(out_root.glob("*/card.json"))
+    measured: dict[Path, dict[str, float]] = {path: {} for path in cards}
+    for dtype in dtypes:
+        process, url = start_server([sys.executable, "-m", "server.main", "--adapter-root", str(out_root),
+                                     "--dtype", dtype, "--log-level", "warning"], "/ready",
+                                    Path(tempfile.gettempdir()) / f"malora-served-{dtype}.log", {})
+        try:
+            for path in cards:
+                card = json.loads(path.read_text())
+                records = read_jsonl(path.parent / card["eval_set"])
+                answers = server_answers(url, path.parent.name, records, card["max_tokens"], concurrency=32)
+                measured[path][dtype] = round(EvalReport(answers, [reference_answer(r) for r in records]).accuracy, 4)
+                log.info("%s served in %s: %.4f", path.parent.name, dtype, measured[path][dtype])
+        finally:
+            stop_server(process)
+    for path, accuracy in measured.items():
+        card = json.loads(path.read_text())
+        card["served_accuracy"] = accuracy
+        path.write_text(json.dumps(card, indent=2) + "\n")
+
+
 def write_index(out_root: Path) -> None:
-    rows = ["| adapter | task | eval items | base accuracy | adapter accuracy | test margin | size (fp16) |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| adapter | task | eval items | base accuracy | adapter accuracy | served float32 / bfloat16 "
+            "| test margin | size (fp16) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for card_path in sorted(out_root.glob("*/card.json")):
         c = json.loads(card_path.read_text())
+        served = " / ".join(f"{c.get('served_accuracy', {}).get(d, float('nan')):.2f}" for d in SERVED_DTYPES)
         rows.append(f"| `{c['name']}` | {c['description']} | {c['eval_items']} | {c['base_accuracy']:.2f} | "
-                    f"{c['adapter_accuracy']:.2f} | {c['required_margin']:.2f} | {c['size_bytes'] / 1e6:.1f} MB |")
+                    f"{c['adapter_accuracy']:.2f} | {served} | {c['required_margin']:.2f} | "
+                    f"{c['size_bytes'] / 1e6:.1f} MB |")
     (out_root / "README.md").write_text(
         "# Example adapters\n\nTrained by `examples/train_examples.py` on synthetic tasks from `examples/tasks.py` "
         "(base: SmolLM2-135M-Instruct). Prompts are plain text for `/v1/completions`, for example "
@@ -130,11 +163,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(EXAMPLES), help="train only these")
     parser.add_argument("--out", type=Path, default=ADAPTERS_DIR)
+    parser.add_argument("--served", action="store_true", help="train nothing: record each card's served accuracy")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model, tokenizer, source = load_model(None)
-    for name in args.only or EXAMPLES:
-        build(name, EXAMPLES[name], model, tokenizer, source.name, args.out)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    if not args.served:
+        model, tokenizer, source = load_model(None)
+        for name in args.only or EXAMPLES:
+            build(name, EXAMPLES[name], model, tokenizer, source.name, args.out)
+    record_served_accuracy(args.out)
     write_index(args.out)
     return 0
 

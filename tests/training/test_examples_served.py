@@ -38,15 +38,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One server for every example adapter: (base URL, base model id)."""
+def _serve(tmp_path_factory, dtype: str):
+    """A server for every example adapter in `dtype`: yields (base URL, base model id)."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
     port = _free_port()
-    # float32: the answers are compared one for one with the float32 offline path (bfloat16 rounds differently
-    # and one `reverse` answer changed when the server's default became --dtype auto).
     cmd = [sys.executable, "-m", "server.main", "--host", "127.0.0.1", "--port", str(port),
-           "--adapter-root", str(ADAPTERS), "--log-level", "warning", "--dtype", "float32"]
+           "--adapter-root", str(ADAPTERS), "--log-level", "warning", "--dtype", dtype]
     if DEVICE != "cpu":
         cmd += ["--device", DEVICE]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -77,6 +74,18 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # float32: the answers are compared one for one with the float32 offline path (bfloat16 rounds differently
+    # and one `reverse` answer changed when the server's default became --dtype auto).
+    yield from _serve(tmp_path_factory, "float32")
+
+
+@pytest.fixture(scope="module")
+def bfloat16_server(tmp_path_factory):
+    yield from _serve(tmp_path_factory, "bfloat16")
 
 
 def test_example_adapters_are_committed_and_small():
@@ -113,3 +122,17 @@ def test_served_example_beats_base_with_offline_answers(card_path, server, offli
     assert served.accuracy - base.accuracy >= card["required_margin"], (served.accuracy, base.accuracy, card)
     # As measured when trained, give or take numerical differences across machines.
     assert abs(served.accuracy - card["adapter_accuracy"]) <= 0.1
+
+
+@pytest.mark.parametrize("card_path", CARDS, ids=[p.parent.name for p in CARDS])
+def test_served_in_bfloat16_within_005_of_float32(card_path, bfloat16_server):
+    """bfloat16 serving (bfloat16 base, the delta in float32 in the kernel) keeps each example's accuracy within
+    0.05 of float32's; the card records both (`examples/train_examples.py --served`)."""
+    url, _ = bfloat16_server
+    card = json.loads(card_path.read_text())
+    records = read_jsonl(card_path.parent / card["eval_set"])
+    answers = server_answers(url, card_path.parent.name, records, card["max_tokens"], concurrency=32)
+    accuracy = EvalReport(answers, [reference_answer(r) for r in records]).accuracy
+    assert abs(accuracy - card["adapter_accuracy"]) <= 0.05 + 1e-9, (accuracy, card["adapter_accuracy"])
+    assert card["served_accuracy"]["float32"] == card["adapter_accuracy"]
+    assert abs(accuracy - card["served_accuracy"]["bfloat16"]) <= 0.05 + 1e-9, "the card's bfloat16 figure is stale"
