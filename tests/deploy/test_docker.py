@@ -63,7 +63,8 @@ def test_the_build_runs_the_readme_set_up(dockerfile):
             assert args["TORCH_CPU_INDEX"] == cpu_index and name == "Dockerfile"
         if command.startswith("python3 -m venv"):
             assert command == "python3 -m venv .venv" and "$(PYTHON) -m venv $(VENV)" in recipe
-    assert 'python -c "from malora_runtime.models.loader import load_model; load_model(None)"' in commands
+    assert ('python -c "import torch; from malora_runtime.models.loader import load_model; '
+            '[load_model(None, dtype=d) for d in (torch.float32, torch.bfloat16)]"') in commands
 
 
 def test_the_image_runs_malora_serve_unprivileged_with_a_health_check(dockerfile):

@@ -96,3 +96,23 @@ def test_the_default_model_in_bfloat16_matches_generate(bf16_model):
             set_adapter(model, None)
         gap = float(logits.max() - logits[tokens[step]])
         assert gap <= NEAR_TIE, f"{PROMPTS[i]!r} on {names[i]}: diverges at token {step} with a logit gap of {gap:.3g}"
+
+
+def test_the_default_model_is_cached_in_the_dtype_it_is_served_in():
+    """One converted copy per dtype: bfloat16's is half the bytes and holds exactly float32's weights rounded once."""
+    from safetensors.torch import load_file
+
+    from malora_runtime.models.loader import materialize, resolve_model
+
+    source = resolve_model(None)
+    float32_dir, bfloat16_dir = materialize(source, torch.float32), materialize(source, torch.bfloat16)
+    assert float32_dir != bfloat16_dir
+
+    def weights(directory) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    full, half = weights(float32_dir), weights(bfloat16_dir)
+    assert full.keys() == half.keys() and {t.dtype for t in half.values()} == {torch.bfloat16}
+    assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
+    disk = [sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (float32_dir, bfloat16_dir)]
+    assert 0.45 < disk[1] / disk[0] < 0.55, disk
