@@ -4,9 +4,12 @@ Closed loop (`--concurrency`, default 32) or open loop (`--rate`, Poisson arriva
 over `--adapters` uniformly, by Zipf or all to one; prompts built in or from a JSONL file. The load
 generator itself is `clients.loadgen` (usable as a library).
 
-`--compare-transformers` starts `malora-serve` and `transformers serve --continuous-batching` on the
-same model, one after the other, runs the same load on each (greedy, no ignore_eos: transformers
-refuses it) and prints the ratio of output throughput and TTFT p50.
+Comparisons start the servers themselves on the default model, one after the other, and run the same load on
+each: `malora-serve` in `--dtype`, then whichever peers are named: `--compare-dtype float32` (this server again in
+another dtype), `--compare-transformers` (`transformers serve --continuous-batching` in the same dtype; greedy, no
+ignore_eos: it refuses it) and `--compare-llama-cpp PATH` (a `llama-server` binary on the default model's own
+GGUF file, 32 slots). Each peer's ratios to malora-serve (output throughput, ITL p50, TTFT p50) are printed and
+written under `comparisons` in `--json`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--compare-transformers", action="store_true",
                         help="start malora-serve and `transformers serve --continuous-batching` on the default "
                         "model and run the same load on each (ignores --base-url)")
+    target.add_argument("--compare-llama-cpp", type=Path, default=None, metavar="LLAMA_SERVER",
+                        help="start malora-serve and this llama.cpp `llama-server` binary on the default model's "
+                        "GGUF file (32 slots) and run the same load on each")
+    target.add_argument("--compare-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="start malora-serve in --dtype and again in this dtype, the same load on each")
+    target.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="comparisons: malora-serve's dtype, and transformers' (auto: what the server picks "
+                        "here)")
     load = parser.add_argument_group("load")
     loop = load.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 32)")
@@ -128,12 +139,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The caller's keys are not the started server's: it listens on loopback for this process alone, which sends none.
+CALLER_ONLY = ("MALORA_API_KEY", "MALORA_ADMIN_KEY")
+
+
 def start_server(cmd: list[str], ready_path: str, log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    inherited = {k: v for k, v in os.environ.items() if k not in CALLER_ONLY}
     with log_path.open("w") as out:
         process = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT,
-                                   env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+                                   env={**inherited, **env}, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -157,43 +173,83 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def compare(args: argparse.Namespace) -> dict[str, Any]:
-    from malora_runtime.models.loader import materialize, resolve_model
+@dataclass(frozen=True)
+class Contender:
+    """A server a comparison starts: its command (the port is appended), readiness path and environment."""
+
+    name: str
+    cmd: list[str]
+    ready: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+LLAMA_CPP_SLOTS = 32
+
+
+def contenders(args: argparse.Namespace, dtype: str) -> list[Contender]:
+    """malora-serve in `dtype` first, then each requested peer."""
+    from malora_runtime.models.loader import default_gguf_path, materialize, resolve_model
 
     model_dir = str(materialize(resolve_model(None)))
-    transformers_cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
-    servers = {
-        "malora": ([sys.executable, "-m", "server.main", "--model", model_dir, "--log-level", "warning"], "/ready",
-                   {"PYTHONPATH": str(REPO_ROOT)}),
-        "transformers": ([transformers_cli, "serve", model_dir, "--continuous-batching", "--device", "cpu",
-                          "--dtype", "float32"], "/health", {"HF_HUB_OFFLINE": "1"}),
-    }
+    malora = [sys.executable, "-m", "server.main", "--model", model_dir, "--log-level", "warning"]
+    found = [Contender(f"malora-{dtype}", [*malora, "--dtype", dtype], "/ready", {"PYTHONPATH": str(REPO_ROOT)})]
+    if args.compare_dtype:
+        found.append(Contender(f"malora-{args.compare_dtype}", [*malora, "--dtype", args.compare_dtype], "/ready",
+                               {"PYTHONPATH": str(REPO_ROOT)}))
+    if args.compare_transformers:
+        transformers_cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
+        found.append(Contender("transformers", [transformers_cli, "serve", model_dir, "--continuous-batching",
+                                                "--device", "cpu", "--dtype", dtype], "/health",
+                               {"HF_HUB_OFFLINE": "1"}))
+    if args.compare_llama_cpp:
+        binary = args.compare_llama_cpp.expanduser()
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise SystemExit(f"--compare-llama-cpp {binary}: not an executable file")
+        # Its own GGUF (4.5-bit blocks), the form llama.cpp users serve; the context holds 32 slots of 512.
+        found.append(Contender("llama.cpp", [str(binary), "-m", str(default_gguf_path()), "-np", str(LLAMA_CPP_SLOTS),
+                                             "-c", str(LLAMA_CPP_SLOTS * 512), "--log-disable"], "/health"))
+    return found
+
+
+def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
+    """malora-serve's figure over the peer's: above 1 is better for throughput, below 1 for latencies."""
+    def over(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {"output_throughput": over(ours["output_throughput"], theirs["output_throughput"]),
+            "itl_p50": over(ours["itl_s"]["p50"], theirs["itl_s"]["p50"]),
+            "ttft_p50": over(ours["ttft_s"]["p50"], theirs["ttft_s"]["p50"])}
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    from malora_runtime.dtype_choice import choose_dtype
+
+    dtype = choose_dtype(args.dtype, "cpu").name if args.dtype == "auto" else args.dtype
+    if args.ignore_eos and args.compare_transformers:
+        raise SystemExit("--ignore-eos: transformers serve refuses it; leave it out when comparing with transformers")
     logs = Path(tempfile.mkdtemp(prefix="malora-bench-serve-"))
-    report: dict[str, Any] = {"model": model_dir, "logs": str(logs)}
-    for name, (cmd, ready, env) in servers.items():
-        process, url = start_server(cmd, ready, logs / f"{name}.log", env)
+    report: dict[str, Any] = {"dtype": dtype, "logs": str(logs), "servers": {}, "comparisons": {}}
+    for contender in contenders(args, dtype):
+        process, url = start_server(contender.cmd, contender.ready, logs / f"{contender.name}.log", contender.env)
         try:
-            target = LoadTarget(url, extra={"temperature": args.temperature})
-            summary, _ = measure(args, target, base_model_of(url, None), name)
+            target = LoadTarget(url, extra={"temperature": args.temperature,
+                                            "ignore_eos": True if args.ignore_eos else None})
+            summary, _ = measure(args, target, base_model_of(url, None), contender.name)
         finally:
             stop_server(process)
-        _out(format_summary(summary, f"== {name} ({' '.join(cmd[:3])} ...)"))
-        report[name] = summary.to_dict()
-    ours, theirs = report["malora"], report["transformers"]
-    ttft_ours, ttft_theirs = ours["ttft_s"]["p50"], theirs["ttft_s"]["p50"]
-    report["throughput_ratio"] = ours["output_throughput"] / theirs["output_throughput"] \
-        if theirs["output_throughput"] else None
-    report["ttft_p50_ratio"] = ttft_ours / ttft_theirs if ttft_ours and ttft_theirs else None
-    report["bar_met"] = bool(report["throughput_ratio"] and report["throughput_ratio"] >= 2.0
-                             and report["ttft_p50_ratio"] is not None and report["ttft_p50_ratio"] < 1.0)
-    _out(f"output throughput ratio (malora / transformers): {report['throughput_ratio'] or 0:.2f}x; "
-          f"TTFT p50 ratio: {report['ttft_p50_ratio'] or 0:.2f}; bar (>= 2.0x, lower TTFT p50): "
-          f"{'met' if report['bar_met'] else 'NOT met'}")
+        _out(format_summary(summary, f"== {contender.name} ({' '.join(contender.cmd[:3])} ...)"))
+        report["servers"][contender.name] = summary.to_dict()
+    ours_name, *peers = report["servers"]
+    ours = report["servers"][ours_name]
+    for peer in peers:
+        found = report["comparisons"][peer] = ratios(ours, report["servers"][peer])
+        _out(f"{ours_name} / {peer}: output throughput {found['output_throughput'] or 0:.2f}x, "
+             f"ITL p50 {found['itl_p50'] or 0:.2f}, TTFT p50 {found['ttft_p50'] or 0:.2f}")
     return report
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compare_transformers:
+    if args.compare_transformers or args.compare_llama_cpp or args.compare_dtype:
         report = compare(args)
         results: list[RequestResult] = []
     else:

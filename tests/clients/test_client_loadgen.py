@@ -107,3 +107,25 @@ def test_errors_are_counted_not_raised(server):
     plan = build_plan(LoadSpec(num_requests=3, adapters=["missing"]), "base")
     results = asyncio.run(run_load(plan, LoadTarget(server.url, server.api_key), concurrency=2))
     assert summarize(results).errors == {"404 model_not_found": 3}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_serve_compares_dtypes_side_by_side(malora, tmp_path):
+    """`--compare-dtype`: this server started twice (bfloat16, then float32), the same load on each, their ratios."""
+    out = tmp_path / "compare.json"
+    run = malora("bench", "serve", "--dtype", "bfloat16", "--compare-dtype", "float32", "--num-requests", "4",
+                 "--concurrency", "2", "--output-len", "6", "--ignore-eos", "--warmup", "1", "--no-progress",
+                 "--json", str(out))
+    report = json.loads(out.read_text())
+    assert list(report["servers"]) == ["malora-bfloat16", "malora-float32"]
+    assert all(s["completed"] == 4 and s["output_tokens"] == 24 for s in report["servers"].values())
+    ratios = report["comparisons"]["malora-float32"]
+    assert ratios["output_throughput"] > 0 and ratios["itl_p50"] > 0
+    assert "malora-bfloat16 / malora-float32: output throughput" in run.stdout
+
+
+def test_bench_serve_refuses_a_llama_server_that_is_not_executable(malora, tmp_path):
+    missing = tmp_path / "llama-server"
+    result = malora("bench", "serve", "--compare-llama-cpp", str(missing), "--num-requests", "1", check=False)
+    assert result.returncode != 0 and "not an executable file" in result.stderr
