@@ -95,7 +95,7 @@ def reference_forward(model: nn.Module, token_ids: list[int], attention: str) ->
             out = model(input_ids=ids, use_cache=True)
     finally:
         model.set_attn_implementation(attention)
-    cache = out.past_key_values
+    cache = out.cache if "cache" in out else out.past_key_values  # `cache` in newer transformers
     return Reference(out.logits[0, -1].float(), [type(layer).__name__ for layer in getattr(cache, "layers", [])],
                      torch.finfo(next(model.parameters()).dtype).bits >= 32)
 

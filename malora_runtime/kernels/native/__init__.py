@@ -33,11 +33,12 @@ from .build import NativeKernelError, build_native_kernel
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 LANES = 16  # the kernel's vector width in floats: padded widths are multiples of it
 # Tokens per work item: a block of one adapter's tokens shares every weight it reads. 64 measured
 # best at T = 2048 over 32 adapters (32: 1.13x slower, 128: 1.03x; docs/BENCHMARKS.md).
 BLOCK = 64
+ROWS_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # activation dtypes the kernel reads and writes itself
 
 
 def _round_up(n: int) -> int:
@@ -65,8 +66,8 @@ class NativeKernel:
             raise NativeKernelError(f"{path}: ABI version {library.malora_kernel_abi_version()}, want {ABI_VERSION}")
         function = library.malora_delta
         c_ptr, c_long = ctypes.c_void_p, ctypes.c_int64
-        function.argtypes = [c_ptr, c_ptr, c_long, c_ptr, c_long, c_ptr, c_ptr, c_long, c_long, c_ptr, c_long,
-                             ctypes.c_int]
+        function.argtypes = [c_ptr, c_ptr, c_long, c_ptr, c_long, ctypes.c_int, c_ptr, c_ptr, c_long, c_long,
+                             c_ptr, c_long, ctypes.c_int]
         function.restype = ctypes.c_int
         return cls(library, function)
 
@@ -162,9 +163,10 @@ def add_malora_delta_native(
     """Semantics (as `dispatch.add_malora_delta`):
       y[i] += scale[s] * sum_{t in T_i} w_it B[s, t] (P[s, t] (S[s] x[i]))   for s = slots[i] != -1
       expert_counts[s, t] += 1 for t in T_i                                 when expert_counts is given
-    y [T, d_out] (in place), x [T, d_in], both on the CPU; computed in float32 (other dtypes are
-    converted on the way in and out). expert_counts: [num_slots, >= n_max] int64, counted by the
-    kernel itself (a few atomic adds per token: no cost worth deferring, unlike the torch path).
+    y [T, d_out] (in place), x [T, d_in], both on the CPU; computed in float32 with float32 or bfloat16 rows read
+    and written in place (other dtypes are converted on the way in and out). expert_counts: [num_slots, >= n_max]
+    int64, counted by the kernel itself (a few atomic adds per token: no cost worth deferring, unlike the torch
+    path).
     The kernel reads through raw pointers, so every shape is checked first (on cached ints: this
     runs for every adapted module of every step).
     """
@@ -187,12 +189,19 @@ def add_malora_delta_native(
                 and expert_counts.shape[0] == bank.num_slots and expert_counts.shape[1] >= bank_view.n_max):
             raise TypeError("the native kernel counts into an int64 CPU tensor [num_slots, >= n_max]")
         counts, ld_counts = expert_counts.data_ptr(), expert_counts.stride(0)
-    xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.to(torch.float32).contiguous()
-    direct = y.dtype == torch.float32 and y.stride(1) == 1 and y.stride(0) >= y.shape[1]  # rows do not overlap
+    # float32 and bfloat16 rows are read and written where they lie (bfloat16: widened per token in the kernel,
+    # the delta added with one rounding per element); other dtypes or layouts go through a float32 copy.
+    rows_dtype = ROWS_DTYPES.get(x.dtype) if x.dtype == y.dtype else None
+    direct = rows_dtype is not None and y.stride(1) == 1 and y.stride(0) >= y.shape[1]  # rows do not overlap
+    if direct:
+        xs = x if x.stride(1) == 1 else x.contiguous()
+    else:
+        xs = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.to(torch.float32).contiguous()
     out = y if direct else torch.zeros(y.shape, dtype=torch.float32)
     order, items = plan.pointers
-    status = kernel.delta(bank_view.address, xf.data_ptr(), xf.stride(0), out.data_ptr(), out.stride(0), order, items,
-                          plan.num_items, BLOCK, counts, ld_counts, torch.get_num_threads())
+    status = kernel.delta(bank_view.address, xs.data_ptr(), xs.stride(0), out.data_ptr(), out.stride(0),
+                          ROWS_DTYPES[out.dtype], order, items, plan.num_items, BLOCK, counts, ld_counts,
+                          torch.get_num_threads())
     if status != 0:
         raise ValueError("the native kernel found a slot of a weight dtype it does not read")
     if not direct:

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -83,6 +84,22 @@ struct BFloat16 {  // the high half of a float32
     return f;
   }
 };
+
+// float32 -> bfloat16, round to nearest even (NaN stays a quiet NaN), 16 at a time.
+inline void store_bf16(uint16_t* p, vf v) {
+  const vu bits = reinterpret_cast<const vu&>(v);
+  const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const vu nan = (bits & 0x7fffffffu) > 0x7f800000u;  // all ones where v is NaN
+  const vu out = (nan & ((bits >> 16) | 0x40u)) | (~nan & rounded);
+  *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(out, vh_unaligned);
+}
+
+inline uint16_t one_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 struct Float16 {
   using T = uint16_t;
@@ -290,10 +307,15 @@ struct Scratch {
   std::vector<float*> expert_y;
   std::vector<const float*> expert_coef;
   std::vector<int> expert_count;
+  std::vector<float> xbuf, ybuf;  // bfloat16 activations: [block, d_in] widened x, [block, d_out] delta
   int64_t block = 0;  // tokens per work item at most: the stride of expert_y and expert_coef
 
-  void fit(int64_t block_size, const Bank& bank) {
+  void fit(int64_t block_size, const Bank& bank, bool bf16_rows) {
     block = block_size;
+    if (bf16_rows) {
+      grow(xbuf, block * bank.d_in);
+      grow(ybuf, block * bank.d_out);
+    }
     grow(zl, block * bank.dp);
     grow(u, block * bank.up);
     grow(coef, block * bank.n_max * bank.r_max);
@@ -313,10 +335,16 @@ struct Scratch {
   }
 };
 
-template <class W>
-void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
+// Activations x and y: float32 rows, read and added to in place; or bfloat16 rows, x widened once per token into
+// the scratch, the delta accumulated there in float32 and added into y's row with one rounding per element.
+template <class W, class A>
+void run_item(const Bank& bank, const void* x_any, int64_t ldx, void* y_any, int64_t ldy, const int64_t* order,
               int32_t slot, int64_t start, int64_t end, int64_t* counts, int64_t ld_counts, Scratch& s) {
   using T = typename W::T;
+  using X = typename A::T;
+  constexpr bool kBf16Rows = !std::is_same<X, float>::value;
+  const X* x = static_cast<const X*>(x_any);
+  X* y = static_cast<X*>(y_any);
   const int32_t* meta = bank.meta + 5 * slot;
   const int d = meta[0], r = meta[1], n = meta[2], k = meta[3] < meta[2] ? meta[3] : meta[2];
   const float scale = bank.fmeta[3 * slot], inv_temperature = bank.fmeta[3 * slot + 1];
@@ -330,7 +358,19 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
   const int rows = static_cast<int>(end - start);
 
   // [z; logits] = [S; G] x for the block's tokens, then u = P z for every expert (N r d is cheap).
-  for (int i = 0; i < rows; ++i) s.xrows[i] = x + order[start + i] * ldx;
+  const int64_t d_in = bank.d_in, d_out = bank.d_out;
+  for (int i = 0; i < rows; ++i) {
+    const X* row = x + order[start + i] * ldx;
+    if constexpr (kBf16Rows) {
+      float* wide = s.xbuf.data() + i * d_in;
+      int64_t c = 0;
+      for (; c + kLanes <= d_in; c += kLanes) store(wide + c, A::vec(row + c));
+      for (; c < d_in; ++c) wide[c] = A::one(row[c]);
+      s.xrows[i] = wide;
+    } else {
+      s.xrows[i] = row;
+    }
+  }
   // Columns computed: the real widths rounded up to whole vectors (see Bank for the rows' stride).
   const int64_t sg_cols = round_up(d + n), u_cols = round_up(n * r);
   project<W>(s.xrows.data(), rows, sgt, d + n, bank.d_in, sg_cols, s.zl.data(), dp);
@@ -343,7 +383,13 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
     const float* logits = s.zl.data() + i * dp + d;
     for (int e = 0; e < n; ++e) s.scores[e] = (logits[e] + W::one(bias[e])) * inv_temperature;
     route(s.scores.data(), n, k, softmax_first, s.chosen.data(), s.weight.data());
-    float* y_row = y + order[start + i] * ldy;
+    float* y_row;
+    if constexpr (kBf16Rows) {
+      y_row = s.ybuf.data() + i * d_out;
+      std::memset(y_row, 0, sizeof(float) * d_out);
+    } else {
+      y_row = y + order[start + i] * ldy;
+    }
     for (int j = 0; j < k; ++j) {
       const int e = s.chosen[j];
       const float w = scale * s.weight[j];
@@ -365,6 +411,15 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
     up_project_all<W>(s.expert_y.data() + e * s.block, s.expert_coef.data() + e * s.block, s.expert_count[e],
                       bt + static_cast<int64_t>(e) * r * bank.d_out, r, bank.d_out);
   }
+  if constexpr (kBf16Rows) {  // y += delta, rounded once per element
+    for (int i = 0; i < rows; ++i) {
+      X* row = y + order[start + i] * ldy;
+      const float* delta = s.ybuf.data() + i * d_out;
+      int64_t c = 0;
+      for (; c + kLanes <= d_out; c += kLanes) store_bf16(row + c, A::vec(row + c) + load(delta + c));
+      for (; c < d_out; ++c) row[c] = one_bf16(A::one(row[c]) + delta[c]);
+    }
+  }
 }
 
 }  // namespace
@@ -372,38 +427,47 @@ void run_item(const Bank& bank, const float* x, int64_t ldx, float* y, int64_t l
 extern "C" {
 
 // Work items [n_items, 3] int64: (slot, start, end) over `order` (token rows of x and y grouped by
-// slot), each at most `block` tokens. counts: null, or [num_slots, ld_counts] int64 that gets +1 per
-// token and chosen expert. Returns 0, or 1 when a slot has an unknown dtype code (nothing is written
-// for its tokens).
-int malora_delta(const Bank* bank, const float* x, int64_t ldx, float* y, int64_t ldy, const int64_t* order,
-                 const int64_t* items, int64_t n_items, int64_t block, int64_t* counts, int64_t ld_counts,
-                 int num_threads) {
+// slot), each at most `block` tokens. x and y: rows of float32 (rows_dtype 0) or bfloat16 (1), strides in
+// elements. counts: null, or [num_slots, ld_counts] int64 that gets +1 per token and chosen expert.
+// Returns 0, or 1 when a slot has an unknown dtype code (nothing is written for its tokens).
+int malora_delta(const Bank* bank, const void* x, int64_t ldx, void* y, int64_t ldy, int rows_dtype,
+                 const int64_t* order, const int64_t* items, int64_t n_items, int64_t block, int64_t* counts,
+                 int64_t ld_counts, int num_threads) {
   (void)num_threads;  // unused where the file is built without OpenMP
+  if (rows_dtype != 0 && rows_dtype != 1) return 2;
   int status = 0;
 #pragma omp parallel num_threads(n_items > 1 && num_threads > 1 ? num_threads : 1)
   {
     static thread_local Scratch scratch;
-    scratch.fit(block, *bank);
+    scratch.fit(block, *bank, rows_dtype == 1);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t q = 0; q < n_items; ++q) {
       const int64_t* item = items + 3 * q;
       const int32_t slot = static_cast<int32_t>(item[0]);
       const int32_t* meta = bank->meta + 5 * slot;
       if (meta[3] <= 0) continue;  // inactive slot: its tokens get no delta
-      switch (meta[4]) {
-        case 0: run_item<Float32>(*bank, x, ldx, y, ldy, order, slot, item[1], item[2], counts, ld_counts, scratch);
+      const int weights = meta[4] >= 0 && meta[4] <= 2 ? meta[4] : -1;
+      if (weights < 0) {
+        __atomic_store_n(&status, 1, __ATOMIC_RELAXED);
+        continue;
+      }
+      // One instantiation per (weight dtype, activation dtype): 3 x 2.
+      const int which = weights * 2 + rows_dtype;
+      const int64_t a = item[1], b = item[2];
+      switch (which) {
+        case 0: run_item<Float32, Float32>(*bank, x, ldx, y, ldy, order, slot, a, b, counts, ld_counts, scratch); break;
+        case 1: run_item<Float32, BFloat16>(*bank, x, ldx, y, ldy, order, slot, a, b, counts, ld_counts, scratch); break;
+        case 2: run_item<BFloat16, Float32>(*bank, x, ldx, y, ldy, order, slot, a, b, counts, ld_counts, scratch); break;
+        case 3: run_item<BFloat16, BFloat16>(*bank, x, ldx, y, ldy, order, slot, a, b, counts, ld_counts, scratch);
                 break;
-        case 1: run_item<BFloat16>(*bank, x, ldx, y, ldy, order, slot, item[1], item[2], counts, ld_counts, scratch);
-                break;
-        case 2: run_item<Float16>(*bank, x, ldx, y, ldy, order, slot, item[1], item[2], counts, ld_counts, scratch);
-                break;
-        default: __atomic_store_n(&status, 1, __ATOMIC_RELAXED);
+        case 4: run_item<Float16, Float32>(*bank, x, ldx, y, ldy, order, slot, a, b, counts, ld_counts, scratch); break;
+        default: run_item<Float16, BFloat16>(*bank, x, ldx, y, ldy, order, slot, a, b, counts, ld_counts, scratch);
       }
     }
   }
   return status;
 }
 
-int malora_kernel_abi_version() { return 5; }
+int malora_kernel_abi_version() { return 6; }
 
 }  // extern "C"
