@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -65,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--compare-llama-cpp", type=Path, default=None, metavar="LLAMA_SERVER",
                         help="start malora-serve and this llama.cpp `llama-server` binary on the default model's "
                         "GGUF file (32 slots) and run the same load on each")
+    target.add_argument("--llama-cpp-args", default="", metavar="ARGS",
+                        help="more arguments for llama-server, one string (e.g. \"--no-repack\" where its weight "
+                        "repacking crashes: it did on this project's sandboxed Xeon)")
     target.add_argument("--compare-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="start malora-serve in --dtype and again in this dtype, the same load on each")
     target.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -207,7 +211,8 @@ def contenders(args: argparse.Namespace, dtype: str) -> list[Contender]:
             raise SystemExit(f"--compare-llama-cpp {binary}: not an executable file")
         # Its own GGUF (4.5-bit blocks), the form llama.cpp users serve; the context holds 32 slots of 512.
         found.append(Contender("llama.cpp", [str(binary), "-m", str(default_gguf_path()), "-np", str(LLAMA_CPP_SLOTS),
-                                             "-c", str(LLAMA_CPP_SLOTS * 512), "--log-disable"], "/health"))
+                                             "-c", str(LLAMA_CPP_SLOTS * 512), *shlex.split(args.llama_cpp_args)],
+                               "/health"))
     return found
 
 

@@ -43,6 +43,13 @@ def test_all_greedy_is_argmax_and_ties_go_to_lowest_id():
     assert out.token_ids[2] == 9
     assert out.logprobs is None and out.top_token_ids is None
     assert torch.equal(logits, before)
+    # A real vocabulary's width (the reduction is split across vector lanes and threads): still the lowest id.
+    wide = torch.randn(3, 49152)
+    wide[0, [40000, 17, 30001]] = 50.0
+    wide[1, [49151, 16, 15]] = 50.0
+    wide[2] = 1.0
+    out = Sampler([EOS])(wide, [seq(temperature=0) for _ in range(3)])
+    assert out.token_ids.tolist() == [17, 15, 0]
 
 
 @pytest.mark.parametrize(
