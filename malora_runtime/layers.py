@@ -48,12 +48,13 @@ class MaloraLinear(nn.Module):
         if self.adapter is not None:
             w = self.adapter
             spec = w.spec
-            flat = x.reshape(-1, x.shape[-1])
+            flat = x.reshape(-1, x.shape[-1]).to(w.S.dtype)  # the adapter's dtype: float32 over bfloat16 as served
             delta = malora_delta_dense(
                 flat, w.S, w.G, w.P, w.B, spec.scale, spec.top_k, w.router_bias,
                 spec.router_norm, spec.router_temperature,
             )
-            return y + delta.reshape(*y.shape[:-1], -1).to(y.dtype)
+            # One rounding into y's dtype, as the kernels add a float32 delta into bfloat16 rows.
+            return (y.to(delta.dtype) + delta.reshape(*y.shape[:-1], -1)).to(y.dtype)
         step = self.context
         token_slots = step.token_slots
         if self.bank is not None and token_slots is not None and token_slots.any_adapter:

@@ -27,9 +27,11 @@ def greedy_generate(
     adapter: MaloraAdapter | None,
     max_tokens: int,
     ignore_eos: bool = False,
+    delta_dtype: torch.dtype | None = None,
 ) -> list[int]:
-    """Greedy continuation of `prompt_ids` with `adapter` active; returns the new token ids."""
-    set_adapter(model, adapter)
+    """Greedy continuation of `prompt_ids` with `adapter` active (its delta in `delta_dtype`, default the
+    model's); returns the new token ids."""
+    set_adapter(model, adapter, delta_dtype)
     try:
         device = next(model.parameters()).device
         input_ids = torch.tensor([prompt_ids], device=device)

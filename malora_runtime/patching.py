@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from .adapters.format import MaloraAdapter
@@ -48,12 +49,13 @@ def target_paths(model_shapes: ModuleShapes, target_modules: Iterable[str]) -> l
     return [path for path in model_shapes if path.rsplit(".", 1)[-1] in targets]
 
 
-def set_adapter(model: nn.Module, adapter: MaloraAdapter | None) -> None:
-    """Make `adapter` the one active adapter (reference path); `None` returns to the base model."""
+def set_adapter(model: nn.Module, adapter: MaloraAdapter | None, delta_dtype: torch.dtype | None = None) -> None:
+    """Make `adapter` the one active adapter (reference path); `None` returns to the base model. The delta is
+    computed in `delta_dtype` (default: the model's; float32 over a bfloat16 model is what the engine serves)."""
     if adapter is not None:
         wrap_linears(model, adapter.modules)
     layers = wrapped_layers(model)
     param = next(model.parameters())
     for path, layer in layers.items():
         weights = adapter.modules.get(path) if adapter is not None else None
-        layer.adapter = None if weights is None else weights.to(param.device, param.dtype)
+        layer.adapter = None if weights is None else weights.to(param.device, delta_dtype or param.dtype)

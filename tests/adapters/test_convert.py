@@ -95,9 +95,9 @@ def test_peft_lora_matches_peft_logits_in_bfloat16(default_model, tmp_path: Path
     from malora_runtime.engine.model_runner import Chunk
     from malora_runtime.models.loader import load_model
 
-    model32, tokenizer, _ = default_model
-    directory = make_peft_adapter(model32, tmp_path / "peft", ["q_proj", "v_proj", "down_proj"], rank=8, alpha=16)
-    model, _, _ = load_model(None, dtype=torch.bfloat16)
+    _, tokenizer, _ = default_model
+    model, _, _ = load_model(None, dtype=torch.bfloat16)  # unwrapped: the session's model may carry our layers
+    directory = make_peft_adapter(model, tmp_path / "peft", ["q_proj", "v_proj", "down_proj"], rank=8, alpha=16)
     texts = ["The quick brown fox jumps over the lazy dog", "def fibonacci(n): return", "Paris is the capital of"]
     ids = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts]
     expected = [peft_logits(model, directory, i)[0, -1].float() for i in ids]  # before our layers wrap the model
