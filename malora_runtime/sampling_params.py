@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 # Below this temperature sampling is treated as greedy: dividing logits by ~0 overflows.
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (OpenAI names no bound; each costs a scatter per step)
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token, +100 all but forces it
 
 
 @dataclass(slots=True)
@@ -34,6 +36,8 @@ class SamplingParams:
     logprobs: int | None = None
     """None: none; 0: the sampled token's logprob only; k: plus the top-k alternatives."""
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to these token ids' logits before penalties and sampling (OpenAI's logit_bias)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +67,16 @@ class SamplingParams:
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs", f"None or in [0, {MAX_LOGPROBS}]", self.logprobs,
         )
+        self.logit_bias = dict(self.logit_bias)
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} entries",
+               f"{len(self.logit_bias)} entries")
+        _check(all(_is_int(t) and t >= 0 for t in self.logit_bias), "logit_bias", "keyed by token ids (ints >= 0)",
+               next((t for t in self.logit_bias if not (_is_int(t) and t >= 0)), None))
+        _check(all(isinstance(b, int | float) and not isinstance(b, bool) and -LOGIT_BIAS_RANGE <= b <= LOGIT_BIAS_RANGE
+                   for b in self.logit_bias.values()),
+               "logit_bias", f"values in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]",
+               next((b for b in self.logit_bias.values()
+                     if not (isinstance(b, int | float) and -LOGIT_BIAS_RANGE <= b <= LOGIT_BIAS_RANGE)), None))
 
     @property
     def greedy(self) -> bool:

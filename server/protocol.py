@@ -68,7 +68,8 @@ class SamplingFields(Body):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be absent or empty.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (a decimal string) -> bias in [-100, 100], added to its logit before sampling.")
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

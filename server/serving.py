@@ -204,8 +204,11 @@ def request_id(prefix: str) -> str:
 
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, settings: ServerSettings
                     ) -> SamplingParams:
-    if body.logit_bias:
-        raise invalid("logit_bias is not supported", param="logit_bias")
+    logit_bias: dict[int, float] = {}
+    for key, bias in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise invalid(f"logit_bias keys are token ids (decimal integers), got {key[:32]!r}", param="logit_bias")
+        logit_bias[int(key)] = bias
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > settings.max_stop_strings:
         raise invalid(f"at most {settings.max_stop_strings} stop strings, got {len(stops)}", param="stop")
@@ -225,7 +228,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
             repetition_penalty=body.repetition_penalty or defaults.repetition_penalty,
             frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
             seed=body.seed, stop=stops, stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
-            n=body.n, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
+            n=body.n, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens, logit_bias=logit_bias,
         )
     except ValueError as exc:
         raise from_sampling_error(exc) from None

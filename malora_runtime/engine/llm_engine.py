@@ -155,6 +155,8 @@ class LLMEngine:
             raise EngineRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise EngineRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise EngineRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         if adapter is not None and adapter not in self.runner.adapters.current:
             raise UnknownAdapterError(f"adapter {adapter!r} is not loaded")
 

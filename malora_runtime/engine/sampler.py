@@ -2,6 +2,7 @@
 
 Semantics (row i, logits x[i] of shape [V]):
   x = mask(x)          EOS/stop_token_ids -> -inf while num_output < min_tokens (EOS only if not ignore_eos)
+  x = x + logit_bias   OpenAI's per-token bias (-100 bans, +100 all but forces)
   x = penalise(x)      repetition (prompt+output: x/p if x > 0 else x*p), then
                        x -= frequency * count_out + presence * (count_out > 0)   (OpenAI)
   logprobs = log_softmax(x)            # "processed" logprobs: after penalties, BEFORE temperature/filters
@@ -9,7 +10,7 @@ Semantics (row i, logits x[i] of shape [V]):
   random:  x /= T; top_k; top_p; min_p; p = softmax(x); token = argmax(p / q), q ~ Exp(1)
 Exponential-race sampling draws q from the sequence's own generator when seeded, so a seeded row
 samples the same tokens whatever else is in the batch. Rows only pay for the features they use: an
-all-greedy batch without penalties, min_tokens or logprobs is a single argmax.
+all-greedy batch without penalties, min_tokens, logit_bias or logprobs is a single argmax.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class Sampler:
             return x
 
         self._mask_min_tokens(writable, seqs)
+        bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+        if bias_rows:
+            self._apply_logit_bias(writable(), params, bias_rows)
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
             self._apply_penalties(writable(), seqs, pen_rows)
@@ -101,6 +105,14 @@ class Sampler:
         if rows:
             x = writable()
             x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = float("-inf")
+
+    @staticmethod
+    def _apply_logit_bias(x: torch.Tensor, params: list, rows: list[int]) -> None:
+        row_ids = [i for i in rows for _ in params[i].logit_bias]
+        token_ids = [t for i in rows for t in params[i].logit_bias]
+        bias = [b for i in rows for b in params[i].logit_bias.values()]
+        x.index_put_((torch.tensor(row_ids, device=x.device), torch.tensor(token_ids, device=x.device)),
+                     torch.tensor(bias, dtype=x.dtype, device=x.device), accumulate=True)
 
     @staticmethod
     def _apply_penalties(x: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:

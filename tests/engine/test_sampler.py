@@ -213,3 +213,30 @@ def test_sampled_tokens_respect_every_filter(rows, seed):
             assert order.index(token) < r["top_k"]
         probs = torch.softmax(x / r["temperature"], -1)
         assert probs[token] >= r["min_p"] * probs.max() * 0.999 or r["top_k"] == 1
+
+
+def test_logit_bias_is_added_per_row_before_penalties_and_logprobs():
+    logits = rand_logits(3)
+    before = logits.clone()
+    top = int(logits[0].argmax())
+    low = int(logits[1].argmin())
+    seqs = [seq(temperature=0, logprobs=0, logit_bias={top: -100.0}),
+            seq(temperature=0, logprobs=0, logit_bias={low: 100.0, 3: -2.5}),
+            seq(temperature=0, logprobs=0)]
+    out = Sampler([EOS])(logits, seqs)
+    assert int(out.token_ids[0]) != top and int(out.token_ids[1]) == low
+    assert int(out.token_ids[2]) == int(logits[2].argmax())  # the row without a bias is untouched
+    biased = logits[1].clone()
+    biased[low] += 100.0
+    biased[3] -= 2.5
+    assert float(out.logprobs[1]) == pytest.approx(float(torch.log_softmax(biased, -1)[low]), abs=1e-5)
+    assert torch.equal(logits, before)
+    rows = logits[:1].repeat(16, 1)
+    sampled = Sampler([EOS])(rows, [seq(temperature=1.0, seed=s, logit_bias={top: -100.0}) for s in range(16)])
+    assert top not in sampled.token_ids.tolist()
+
+
+@pytest.mark.parametrize("bias", [{1: 100.5}, {-1: 1.0}, {1.5: 1.0}, {1: float("nan")}, {i: 1.0 for i in range(1025)}])
+def test_logit_bias_is_validated(bias):
+    with pytest.raises(ValueError, match="^logit_bias"):
+        SamplingParams(logit_bias=bias)

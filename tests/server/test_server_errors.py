@@ -28,7 +28,10 @@ BAD_PARAMS = [
     ("completions", {"stop": ""}, "stop"),
     ("completions", {"stop_token_ids": [-1]}, "stop_token_ids.0"),
     ("completions", {"seed": "abc"}, "seed"),
-    ("completions", {"logit_bias": {"1": 2.0}}, "logit_bias"),
+    ("completions", {"logit_bias": {"1": 100.5}}, "logit_bias"),
+    ("completions", {"logit_bias": {"49152": 1}}, "logit_bias"),  # past the default model's vocabulary
+    ("completions", {"logit_bias": {"-1": 1}}, "logit_bias"),
+    ("completions", {"logit_bias": {"token": 1}}, "logit_bias"),
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": [10**9]}, "prompt"),
     ("completions", {"ignore_eos": "maybe"}, "ignore_eos"),

@@ -36,7 +36,7 @@ HOSTILE: list[tuple[str, str, int, str | None]] = [
     ("/v1/completions", json.dumps({"prompt": "Hi", "n": 64, "max_tokens": 8000, "logprobs": 20}), 400,
      "max_tokens"),
     ("/v1/completions", "[" * 50_000 + "]" * 50_000, 400, None),
-    ("/v1/completions", json.dumps({"prompt": "Hi", "logit_bias": {"5": 100}}), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"prompt": "Hi", "logit_bias": {"5": 101, "x": 1}}), 400, "logit_bias"),
     ("/v1/completions", json.dumps({"model": "../../etc/passwd", "prompt": "Hi"}), 404, "model"),
     ("/v1/completions", json.dumps({"prompt": [[1, 2], [3, 10**7]]}), 400, "prompt"),
     ("/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2**31 - 1}), 400, "prompt"),
