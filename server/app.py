@@ -22,6 +22,7 @@ from .serving_adapters import AdaptersServing
 from .serving_chat import ChatServing
 from .serving_completions import CompletionServing
 from .serving_models import ModelsServing
+from .serving_tokenize import TokenizeServing
 from .settings import ServerSettings
 from .telemetry import Telemetry
 
@@ -55,6 +56,7 @@ def create_app(engine: EngineClient | None, settings: ServerSettings, adapters: 
     app.state.server = state
     app.state.completions = CompletionServing(state)
     app.state.chat = ChatServing(state)
+    app.state.tokenize = TokenizeServing(state)
     app.state.models = ModelsServing(state, int(time.time()))
     app.state.adapters = AdaptersServing(state)
     metrics = ServerMetrics(state.base_model if engine is not None else "base",

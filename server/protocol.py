@@ -346,3 +346,36 @@ class EngineStatsResponse(BaseModel):
     num_preemptions: int
     num_steps: int
     prefix_cache_hit_rate: float
+
+
+class TokenizeRequest(Body):
+    """vLLM's `/tokenize`: a completion prompt, or chat messages through the model's chat template."""
+
+    model: str | None = Field(None, description="The base model or an adapter (they share one tokenizer).")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="For `prompt`: the tokenizer's special tokens (BOS...).")
+    add_generation_prompt: bool = Field(True, description="For `messages`: end with the assistant's turn.")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[NonNegInt]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

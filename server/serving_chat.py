@@ -23,6 +23,7 @@ from .protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
+    ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
     ChatTopLogprob,
@@ -34,13 +35,11 @@ log = logging.getLogger(__name__)
 _ROLES = {"developer": "system"}
 
 
-def chat_prompt_ids(engine: EngineClient, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(engine: EngineClient, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
     """Token ids of the conversation after the model's chat template."""
-    messages = [{"role": _ROLES.get(m.role, m.role), "content": m.text()} for m in body.messages]
+    turns = [{"role": _ROLES.get(m.role, m.role), "content": m.text()} for m in messages]
     try:
-        ids = engine.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt, tokenize=True
-        )
+        ids = engine.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=True)
     except Exception as exc:  # the template rejects this conversation (jinja raise_exception)
         raise invalid(f"the chat template rejected the messages: {exc}", param="messages") from None
     if hasattr(ids, "keys"):
@@ -75,7 +74,8 @@ class ChatServing:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", param="top_logprobs")
         self.state.check_admissible(body.n)
-        prompt = await asyncio.to_thread(chat_prompt_ids, engine, body)  # a long conversation takes a while
+        # A long conversation takes a while to template and tokenize: off the event loop.
+        prompt = await asyncio.to_thread(chat_prompt_ids, engine, body.messages, body.add_generation_prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(prompt))
         params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                  self.state.settings)

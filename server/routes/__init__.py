@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import adapters, chat, completions, health, metrics, models
+from . import adapters, chat, completions, health, metrics, models, tokenize
 
 router = APIRouter()
-for module in (completions, chat, models, adapters, health, metrics):
+for module in (completions, chat, tokenize, models, adapters, health, metrics):
     router.include_router(module.router)
