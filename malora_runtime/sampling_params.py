@@ -38,6 +38,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Added to these token ids' logits before penalties and sampling (OpenAI's logit_bias)."""
+    grammar: str | None = None
+    """llguidance grammar the output must follow (`engine.structured`: e.g. a JSON schema's); None: free."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +69,7 @@ class SamplingParams:
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs", f"None or in [0, {MAX_LOGPROBS}]", self.logprobs,
         )
+        _check(self.grammar is None or isinstance(self.grammar, str), "grammar", "a string or None", self.grammar)
         self.logit_bias = dict(self.logit_bias)
         _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"at most {MAX_LOGIT_BIAS} entries",
                f"{len(self.logit_bias)} entries")

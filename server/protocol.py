@@ -56,6 +56,22 @@ class StreamOptions(Body):
     """Send a last chunk with no choices and the request's usage."""
 
 
+class JsonSchemaFormat(Body):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", populate_by_name=True)
+
+
+class ResponseFormat(Body):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(Body):
     """Fields shared by completions and chat; the last group are vLLM's extensions."""
 
@@ -70,6 +86,8 @@ class SamplingFields(Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id (a decimal string) -> bias in [-100, 100], added to its logit before sampling.")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the output is constrained to parse (and follow the schema).")
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

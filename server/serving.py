@@ -23,11 +23,12 @@ from malora_runtime.adapters.registry import (
     UnknownAdapterError,
 )
 from malora_runtime.engine.outputs import RequestOutput
+from malora_runtime.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, json_schema_grammar
 from malora_runtime.sampling_params import SamplingParams
 
 from .engine_client import EngineClient
 from .errors import APIError, from_sampling_error, invalid, not_ready, to_api_error
-from .protocol import SamplingFields, UsageInfo
+from .protocol import ResponseFormat, SamplingFields, UsageInfo
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,26 @@ def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def response_grammar(response_format: ResponseFormat | None) -> str | None:
+    """The grammar a response_format asks for (compiled once per distinct schema), or None for free text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        schema = JSON_OBJECT_SCHEMA
+    else:
+        spec = response_format.json_schema
+        if spec is None or spec.schema_ is None:
+            raise invalid("response_format of type json_schema needs json_schema.schema", param="response_format")
+        schema = spec.schema_
+    try:
+        return json_schema_grammar(schema)
+    except GrammarError as exc:
+        raise invalid(f"response_format: the schema cannot be used: {exc}", param="response_format") from None
+
+
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, settings: ServerSettings
                     ) -> SamplingParams:
+    grammar = response_grammar(body.response_format)
     logit_bias: dict[int, float] = {}
     for key, bias in (body.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit()):
@@ -229,6 +248,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
             frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
             seed=body.seed, stop=stops, stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
             n=body.n, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens, logit_bias=logit_bias,
+            grammar=grammar,
         )
     except ValueError as exc:
         raise from_sampling_error(exc) from None

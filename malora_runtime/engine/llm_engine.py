@@ -24,6 +24,7 @@ from .outputs import CompletionOutput, EngineStats, RequestOutput, ResidentAdapt
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, TokenLogprobs
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.scheduler = Scheduler(config, self.runner.num_blocks, self.max_model_len, self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
+        self.grammars = Grammars(tokenizer)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens computed in the last step (prefill chunks + decodes)
@@ -167,6 +169,13 @@ class LLMEngine:
         slot, cache_key = self.runner.adapters.acquire(adapter)
         seqs = [Sequence(request_id, prompt_ids, params, seq_index=i, adapter_name=adapter, adapter_slot=slot,
                          cache_key=cache_key) for i in range(params.n)]
+        if params.grammar is not None:
+            try:
+                for seq in seqs:
+                    seq.matcher = self.grammars.matcher(params.grammar)
+            except Exception:
+                self.runner.adapters.release(slot)
+                raise
         detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop) for _ in seqs]
         self.requests[request_id] = _Request(request_id, prompt_ids, seqs, detoks, [0] * len(seqs), slot)
         for seq in seqs:
@@ -264,6 +273,11 @@ class LLMEngine:
                 continue
             for i, token, lp in zip(group, out.token_ids.tolist(), out.token_logprobs(group_seqs)):
                 token_ids[i], logprobs[i] = token, lp
+        for seq, token in zip(seqs, token_ids):
+            constrained = seq.matcher is not None and token is not None and token not in self.eos_token_ids
+            if constrained and not seq.matcher.consume_token(token):  # the mask allowed it: the grammar's fault
+                log.error("request %s: token %d left its grammar: %s", seq.request_id, token, seq.matcher.get_error())
+                failed.setdefault(seq.request_id, "the output could not follow the requested format")
         return token_ids, logprobs
 
     def _fail(self, request_id: str, message: str) -> RequestOutput | None:

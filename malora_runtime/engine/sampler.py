@@ -5,12 +5,13 @@ Semantics (row i, logits x[i] of shape [V]):
   x = x + logit_bias   OpenAI's per-token bias (-100 bans, +100 all but forces)
   x = penalise(x)      repetition (prompt+output: x/p if x > 0 else x*p), then
                        x -= frequency * count_out + presence * (count_out > 0)   (OpenAI)
+  x = grammar(x)       tokens the sequence's grammar does not allow next -> -inf (engine.structured)
   logprobs = log_softmax(x)            # "processed" logprobs: after penalties, BEFORE temperature/filters
   greedy:  token = argmax(x)           # ties -> lowest id
   random:  x /= T; top_k; top_p; min_p; p = softmax(x); token = argmax(p / q), q ~ Exp(1)
 Exponential-race sampling draws q from the sequence's own generator when seeded, so a seeded row
 samples the same tokens whatever else is in the batch. Rows only pay for the features they use: an
-all-greedy batch without penalties, min_tokens, logit_bias or logprobs is a single argmax.
+all-greedy batch without penalties, min_tokens, logit_bias, grammars or logprobs is a single argmax.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from malora_runtime.engine.sequence import Sequence, TokenLogprobs
+from malora_runtime.engine.structured import Grammars
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ class Sampler:
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
             self._apply_penalties(writable(), seqs, pen_rows)
+        if any(s.matcher is not None for s in seqs):
+            Grammars.mask(writable(), [s.matcher for s in seqs])
 
         out = SamplerOutput(token_ids=first_max(x))
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -52,6 +52,7 @@ class Sequence:
     generator: torch.Generator | None = field(init=False, default=None)
     output_counts: dict[int, int] = field(init=False, default_factory=dict)  # output token -> count
     output_logprobs: list[TokenLogprobs] = field(init=False, default_factory=list)
+    matcher: object = field(init=False, default=None, repr=False)  # llguidance matcher of a constrained sequence
     _prompt_unique: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
