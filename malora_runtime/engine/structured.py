@@ -6,8 +6,10 @@ tokens its grammar allows next (one bitmask for the batch, filled row by row); a
 consumes its sequence's token. When a grammar is complete only EOS remains allowed, so the sequence ends with
 finish reason "stop". Rows without a grammar are untouched.
 
-Why llguidance: a Rust library with Python bindings and no dependencies, built for exactly this (per-token
-masks in ~tens of microseconds for JSON schemas; it is what vLLM and SGLang use as one of their backends).
+Why llguidance: a Rust library with Python bindings and no dependencies, built for exactly this, one of vLLM's
+and SGLang's backends. Measured here against xgrammar (scripts/grammar-mask-time.py, the default model's
+tokenizer, a 52-token JSON document, three runs each): per token, fill + unpack + mask as the sampler runs it,
+p50 78-102 us vs 191-197 us (xgrammar's own C++ apply); schema compile 1.4-2.4 ms vs 10.3-12.9 ms.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -75,14 +78,18 @@ class Grammars:
 
     @staticmethod
     def mask(x: torch.Tensor, matchers: list) -> None:
-        """x [B, V] float32, in place: rows whose matcher is not None keep only the tokens it allows."""
-        import llguidance.torch as llt
+        """x [B, V] float32, in place: rows whose matcher is not None keep only the tokens it allows.
 
+        Each matcher writes its row of a bitmask (bit j of int32 word w: token 32 w + j), unpacked with numpy.
+        Not llguidance.torch's helpers: importing that module took 1.3 s (torch.compile's machinery) and its
+        apply is a torch.compile'd function whose first call compiled for 2.2 s, both on the engine thread."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
-        bitmask = llt.allocate_token_bitmask(len(rows), x.shape[1])
+        vocab = x.shape[1]
+        bitmask = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.int32)
         for j, i in enumerate(rows):
-            llt.fill_next_token_bitmask(matchers[i], bitmask, j)
+            matchers[i].unsafe_compute_mask_ptr(bitmask[j].ctypes.data, bitmask[j].nbytes)
+        # Little-endian words: byte 4 w + k holds tokens 32 w + 8 k .. + 7, lowest bit first.
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
         index = torch.tensor(rows, device=x.device)
-        constrained = x.index_select(0, index)
-        llt.apply_token_bitmask_inplace(constrained, bitmask.to(x.device))
-        x.index_copy_(0, index, constrained)
+        banned = torch.from_numpy(allowed == 0).to(x.device)
+        x.index_copy_(0, index, x.index_select(0, index).masked_fill_(banned, float("-inf")))
