@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--output-len", type=Lengths.parse, default=Lengths(64, 64), help="N or LOW:HIGH tokens")
     load.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     load.add_argument("--temperature", type=float, default=0.0)
+    load.add_argument("--response-format", choices=["json"], default=None,
+                      help="run the load twice on --base-url: free, then every request with a JSON-schema "
+                      "response_format; prints the throughput ratio")
     load.add_argument("--no-stream", action="store_true", help="no streaming (then no TTFT or ITL)")
     load.add_argument("--warmup", type=int, default=2, help="short requests before the run, not counted")
     load.add_argument("--seed", type=int, default=0)
@@ -188,6 +191,12 @@ class Contender:
 
 
 LLAMA_CPP_SLOTS = 32
+# `--response-format json`: a record with bounded fields, so that constrained outputs end by themselves.
+BENCH_RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "bench", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "required": ["title", "rating", "tags"],
+    "properties": {"title": {"type": "string", "maxLength": 48}, "rating": {"type": "integer", "minimum": 1,
+                                                                              "maximum": 5},
+                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3}}}}}
 
 
 def contenders(args: argparse.Namespace, dtype: str) -> list[Contender]:
@@ -260,10 +269,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         target = LoadTarget(args.base_url, args.api_key, extra={"temperature": args.temperature,
                                                                  "ignore_eos": True if args.ignore_eos else None})
-        summary, results = measure(args, target, args.model or base_model_of(args.base_url, args.api_key),
-                                   args.base_url)
+        model = args.model or base_model_of(args.base_url, args.api_key)
+        summary, results = measure(args, target, model, args.base_url)
         _out(format_summary(summary, f"== {args.base_url}"))
         report = {"summary": summary.to_dict(), "requests": [asdict(r) for r in results]}
+        if args.response_format:  # the same load again, every request constrained to BENCH_SCHEMA
+            constrained = LoadTarget(args.base_url, args.api_key,
+                                     extra={**target.extra, "response_format": BENCH_RESPONSE_FORMAT})
+            with_format, _ = measure(args, constrained, model, f"{args.base_url} (response_format)")
+            _out(format_summary(with_format, f"== {args.base_url}, response_format json_schema"))
+            ratio = with_format.output_throughput / summary.output_throughput if summary.output_throughput else None
+            report["constrained"] = {"summary": with_format.to_dict(), "throughput_ratio": ratio}
+            _out(f"output throughput with response_format / without: {ratio or 0:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.plot and results:

@@ -129,3 +129,15 @@ def test_bench_serve_refuses_a_llama_server_that_is_not_executable(malora, tmp_p
     missing = tmp_path / "llama-server"
     result = malora("bench", "serve", "--compare-llama-cpp", str(missing), "--num-requests", "1", check=False)
     assert result.returncode != 0 and "not an executable file" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_serve_measures_response_format_against_free_output(malora, tmp_path):
+    out = tmp_path / "rf.json"
+    run = malora("bench", "serve", "--response-format", "json", "--num-requests", "4", "--concurrency", "2",
+                 "--output-len", "80", "--warmup", "0", "--no-progress", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["summary"]["completed"] == 4 and report["constrained"]["summary"]["completed"] == 4
+    assert report["constrained"]["throughput_ratio"] > 0
+    assert "output throughput with response_format / without" in run.stdout
