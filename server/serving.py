@@ -223,6 +223,10 @@ def response_grammar(response_format: ResponseFormat | None) -> str | None:
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, settings: ServerSettings
                     ) -> SamplingParams:
     grammar = response_grammar(body.response_format)
+    if grammar is not None and (body.ignore_eos or body.min_tokens):
+        # A complete grammar allows only EOS next: ignore_eos would fill max_tokens with EOS, and min_tokens would
+        # mask the one token left (every logit -inf).
+        raise invalid("response_format cannot be combined with ignore_eos or min_tokens", param="response_format")
     logit_bias: dict[int, float] = {}
     for key, bias in (body.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit()):

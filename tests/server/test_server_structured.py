@@ -108,3 +108,14 @@ def test_bad_formats_are_400s(client, live_server, bad):
         client.chat.completions.create(model=live_server.base_model, messages=[{"role": "user", "content": "x"}],
                                        max_tokens=4, response_format=bad)
     assert refused.value.body["param"].startswith("response_format")
+
+
+@pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_tokens": 3}])
+def test_format_with_ignore_eos_or_min_tokens_is_refused_and_the_server_keeps_serving(client, live_server, extra):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=live_server.base_model, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=4, response_format={"type": "json_object"}, extra_body=extra)
+    assert refused.value.body["param"] == "response_format"
+    answer = client.chat.completions.create(model=live_server.base_model, max_tokens=2,
+                                            messages=[{"role": "user", "content": "x"}])
+    assert answer.choices[0].finish_reason in ("length", "stop")
