@@ -11,10 +11,10 @@ from typing import Any, Protocol
 from malora_runtime.adapters.format import MaloraAdapter
 from malora_runtime.adapters.registry import HostAdapter
 from malora_runtime.engine.async_engine import RequestRecord
-from malora_runtime.engine.outputs import EngineStats, RequestOutput, ResidentAdapter
+from malora_runtime.engine.outputs import EngineStats, RequestOutput, ResidentAdapter, StepRecord
 from malora_runtime.sampling_params import SamplingParams
 
-StepListener = Callable[[float, int, int], None]  # (seconds, tokens computed, sequences) per step
+StepListener = Callable[[StepRecord], None]
 
 
 class EngineClient(Protocol):
@@ -60,6 +60,11 @@ class EngineClient(Protocol):
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_in, d_out) of every linear module an adapter may target."""
+        ...
+
+    async def prepare_grammar(self, grammar: str) -> float | None:
+        """Compile an llguidance grammar off the engine thread (cached): seconds taken, None when cached.
+        Raises `GrammarError` for one that cannot be used."""
         ...
 
     def add_step_listener(self, listener: StepListener) -> None: ...

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from malora_runtime.engine.async_engine import RequestRecord
+from malora_runtime.engine.outputs import StepRecord
 
 OTHER = "other"
 # Log-spaced buckets wide enough for a GPU (milliseconds) and this CPU (tens of seconds).
@@ -32,6 +33,7 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 STEP_SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GRAMMAR_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 
@@ -89,6 +91,13 @@ class ServerMetrics:
                                      ["adapter", "expert"], registry=r)
         self.router_balance = Gauge("malora_router_balance", "Normalised entropy of the adapter's expert routing "
                                     "(1 = perfectly balanced)", ["adapter"], registry=r)
+        self.constrained_requests = Counter("malora_constrained_requests", "Requests whose output follows a grammar, "
+                                            "by kind (json_object, json_schema, regex, choice, grammar, tools)",
+                                            ["kind"], registry=r)
+        self.grammar_compile = Histogram("malora_grammar_compile_seconds", "Compiling a grammar not in the cache "
+                                         "(off the engine thread)", buckets=GRAMMAR_BUCKETS, registry=r)
+        self.grammar_mask = Histogram("malora_grammar_mask_seconds", "Masking the constrained rows' logits, per "
+                                      "engine step that has any", buckets=GRAMMAR_BUCKETS, registry=r)
         self._routing: dict[str, list[float]] = {}
         self.recent: deque[tuple[float, RequestRecord]] = deque(maxlen=2000)
         self._state_collector: Callable[[], list[Any]] | None = None
@@ -121,10 +130,18 @@ class ServerMetrics:
         label = self.adapter_label(adapter) if adapter is None or self.is_known(adapter) else OTHER
         self.requests.labels(label, endpoint, str(status)).inc()
 
-    def observe_step(self, seconds: float, tokens: int, seqs: int) -> None:
-        self.step_tokens.observe(tokens)
-        self.step_seqs.observe(seqs)
-        self.step_seconds.inc(seconds)
+    def observe_step(self, step: StepRecord) -> None:
+        self.step_tokens.observe(step.tokens)
+        self.step_seqs.observe(step.seqs)
+        self.step_seconds.inc(step.seconds)
+        if step.constrained_seqs:
+            self.grammar_mask.observe(step.grammar_mask_seconds)
+
+    def observe_constrained(self, kind: str, compile_seconds: float | None) -> None:
+        """A request admitted with a grammar of `kind`; `compile_seconds` when its grammar was not cached."""
+        self.constrained_requests.labels(kind).inc()
+        if compile_seconds is not None:
+            self.grammar_compile.observe(compile_seconds)
 
     def observe_routing(self, counts: dict[str, list[int]]) -> None:
         for name, per_expert in counts.items():

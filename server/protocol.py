@@ -72,6 +72,18 @@ class ResponseFormat(Body):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(Body):
+    """vLLM's `structured_outputs`: at most one constraint on the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (or its text).")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="A Lark grammar (llguidance's dialect) or a GBNF grammar.")
+    json_object: bool | None = None
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", populate_by_name=True)
+
+
 class SamplingFields(Body):
     """Fields shared by completions and chat; the last group are vLLM's extensions."""
 
@@ -88,6 +100,12 @@ class SamplingFields(Body):
         None, description="Token id (a decimal string) -> bias in [-100, 100], added to its logit before sampling.")
     response_format: ResponseFormat | None = Field(
         None, description="json_object or json_schema: the output is constrained to parse (and follow the schema).")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constraints: json (a schema), regex, choice, grammar or json_object.")
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -129,10 +147,27 @@ class TextPart(Body):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+MAX_TOOLS = 128
+
+
+class FunctionCall(Body):
+    name: str = Field(..., max_length=64)
+    arguments: str = Field(..., description="The arguments as a JSON text.")
+
+
+class ToolCall(Body):
+    id: str = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="The calls an assistant turn made.")
+    tool_call_id: str | None = Field(None, description="Which call a tool turn answers.")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -140,8 +175,34 @@ class ChatMessage(Body):
         return self.content or ""
 
 
+class FunctionDefinition(Body):
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object.")
+    strict: bool | None = None
+
+
+class ChatTool(Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or a named function; required and "
+        "named choices are enforced by a grammar.")
+    parallel_tool_calls: bool = Field(True, description="Allow more than one call in a turn.")
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -193,9 +254,21 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -216,9 +289,24 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call: the first of each call carries its id and name, the rest argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -23,13 +23,14 @@ from malora_runtime.adapters.registry import (
     UnknownAdapterError,
 )
 from malora_runtime.engine.outputs import RequestOutput
-from malora_runtime.engine.structured import JSON_OBJECT_SCHEMA, GrammarError, json_schema_grammar
+from malora_runtime.engine.structured import GrammarError
 from malora_runtime.sampling_params import SamplingParams
 
 from .engine_client import EngineClient
 from .errors import APIError, from_sampling_error, invalid, not_ready, to_api_error
-from .protocol import ResponseFormat, SamplingFields, UsageInfo
+from .protocol import SamplingFields, UsageInfo
 from .settings import ServerSettings
+from .structured_outputs import Constraint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,8 @@ class ServerState:
     engine: EngineClient | None = None
     adapters: AdapterManager | None = None
     served_model_name: str | None = None
+    on_constrained: Callable[[str, float | None], None] | None = None
+    """Told (kind, compile seconds or None when cached) of each request admitted with a grammar (metrics)."""
     num_admitted: int = 0
     """Sequences of requests accepted and not yet finished (bounded by settings.max_admitted)."""
     draining: bool = False
@@ -83,6 +86,21 @@ class ServerState:
         except AdapterError as exc:  # API callers get the reason, not the server's directories
             raise APIError(400, self.adapters.public_message(str(exc)), param="model",
                            code="invalid_adapter") from None
+
+    async def prepare_constraint(self, constraint: Constraint | None) -> PreparedConstraint | None:
+        """Build and compile the grammar of `constraint` in worker threads (the request waits; the batch does
+        not); 400 naming the field when it cannot be used."""
+        if constraint is None:
+            return None
+        engine = self.require_engine()
+        try:
+            grammar = await asyncio.to_thread(constraint.build)
+            seconds = await engine.prepare_grammar(grammar)
+        except GrammarError as exc:
+            raise invalid(f"{constraint.param}: cannot be used: {exc}", param=constraint.param) from None
+        if self.on_constrained is not None:
+            self.on_constrained(constraint.kind, seconds)
+        return PreparedConstraint(constraint.kind, constraint.param, grammar)
 
     def check_admissible(self, num_seqs: int, param: str = "n") -> None:
         """400 for a request of more sequences than the queue could ever admit at once."""
@@ -124,6 +142,13 @@ class ServerState:
         response.headers.update(adapter_headers(host))
         with reservation:
             return await until_disconnect(raw, within_deadline(run.response(), deadline))
+
+
+@dataclass(frozen=True)
+class PreparedConstraint:
+    kind: str
+    param: str
+    grammar: str  # compiled and cached by the engine
 
 
 @dataclass
@@ -203,30 +228,13 @@ def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def response_grammar(response_format: ResponseFormat | None) -> str | None:
-    """The grammar a response_format asks for (compiled once per distinct schema), or None for free text."""
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        schema = JSON_OBJECT_SCHEMA
-    else:
-        spec = response_format.json_schema
-        if spec is None or spec.schema_ is None:
-            raise invalid("response_format of type json_schema needs json_schema.schema", param="response_format")
-        schema = spec.schema_
-    try:
-        return json_schema_grammar(schema)
-    except GrammarError as exc:
-        raise invalid(f"response_format: the schema cannot be used: {exc}", param="response_format") from None
-
-
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, settings: ServerSettings
-                    ) -> SamplingParams:
-    grammar = response_grammar(body.response_format)
-    if grammar is not None and (body.ignore_eos or body.min_tokens):
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, settings: ServerSettings,
+                    constraint: PreparedConstraint | None = None) -> SamplingParams:
+    grammar = constraint.grammar if constraint is not None else None
+    if constraint is not None and (body.ignore_eos or body.min_tokens):
         # A complete grammar allows only EOS next: ignore_eos would fill max_tokens with EOS, and min_tokens would
         # mask the one token left (every logit -inf).
-        raise invalid("response_format cannot be combined with ignore_eos or min_tokens", param="response_format")
+        raise invalid(f"{constraint.param} cannot be combined with ignore_eos or min_tokens", param=constraint.param)
     logit_bias: dict[int, float] = {}
     for key, bias in (body.logit_bias or {}).items():
         if not (key.isascii() and key.isdigit()):

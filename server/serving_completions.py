@@ -17,6 +17,7 @@ from .engine_client import EngineClient
 from .errors import invalid, to_api_error
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .serving import ServerState, TokenText, UsageCounter, merged_outputs, request_id, sampling_params, sse
+from .structured_outputs import request_constraint
 
 
 class CompletionLogprobsBuilder:
@@ -51,7 +52,8 @@ class CompletionServing:
                      ) -> CompletionResponse | StreamingResponse:
         engine = self.state.require_engine()
         host = await self.state.resolve_adapter(body.model)
-        params = sampling_params(body, body.max_tokens or 16, body.logprobs, self.state.settings)
+        constraint = await self.state.prepare_constraint(request_constraint(body))
+        params = sampling_params(body, body.max_tokens or 16, body.logprobs, self.state.settings, constraint)
         num_prompts = 1 if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else len(body.prompt)
         self.state.check_admissible(params.n * num_prompts, param="prompt" if num_prompts > 1 else "n")
         prompts, texts = await asyncio.to_thread(self._prompts, engine, body.prompt)

@@ -31,6 +31,7 @@ class Telemetry:
         self._last_routing = 0.0
         metrics.set_state_collector(self._families)
         metrics.is_known = self.is_known_model
+        state.on_constrained = metrics.observe_constrained
         engine = state.engine
         if engine is not None:
             engine.add_request_listener(metrics.observe_request)

@@ -88,9 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--output-len", type=Lengths.parse, default=Lengths(64, 64), help="N or LOW:HIGH tokens")
     load.add_argument("--ignore-eos", action="store_true", help="always generate the full output length")
     load.add_argument("--temperature", type=float, default=0.0)
-    load.add_argument("--response-format", choices=["json"], default=None,
+    load.add_argument("--response-format", choices=sorted(BENCH_RESPONSE_FORMATS), default=None,
                       help="run the load twice on --base-url: free, then every request with a JSON-schema "
-                      "response_format; prints the throughput ratio")
+                      "response_format (json: a bounded record that ends by itself; json-list: a list of records "
+                      "that runs to the output length, as free text does); prints the throughput ratio")
     load.add_argument("--no-stream", action="store_true", help="no streaming (then no TTFT or ITL)")
     load.add_argument("--warmup", type=int, default=2, help="short requests before the run, not counted")
     load.add_argument("--seed", type=int, default=0)
@@ -191,12 +192,17 @@ class Contender:
 
 
 LLAMA_CPP_SLOTS = 32
-# `--response-format json`: a record with bounded fields, so that constrained outputs end by themselves.
-BENCH_RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "bench", "strict": True, "schema": {
-    "type": "object", "additionalProperties": False, "required": ["title", "rating", "tags"],
-    "properties": {"title": {"type": "string", "maxLength": 48}, "rating": {"type": "integer", "minimum": 1,
-                                                                              "maximum": 5},
-                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3}}}}}
+# `--response-format json`: a record with bounded fields, so that constrained outputs end by themselves (shorter
+# than free text: the ratio then also counts the prefill of more requests per token). `json-list`: a list of such
+# records, unbounded, so that constrained outputs run to the output length as the free ones do: the same tokens,
+# the ratio is the constraint's own cost.
+BENCH_RECORD = {"type": "object", "additionalProperties": False, "required": ["title", "rating", "tags"],
+                "properties": {"title": {"type": "string", "maxLength": 48},
+                               "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                               "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3}}}
+BENCH_RESPONSE_FORMATS = {
+    name: {"type": "json_schema", "json_schema": {"name": "bench", "strict": True, "schema": schema}}
+    for name, schema in (("json", BENCH_RECORD), ("json-list", {"type": "array", "items": BENCH_RECORD}))}
 
 
 def contenders(args: argparse.Namespace, dtype: str) -> list[Contender]:
@@ -273,9 +279,9 @@ def run(args: argparse.Namespace) -> int:
         summary, results = measure(args, target, model, args.base_url)
         _out(format_summary(summary, f"== {args.base_url}"))
         report = {"summary": summary.to_dict(), "requests": [asdict(r) for r in results]}
-        if args.response_format:  # the same load again, every request constrained to BENCH_SCHEMA
-            constrained = LoadTarget(args.base_url, args.api_key,
-                                     extra={**target.extra, "response_format": BENCH_RESPONSE_FORMAT})
+        if args.response_format:  # the same load again, every request constrained to the schema
+            constrained = LoadTarget(args.base_url, args.api_key, extra={
+                **target.extra, "response_format": BENCH_RESPONSE_FORMATS[args.response_format]})
             with_format, _ = measure(args, constrained, model, f"{args.base_url} (response_format)")
             _out(format_summary(with_format, f"== {args.base_url}, response_format json_schema"))
             ratio = with_format.output_throughput / summary.output_throughput if summary.output_throughput else None

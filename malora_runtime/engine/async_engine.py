@@ -29,11 +29,11 @@ from ..sampling_params import SamplingParams
 from .adapter_slots import NoFreeSlotError
 from .errors import EngineShutdownError, RequestFailedError, UnknownAdapterError
 from .llm_engine import LLMEngine
-from .outputs import EngineStats, RequestOutput, ResidentAdapter
+from .outputs import EngineStats, RequestOutput, ResidentAdapter, StepRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-StepListener = Callable[[float, int, int], None]  # (seconds, tokens computed, sequences) per step
+StepListener = Callable[[StepRecord], None]
 
 
 @dataclass
@@ -210,7 +210,10 @@ class AsyncEngine:
             self.last_step_time = time.time()
             self.last_progress = time.monotonic()
             if self.engine.num_steps > steps_before:
-                self._notify(self.step_listeners, elapsed, self.engine.last_step_tokens, self.engine.last_step_seqs)
+                engine = self.engine
+                self._notify(self.step_listeners, StepRecord(elapsed, engine.last_step_tokens, engine.last_step_seqs,
+                                                             engine.last_step_mask_seconds,
+                                                             engine.last_step_constrained))
             for output in outputs:
                 if output.error is not None:
                     self._deliver(RequestFailedError(output.error), output.request_id)
@@ -351,6 +354,12 @@ class AsyncEngine:
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_in, d_out) of every linear module an adapter may target, by module path."""
         return linear_shapes(self.engine.runner.model)
+
+    async def prepare_grammar(self, grammar: str) -> float | None:
+        """Compile `grammar` for this tokenizer in a worker thread (never the engine's, so the batch keeps
+        stepping); the seconds it took, None when it was cached. Raises GrammarError."""
+        seconds = await asyncio.to_thread(self.engine.grammars.prepare, grammar)
+        return seconds or None
 
     def add_step_listener(self, listener: StepListener) -> None:
         self.step_listeners.append(listener)

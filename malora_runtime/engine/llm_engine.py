@@ -97,6 +97,8 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens computed in the last step (prefill chunks + decodes)
         self.last_step_seqs = 0  # sequences in the last step
+        self.last_step_mask_seconds = 0.0  # grammar masks in the last step
+        self.last_step_constrained = 0  # sampled rows with a grammar in the last step
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -213,7 +215,10 @@ class LLMEngine:
         failed: dict[str, str] = {}
         sampled_seqs = scheduled.sampled_seqs
         rows = self._forward(scheduled.scheduled, failed)
+        mask_before = self.sampler.grammar_mask.seconds
         token_ids, logprobs = self._sample(rows, sampled_seqs, failed)
+        self.last_step_mask_seconds = self.sampler.grammar_mask.seconds - mask_before
+        self.last_step_constrained = sum(s.matcher is not None for s in sampled_seqs)
         failures = [self._fail(request_id, message) for request_id, message in failed.items()]
         # Rows of failed requests carry placeholders: their sequences are finished, postprocess skips them.
         self.scheduler.postprocess(scheduled, [t if t is not None else 0 for t in token_ids], logprobs)

@@ -52,6 +52,17 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """What one engine step did, for step listeners (metrics)."""
+
+    seconds: float
+    tokens: int  # computed: prefill chunks + decodes
+    seqs: int
+    grammar_mask_seconds: float = 0.0  # masking constrained rows' logits to their grammars
+    constrained_seqs: int = 0  # sampled rows that carry a grammar
+
+
+@dataclass(frozen=True)
 class ResidentAdapter:
     """An adapter version in an engine slot, as the engine's clients see it."""
 

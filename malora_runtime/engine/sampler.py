@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from malora_runtime.engine.sequence import Sequence, TokenLogprobs
-from malora_runtime.engine.structured import Grammars
+from malora_runtime.engine.structured import GrammarMask
 
 
 @dataclass(slots=True)
@@ -59,6 +59,7 @@ def first_max(x: torch.Tensor) -> torch.Tensor:
 class Sampler:
     def __init__(self, eos_token_ids: Iterable[int] = ()) -> None:
         self.eos_token_ids = sorted(set(eos_token_ids))
+        self.grammar_mask = GrammarMask()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V] for the rows of `seqs` (one sampled token each). Does not modify `logits`."""
@@ -81,7 +82,7 @@ class Sampler:
         if pen_rows:
             self._apply_penalties(writable(), seqs, pen_rows)
         if any(s.matcher is not None for s in seqs):
-            Grammars.mask(writable(), [s.matcher for s in seqs])
+            self.grammar_mask(writable(), [s.matcher for s in seqs])
 
         out = SamplerOutput(token_ids=first_max(x))
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -1,10 +1,16 @@
 """Grammar-constrained decoding, per sequence, inside the batched sampler (llguidance).
 
-A request may carry a grammar (`SamplingParams.grammar`: llguidance's JSON grammar text, e.g. from a JSON schema);
-each of its sequences gets its own matcher. Before sampling, every constrained row's logits are masked to the
-tokens its grammar allows next (one bitmask for the batch, filled row by row); after sampling, each matcher
-consumes its sequence's token. When a grammar is complete only EOS remains allowed, so the sequence ends with
-finish reason "stop". Rows without a grammar are untouched.
+A request may carry a grammar (`SamplingParams.grammar`: llguidance's grammar text, built here from a JSON schema,
+a regex, a list of choices or a Lark/GBNF grammar); each of its sequences gets its own matcher. Before sampling,
+every constrained row's logits are masked to the tokens its grammar allows next (one bitmask for the batch, the
+rows filled in parallel by llguidance's executor); after sampling, each matcher consumes its sequence's token.
+When a grammar is complete only EOS remains allowed, so the sequence ends with finish reason "stop". Rows without a
+grammar are untouched.
+
+Compiling a grammar against the tokenizer (`Grammars.prepare`) runs on the caller's thread, never the engine's:
+the server prepares a request's grammar in a worker thread before admitting it, so a request whose grammar is
+still compiling waits without stalling the batch. Prepared grammars are cached (LRU); the engine gives each
+sequence a copy of the prepared matcher (~13 us).
 
 Why llguidance: a Rust library with Python bindings and no dependencies, built for exactly this, one of vLLM's
 and SGLang's backends. Measured here against xgrammar (scripts/grammar-mask-time.py, the default model's
@@ -17,6 +23,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,51 +34,118 @@ import torch
 
 log = logging.getLogger(__name__)
 
+MAX_GRAMMAR_SOURCE_CHARS = 64 * 1024
+"""The largest schema (as JSON), regex or grammar text a request may give; larger ones are refused before any
+compile (llguidance's own limits bound the rest: grammar size, lexer states, work per token)."""
+MAX_CHOICES = 1024
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+
 
 class GrammarError(ValueError):
-    """A schema or grammar llguidance cannot compile; the message names why."""
+    """A schema or grammar llguidance cannot compile, or one too large; the message names why."""
+
+
+def _bounded(source: str, what: str) -> str:
+    if len(source) > MAX_GRAMMAR_SOURCE_CHARS:
+        raise GrammarError(f"the {what} is {len(source)} characters; at most {MAX_GRAMMAR_SOURCE_CHARS}")
+    return source
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(schema_json: str) -> str:
+def _grammar(kind: str, source: str) -> str:
     import llguidance
 
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.loads(schema_json))
-    error = llguidance.LLMatcher.validate_grammar(grammar)
+    try:
+        if kind == "json_schema":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.loads(source))
+        elif kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(source)
+        elif kind == "lark":
+            grammar = llguidance.grammar_from("grammar", source)  # Lark, or GBNF (llama.cpp's) converted
+        else:
+            raise AssertionError(kind)
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except GrammarError:
+        raise
+    except Exception as exc:  # llguidance rejects the source itself
+        raise GrammarError(str(exc)) from None
     if error:
         raise GrammarError(error)
     return grammar
 
 
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""llguidance's JSON layout unless a schema sets its own `x-guidance`: one line, fixed separators. With flexible
+whitespace the default model broke lines mid-value and could spend its tokens on blank space."""
+
+
+def compact(schema: dict[str, Any]) -> dict[str, Any]:
+    return schema if "x-guidance" in schema else {**schema, "x-guidance": COMPACT_JSON}
+
+
 def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """llguidance's grammar for a JSON schema, compiled and checked once per distinct schema (cached)."""
-    try:
-        return _compiled(json.dumps(schema, sort_keys=True))
-    except GrammarError:
-        raise
-    except Exception as exc:  # llguidance rejects the schema itself
-        raise GrammarError(str(exc)) from None
+    """llguidance's grammar for a JSON schema, built and checked once per distinct schema (cached)."""
+    return _grammar("json_schema", _bounded(json.dumps(compact(schema), sort_keys=True), "schema"))
 
 
-JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+def regex_grammar(pattern: str) -> str:
+    """Output matching `pattern` in full (Rust regex syntax, as llguidance reads it)."""
+    return _grammar("regex", _bounded(pattern, "regex"))
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """Output that is exactly one of `choices`."""
+    if not choices or len(choices) > MAX_CHOICES:
+        raise GrammarError(f"give between 1 and {MAX_CHOICES} choices, got {len(choices)}")
+    if any(not isinstance(c, str) or not c for c in choices):
+        raise GrammarError("choices must be non-empty strings")
+    return lark_grammar("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+
+
+def lark_grammar(text: str) -> str:
+    """A Lark grammar (llguidance's dialect, which embeds JSON schemas as `%json {...}`) or a GBNF grammar."""
+    return _grammar("lark", _bounded(text, "grammar"))
 
 
 class Grammars:
-    """The tokenizer's llguidance view (built on first use: a few hundred ms) and the batch's masks."""
+    """The tokenizer's llguidance view and prepared matchers by grammar (LRU).
 
-    def __init__(self, tokenizer) -> None:
+    `prepare` and `matcher` may be called from any thread."""
+
+    def __init__(self, tokenizer, cache_size: int = 256) -> None:
         self.hf_tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         self._ll_tokenizer = None
+        self._prepared: OrderedDict[str, Any] = OrderedDict()
 
     @property
     def ll_tokenizer(self):
-        if self._ll_tokenizer is None:
-            import llguidance.hf
+        """Built on first use (0.35 s for the default model's tokenizer): by `prepare`, off the engine thread."""
+        with self._tokenizer_lock:  # not self._lock: the engine thread takes that one for a copy meanwhile
+            if self._ll_tokenizer is None:
+                import llguidance.hf
 
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer)
-        return self._ll_tokenizer
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer)
+            return self._ll_tokenizer
 
-    def matcher(self, grammar: str):
+    def prepare(self, grammar: str) -> float:
+        """Compile `grammar` against the tokenizer unless it is cached; the seconds it took (0.0 when cached).
+        Raises GrammarError naming why it cannot be used."""
+        with self._lock:
+            if grammar in self._prepared:
+                self._prepared.move_to_end(grammar)
+                return 0.0
+        started = time.perf_counter()
+        matcher = self._compile(grammar)
+        with self._lock:
+            self._prepared[grammar] = matcher
+            while len(self._prepared) > self.cache_size:
+                self._prepared.popitem(last=False)
+        return time.perf_counter() - started
+
+    def _compile(self, grammar: str):
         import llguidance
 
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar)
@@ -76,20 +153,41 @@ class Grammars:
             raise GrammarError(matcher.get_error())
         return matcher
 
-    @staticmethod
-    def mask(x: torch.Tensor, matchers: list) -> None:
+    def matcher(self, grammar: str):
+        """A fresh matcher at the start of `grammar`: a copy of the prepared one, else compiled now."""
+        with self._lock:
+            prepared = self._prepared.get(grammar)
+        return prepared.deep_copy() if prepared is not None else self._compile(grammar)
+
+
+class GrammarMask:
+    """Masks the constrained rows of a batch's logits; `seconds` accumulates the time spent (for metrics)."""
+
+    def __init__(self) -> None:
+        self._executor = None
+        self.seconds = 0.0
+
+    def __call__(self, x: torch.Tensor, matchers: list) -> None:
         """x [B, V] float32, in place: rows whose matcher is not None keep only the tokens it allows.
 
-        Each matcher writes its row of a bitmask (bit j of int32 word w: token 32 w + j), unpacked with numpy.
-        Not llguidance.torch's helpers: importing that module took 1.3 s (torch.compile's machinery) and its
-        apply is a torch.compile'd function whose first call compiled for 2.2 s, both on the engine thread."""
+        Each matcher writes its row of a bitmask (bit j of int32 word w: token 32 w + j), the rows filled in
+        parallel by llguidance's executor, unpacked with numpy. Not llguidance.torch's helpers: importing that
+        module took 1.3 s (torch.compile's machinery) and its apply is a torch.compile'd function whose first call
+        compiled for 2.2 s, both on the engine thread."""
+        import llguidance
+
+        started = time.perf_counter()
         rows = [i for i, m in enumerate(matchers) if m is not None]
         vocab = x.shape[1]
-        bitmask = np.zeros((len(rows), (vocab + 31) // 32), dtype=np.int32)
-        for j, i in enumerate(rows):
-            matchers[i].unsafe_compute_mask_ptr(bitmask[j].ctypes.data, bitmask[j].nbytes)
+        words = (vocab + 31) // 32
+        bitmask = np.zeros((len(rows), words), dtype=np.int32)
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(max(1, torch.get_num_threads()))
+        self._executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(rows)],
+                                               bitmask.ctypes.data, words * 4, len(rows))
         # Little-endian words: byte 4 w + k holds tokens 32 w + 8 k .. + 7, lowest bit first.
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
         index = torch.tensor(rows, device=x.device)
         banned = torch.from_numpy(allowed == 0).to(x.device)
         x.index_copy_(0, index, x.index_select(0, index).masked_fill_(banned, float("-inf")))
+        self.seconds += time.perf_counter() - started

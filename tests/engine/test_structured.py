@@ -7,7 +7,7 @@ import llguidance.torch as llt
 import pytest
 import torch
 
-from malora_runtime.engine.structured import GrammarError, Grammars, json_schema_grammar
+from malora_runtime.engine.structured import GrammarError, GrammarMask, Grammars, json_schema_grammar
 
 
 def test_the_mask_keeps_exactly_the_allowed_tokens(tokenizer):
@@ -19,7 +19,7 @@ def test_the_mask_keeps_exactly_the_allowed_tokens(tokenizer):
     vocab = len(tokenizer)
     x = torch.randn(4, vocab)
     before = x.clone()
-    Grammars.mask(x, matchers)
+    GrammarMask()(x, matchers)
     assert torch.equal(x[0], before[0]) and torch.equal(x[2], before[2])
     for row in (1, 3):
         reference = llt.allocate_token_bitmask(1, vocab)
@@ -34,3 +34,28 @@ def test_the_mask_keeps_exactly_the_allowed_tokens(tokenizer):
 def test_a_schema_llguidance_cannot_compile_is_a_grammar_error():
     with pytest.raises(GrammarError, match="wat"):
         json_schema_grammar({"properties": {"a": {"type": "wat"}}})
+
+
+def test_a_prepared_grammar_is_compiled_once_and_each_sequence_gets_its_own_matcher(tokenizer):
+    grammars = Grammars(tokenizer, cache_size=2)
+    grammar = json_schema_grammar({"type": "array", "items": {"type": "integer"}})
+    assert grammars.prepare(grammar) > 0 and grammars.prepare(grammar) == 0.0
+    first, second = grammars.matcher(grammar), grammars.matcher(grammar)
+    assert first.consume_token(tokenizer("[", add_special_tokens=False)["input_ids"][0])
+    bracket = tokenizer("[", add_special_tokens=False)["input_ids"][0]
+    assert second.consume_token(bracket)  # untouched by the first one's token
+    others = [json_schema_grammar({"const": i}) for i in range(3)]
+    for other in others:
+        grammars.prepare(other)
+    assert grammars.prepare(grammar) > 0  # evicted by the LRU bound, compiled again
+
+
+def test_choice_regex_and_grammar_sources_compile_or_name_why():
+    from malora_runtime.engine.structured import MAX_GRAMMAR_SOURCE_CHARS, choice_grammar, lark_grammar, regex_grammar
+
+    assert choice_grammar(["a", 'b "quoted"', "ünïcode"]) and regex_grammar(r"\d+") and lark_grammar('root ::= "x"')
+    for build, source, reason in ((regex_grammar, "((", "regex"), (lark_grammar, "start: nope", "nope"),
+                                  (choice_grammar, [], "choices"), (choice_grammar, [""], "non-empty"),
+                                  (regex_grammar, "a" * (MAX_GRAMMAR_SOURCE_CHARS + 1), "at most")):
+        with pytest.raises(GrammarError, match=reason):
+            build(source)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 
 import jsonschema
 import openai
@@ -36,6 +37,45 @@ SCHEMAS = [
                                       "unit": {"type": "string", "enum": ["m", "km"]}},
      "required": ["answer", "unit"], "additionalProperties": False},
     {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 3, "maxItems": 3},
+    {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+     "required": ["score"], "additionalProperties": False},
+    {"type": "object", "properties": {"date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"}},
+     "required": ["date"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 9999},
+        "roles": {"type": "array", "items": {"enum": ["admin", "dev", "ops"]}, "minItems": 1, "maxItems": 2}},
+        "required": ["id", "roles"], "additionalProperties": False}}, "required": ["user"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "note": {"type": "string", "maxLength": 20}},
+     "required": ["ok"], "additionalProperties": False},
+    {"type": "object", "properties": {"matrix": {"type": "array", "minItems": 2, "maxItems": 2, "items": {
+        "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 2}}},
+     "required": ["matrix"], "additionalProperties": False},
+    {"type": "object", "properties": {"kind": {"const": "point"},
+                                      "x": {"type": "integer", "minimum": -99, "maximum": 99}},
+     "required": ["kind", "x"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"shape": {"oneOf": [
+        {"type": "object", "properties": {"circle": {"type": "integer", "minimum": 1, "maximum": 99}},
+         "required": ["circle"], "additionalProperties": False},
+        {"type": "object", "properties": {"square": {"type": "integer", "minimum": 1, "maximum": 99}},
+         "required": ["square"], "additionalProperties": False}]}}, "required": ["shape"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.(com|org)$"}},
+     "required": ["email"], "additionalProperties": False},
+    {"type": "object", "properties": {"temperature": {"type": "number", "exclusiveMinimum": -50,
+                                                      "exclusiveMaximum": 60},
+                                      "unit": {"enum": ["C", "F"]}}, "required": ["temperature", "unit"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+        "type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+                                         "qty": {"type": "integer", "minimum": 1, "maximum": 10}},
+        "required": ["sku", "qty"], "additionalProperties": False}}}, "required": ["items"],
+     "additionalProperties": False},
+    {"type": "object", "$defs": {"name": NAME}, "properties": {"first": {"$ref": "#/$defs/name"},
+                                                            "last": {"$ref": "#/$defs/name"}},
+     "required": ["first", "last"], "additionalProperties": False},
+    {"type": "string", "enum": ["north", "south", "east", "west"]},
 ]
 PROMPT = "Describe a person, a colour, some tags, an address, a price, two points, a distance and three digits."
 
@@ -44,15 +84,31 @@ def response_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
+def test_there_are_twenty_distinct_schemas():
+    assert len({json.dumps(s, sort_keys=True) for s in SCHEMAS}) == len(SCHEMAS) >= 20
+
+
 @pytest.mark.parametrize("index", range(len(SCHEMAS)))
 def test_each_schema_parses_and_validates_in_chat(client, live_server, index):
+    """On the base model and through an adapter, streamed and not: four requests at once, batched together."""
     schema = SCHEMAS[index]
-    for model in (live_server.base_model, "alpha"):
-        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
-                                                max_tokens=200, temperature=0, response_format=response_format(schema))
-        [choice] = answer.choices
-        assert choice.finish_reason == "stop", (model, choice.message.content)
-        jsonschema.validate(json.loads(choice.message.content), schema)
+
+    def chat(model: str, stream: bool) -> tuple[str, str | None]:
+        kwargs = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 200,
+                  "temperature": 0, "response_format": response_format(schema)}
+        if not stream:
+            [choice] = client.chat.completions.create(**kwargs).choices
+            return choice.message.content, choice.finish_reason
+        chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+        return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+    runs = [(m, stream) for m in (live_server.base_model, "alpha") for stream in (False, True)]
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        answers = list(pool.map(lambda run: chat(*run), runs))
+    for (model, stream), (text, finish) in zip(runs, answers):
+        assert finish == "stop", (model, stream, text)
+        jsonschema.validate(json.loads(text), schema)
+
 
 
 @pytest.mark.parametrize("index", [0, 3, 5])
@@ -119,3 +175,70 @@ def test_format_with_ignore_eos_or_min_tokens_is_refused_and_the_server_keeps_se
     answer = client.chat.completions.create(model=live_server.base_model, max_tokens=2,
                                             messages=[{"role": "user", "content": "x"}])
     assert answer.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("extra,check", [
+    ({"guided_choice": ["yes", "no"]}, lambda text: text in ("yes", "no")),
+    ({"structured_outputs": {"choice": ["oui", 'non "merci"']}}, lambda text: text in ("oui", 'non "merci"')),
+    ({"guided_regex": r"\(\d{3}\) \d{3}-\d{4}"}, lambda text: re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", text)),
+    ({"structured_outputs": {"regex": "[0-9]{2}:[0-9]{2}"}}, lambda text: re.fullmatch(r"[0-9]{2}:[0-9]{2}", text)),
+    ({"guided_grammar": 'root ::= "The answer is " ("yes" | "no") "."'},
+     lambda text: text in ("The answer is yes.", "The answer is no.")),
+    ({"structured_outputs": {"grammar": 'start: "A: " /[0-9]{2}/'}}, lambda text: re.fullmatch("A: [0-9]{2}", text)),
+    ({"guided_json": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                      "additionalProperties": False}}, lambda text: isinstance(json.loads(text)["ok"], bool)),
+    ({"structured_outputs": {"json": '{"type": "integer", "minimum": 3, "maximum": 5}'}},
+     lambda text: 3 <= json.loads(text) <= 5),
+    ({"structured_outputs": {"json_object": True}}, lambda text: isinstance(json.loads(text), dict)),
+])
+def test_vllm_guided_options_constrain_chat_and_completions(client, live_server, extra, check):
+    """Chat through an adapter; completions on the base model, where the prompt leaves a free JSON object unbounded
+    (it then runs to max_tokens): there, only the options that bound the output."""
+    ask = "Is Paris in France? What time is it? Give a phone number."
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": ask}],
+                                          max_tokens=60, temperature=0, extra_body=extra).choices[0]
+    assert chat.finish_reason == "stop" and check(chat.message.content), chat.message.content
+    if "json_object" in extra.get("structured_outputs", {}):
+        return
+    completion = client.completions.create(model=live_server.base_model, prompt=ask + "\nAnswer:", max_tokens=60,
+                                           temperature=0, extra_body=extra).choices[0]
+    assert completion.finish_reason == "stop" and check(completion.text), completion.text
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"guided_regex": "(("}, "guided_regex"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"structured_outputs": {"json": {"type": "object", "properties": {"a": {"type": "wat"}}}}},
+     "structured_outputs.json"),
+    ({"guided_json": {"type": "object", "properties": {f"field_{i}": {"type": "string", "description": "x" * 64}
+                                                       for i in range(1000)}}}, "guided_json"),
+    ({"guided_regex": "a" * 70_000}, "guided_regex"),
+])
+def test_bad_or_huge_constraints_are_400s_naming_the_field(client, live_server, extra, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=live_server.base_model, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=4, extra_body=extra)
+    assert refused.value.body["param"] == param, refused.value.body
+
+
+def test_constrained_requests_compile_and_mask_times_are_metrics(client, live_server, http):
+    def sample(name: str, labels: str = "") -> float:
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith(name + labels + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = (sample("malora_constrained_requests_total", '{kind="regex"}'),
+              sample("malora_grammar_compile_seconds_count"), sample("malora_grammar_mask_seconds_count"))
+    pattern = f"[0-9]{{{len(str(before))}}}"  # a regex this test has not used before: compiled, not cached
+    for _ in range(2):
+        client.completions.create(model=live_server.base_model, prompt="Digits:", max_tokens=40, temperature=0,
+                                  extra_body={"guided_regex": pattern})
+    after = (sample("malora_constrained_requests_total", '{kind="regex"}'),
+             sample("malora_grammar_compile_seconds_count"), sample("malora_grammar_mask_seconds_count"))
+    assert after[0] == before[0] + 2  # both counted
+    assert after[1] == before[1] + 1  # compiled once, then cached
+    assert after[2] >= before[2] + 2  # a mask in every step that had a constrained row
