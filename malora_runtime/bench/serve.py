@@ -202,7 +202,8 @@ BENCH_RECORD = {"type": "object", "additionalProperties": False, "required": ["t
                                "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3}}}
 BENCH_RESPONSE_FORMATS = {
     name: {"type": "json_schema", "json_schema": {"name": "bench", "strict": True, "schema": schema}}
-    for name, schema in (("json", BENCH_RECORD), ("json-list", {"type": "array", "items": BENCH_RECORD}))}
+    for name, schema in (("json", BENCH_RECORD),
+                         ("json-list", {"type": "array", "items": BENCH_RECORD, "minItems": 8}))}
 
 
 def contenders(args: argparse.Namespace, dtype: str) -> list[Contender]:

@@ -214,8 +214,11 @@ class LLMEngine:
         self.last_step_seqs = len(scheduled.scheduled)
         failed: dict[str, str] = {}
         sampled_seqs = scheduled.sampled_seqs
+        mask = self.sampler.grammar_mask
+        if any(s.matcher is not None for s in sampled_seqs):  # filled while the forward runs
+            mask.start([s.matcher for s in sampled_seqs], self.runner.model.config.vocab_size)
         rows = self._forward(scheduled.scheduled, failed)
-        mask_before = self.sampler.grammar_mask.seconds
+        mask_before = mask.seconds
         token_ids, logprobs = self._sample(rows, sampled_seqs, failed)
         self.last_step_mask_seconds = self.sampler.grammar_mask.seconds - mask_before
         self.last_step_constrained = sum(s.matcher is not None for s in sampled_seqs)
@@ -278,6 +281,7 @@ class LLMEngine:
                 continue
             for i, token, lp in zip(group, out.token_ids.tolist(), out.token_logprobs(group_seqs)):
                 token_ids[i], logprobs[i] = token, lp
+        self.sampler.grammar_mask.settle()
         for seq, token in zip(seqs, token_ids):
             constrained = seq.matcher is not None and token is not None and token not in self.eos_token_ids
             if constrained and not seq.matcher.consume_token(token):  # the mask allowed it: the grammar's fault

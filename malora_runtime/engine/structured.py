@@ -27,6 +27,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -85,7 +87,8 @@ def compact(schema: dict[str, Any]) -> dict[str, Any]:
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """llguidance's grammar for a JSON schema, built and checked once per distinct schema (cached)."""
-    return _grammar("json_schema", _bounded(json.dumps(compact(schema), sort_keys=True), "schema"))
+    # Not sort_keys: the order of "properties" is the order the output writes them in.
+    return _grammar("json_schema", _bounded(json.dumps(compact(schema)), "schema"))
 
 
 def regex_grammar(pattern: str) -> str:
@@ -161,11 +164,56 @@ class Grammars:
 
 
 class GrammarMask:
-    """Masks the constrained rows of a batch's logits; `seconds` accumulates the time spent (for metrics)."""
+    """Masks the constrained rows of a batch's logits.
+
+    The engine calls `start` with the step's sampled rows before the forward: their matchers are final then (each
+    consumed its last token at the end of the previous step), so their bitmask is filled in a worker thread while
+    the model runs (llguidance releases the GIL), and the sampler only applies it. Filling took ~4 ms a step at 32
+    rows of a JSON schema here, 7% of the step, when it ran after the forward. `seconds` accumulates the engine
+    thread's own time on masks, waiting included (for metrics)."""
 
     def __init__(self) -> None:
-        self._executor = None
+        self._ll_executor = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: _PendingMask | None = None
         self.seconds = 0.0
+
+    def start(self, matchers: list, vocab: int) -> None:
+        """Begin filling the bitmask of the rows whose matcher is not None."""
+        self.settle()
+        live = [m for m in matchers if m is not None]
+        if not live:
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        bitmask = np.empty((len(live), (vocab + 31) // 32), dtype=np.int32)
+        future = self._worker.submit(self._fill, live, bitmask)
+        self._pending = _PendingMask({id(m): j for j, m in enumerate(live)}, bitmask, future)
+
+    def settle(self) -> None:
+        """Wait for a fill in flight: no matcher may consume a token while its mask is being computed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.future.result()
+
+    def _fill(self, matchers: list, bitmask: np.ndarray) -> None:
+        import llguidance
+
+        if self._ll_executor is None:
+            self._ll_executor = llguidance.LLExecutor(max(1, torch.get_num_threads()))
+        self._ll_executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.ctypes.data,
+                                                  bitmask.shape[1] * 4, len(matchers))
+
+    def _bitmask(self, matchers: list, words: int) -> np.ndarray:
+        """The rows of `matchers`, from the fill started for them, else filled now."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.future.result()
+            if pending.bitmask.shape[1] == words and all(id(m) in pending.rows for m in matchers):
+                return pending.bitmask[[pending.rows[id(m)] for m in matchers]]
+        bitmask = np.empty((len(matchers), words), dtype=np.int32)
+        self._fill(matchers, bitmask)
+        return bitmask
 
     def __call__(self, x: torch.Tensor, matchers: list) -> None:
         """x [B, V] float32, in place: rows whose matcher is not None keep only the tokens it allows.
@@ -174,20 +222,24 @@ class GrammarMask:
         parallel by llguidance's executor, unpacked with numpy. Not llguidance.torch's helpers: importing that
         module took 1.3 s (torch.compile's machinery) and its apply is a torch.compile'd function whose first call
         compiled for 2.2 s, both on the engine thread."""
-        import llguidance
-
         started = time.perf_counter()
         rows = [i for i, m in enumerate(matchers) if m is not None]
         vocab = x.shape[1]
-        words = (vocab + 31) // 32
-        bitmask = np.zeros((len(rows), words), dtype=np.int32)
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor(max(1, torch.get_num_threads()))
-        self._executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(rows)],
-                                               bitmask.ctypes.data, words * 4, len(rows))
-        # Little-endian words: byte 4 w + k holds tokens 32 w + 8 k .. + 7, lowest bit first.
-        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-        index = torch.tensor(rows, device=x.device)
-        banned = torch.from_numpy(allowed == 0).to(x.device)
-        x.index_copy_(0, index, x.index_select(0, index).masked_fill_(banned, float("-inf")))
+        bitmask = self._bitmask([matchers[i] for i in rows], (vocab + 31) // 32)
+        # Little-endian words: byte 4 w + k holds tokens 32 w + 8 k .. + 7, lowest bit first. Inverting the words
+        # first unpacks straight to the banned tokens, as 0/1 bytes that torch reads as bool without a copy.
+        banned = np.unpackbits(np.invert(bitmask).view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        banned_rows = torch.from_numpy(banned).view(torch.bool).to(x.device)
+        if len(rows) == x.shape[0]:  # every row constrained: in place (0.45 vs 1.7 ms at 32 x 49152 here)
+            x.masked_fill_(banned_rows, float("-inf"))
+        else:
+            index = torch.tensor(rows, device=x.device)
+            x[index] = x[index].masked_fill_(banned_rows, float("-inf"))
         self.seconds += time.perf_counter() - started
+
+
+@dataclass
+class _PendingMask:
+    rows: dict[int, int]  # id(matcher) -> its row of bitmask
+    bitmask: np.ndarray
+    future: Future

@@ -29,6 +29,9 @@ def test_the_mask_keeps_exactly_the_allowed_tokens(tokenizer):
         assert 0 < int(allowed.sum()) < vocab
         assert torch.equal(torch.isinf(x[row]), ~allowed)
         assert torch.equal(x[row][allowed], before[row][allowed])
+    every = before[[1, 3]].clone()  # every row constrained: the in-place path
+    GrammarMask()(every, [matchers[1], matchers[3]])
+    assert torch.equal(every, x[[1, 3]])
 
 
 def test_a_schema_llguidance_cannot_compile_is_a_grammar_error():
@@ -59,3 +62,27 @@ def test_choice_regex_and_grammar_sources_compile_or_name_why():
                                   (regex_grammar, "a" * (MAX_GRAMMAR_SOURCE_CHARS + 1), "at most")):
         with pytest.raises(GrammarError, match=reason):
             build(source)
+
+
+def test_a_mask_filled_during_the_forward_equals_one_filled_after(tokenizer):
+    """`start` fills the rows' bitmask in a worker thread; the sampler's call then uses it, for all of the rows
+    or (a request failed in the forward) some of them, and fills afresh for rows it was not started for."""
+    grammars = Grammars(tokenizer)
+    grammar = json_schema_grammar({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    matchers = [grammars.matcher(grammar) for _ in range(3)]
+    assert matchers[1].consume_token(tokenizer('{"n', add_special_tokens=False)["input_ids"][0])
+    vocab = len(tokenizer)
+    logits = torch.randn(3, vocab)
+    reference = logits.clone()
+    GrammarMask()(reference, matchers)
+    for rows in ([0, 1, 2], [1, 2], [2]):
+        mask = GrammarMask()
+        mask.start(matchers, vocab)
+        x = logits[rows].clone()
+        mask(x, [matchers[i] for i in rows])
+        assert torch.equal(x, reference[rows])
+    late = GrammarMask()
+    late.start(matchers[:1], vocab)
+    x = logits.clone()
+    late(x, matchers)  # rows it was not started for: filled now
+    assert torch.equal(x, reference)
