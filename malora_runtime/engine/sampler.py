@@ -16,6 +16,7 @@ all-greedy batch without penalties, min_tokens, logit_bias, grammars or logprobs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -45,7 +46,8 @@ class SamplerOutput:
             if k is None:
                 result.append(None)
                 continue
-            top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
+            # Tokens a grammar or a ban masked have logprob -inf: not alternatives, left out.
+            top = [(t, v) for t, v in zip(top_ids[i][:k], top_lps[i][:k]) if v != -math.inf] if k and top_ids else []
             result.append(TokenLogprobs(ids[i], lps[i], top))
         return result
 

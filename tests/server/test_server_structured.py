@@ -242,3 +242,26 @@ def test_constrained_requests_compile_and_mask_times_are_metrics(client, live_se
     assert after[0] == before[0] + 2  # both counted
     assert after[1] == before[1] + 1  # compiled once, then cached
     assert after[2] >= before[2] + 2  # a mask in every step that had a constrained row
+
+
+def test_sampled_choices_each_follow_the_schema_with_masked_logprobs(client, live_server):
+    """n > 1 with sampling: every choice has its own matcher; logprobs are of the masked distribution, so the top
+    alternatives of each token are tokens the grammar allowed (here: only digits, then the end)."""
+    schema = SCHEMAS[4]
+    answer = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPT}], n=3,
+                                            max_tokens=120, temperature=1.0, seed=7, logprobs=True, top_logprobs=3,
+                                            response_format=response_format(schema))
+    assert len(answer.choices) == 3
+    for choice in answer.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+        assert len(choice.logprobs.content) >= 3
+        assert all(lp.logprob > -1e9 for lp in choice.logprobs.content)
+    digits = client.completions.create(model=live_server.base_model, prompt="A number:", max_tokens=8,
+                                       temperature=0, logprobs=5, extra_body={"guided_regex": "[0-9]{3}"})
+    top = digits.choices[0].logprobs.top_logprobs
+    assert top and all(token.isdigit() or token == "" for step in top[:3] for token in step)
+    assert all(value is not None and value > -1e9 for step in top for value in step.values())  # no masked entries
+    forced = client.completions.create(model=live_server.base_model, prompt="Yes?", max_tokens=4, temperature=0,
+                                       logprobs=3, extra_body={"guided_choice": ["yes"]})
+    assert list(forced.choices[0].logprobs.top_logprobs[0]) == ["yes"]
