@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from malora_runtime.adapters.errors import AdapterError, AdapterMemoryError
 from malora_runtime.adapters.manager import AdapterConflictError
+from malora_runtime.adapters.sources import AdapterSourceError
 from malora_runtime.engine.errors import (
     EngineRequestError,
     EngineShutdownError,
@@ -76,6 +77,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(409, str(exc), code="adapter_exists")
     if isinstance(exc, AdapterMemoryError):
         return APIError(503, str(exc), code="adapter_memory_full", headers={"Retry-After": "5"})
+    if isinstance(exc, AdapterSourceError):
+        return APIError(503, str(exc), code="adapter_source_unavailable", headers={"Retry-After": "5"})
     if isinstance(exc, AdapterError):
         return APIError(400, str(exc), code="invalid_adapter")
     if isinstance(exc, EngineShutdownError):

@@ -21,6 +21,7 @@ def build_engine(settings: ServerSettings) -> tuple:
     """The engine (its thread already stepping) and its adapter manager, the command line's adapters read, validated
     and activated. Raises on a bad model or adapter. Adapters under the roots are read on first use."""
     from malora_runtime.adapters.registry import AdapterRegistry
+    from malora_runtime.adapters.source_cache import SourceCache
     from malora_runtime.adapters.unloaded import UnloadedRecord
     from malora_runtime.cache import cache_root
     from malora_runtime.engine.async_engine import AsyncEngine
@@ -36,7 +37,12 @@ def build_engine(settings: ServerSettings) -> tuple:
     state_dir = settings.state_dir or cache_root() / "state"
     registry = AdapterRegistry(engine.module_shapes(), settings.adapter_roots,
                                settings.max_cpu_adapters, settings.max_adapter_bytes, limits=settings.adapter_limits,
-                               unloaded_record=UnloadedRecord(state_dir, settings.adapter_roots))
+                               unloaded_record=UnloadedRecord(state_dir, settings.adapter_roots),
+                               sources=settings.adapter_sources,
+                               source_cache=SourceCache(cache_root() / "adapters", settings.adapter_cache_bytes),
+                               s3_endpoint_url=settings.s3_endpoint_url)
+    for source in settings.adapter_sources:
+        log.info("adapter source %s", source)
     manager = AdapterManager(engine, registry, settings.engine.max_loaded_adapters)
     asyncio.run(manager.load_startup(settings.adapters, settings.pins))  # activated between engine steps
     return engine, manager

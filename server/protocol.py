@@ -357,6 +357,14 @@ class AdapterInfo(BaseModel):
     top_k: int | None = None
     modules: dict[str, AdapterModule] = Field(default_factory=dict)
     error: str | None = None
+    source: str | None = Field(None, description="The --adapter-source it came from (None: a local directory).")
+    source_url: str | None = Field(None, description="Its directory in that source.")
+    source_version: str | None = Field(None, description="The source's version of it: a hash of its files' names, "
+                                       "sizes and ETags (or the Hub's commit).")
+    fetch_seconds: float | None = Field(None, description="Listing and, when not cached, downloading and "
+                                        "validating its latest version.")
+    fetched_offline: bool | None = Field(None, description="The source was unreachable: the newest cached version "
+                                         "serves.")
 
 
 class AdapterCard(AdapterInfo):
@@ -381,7 +389,8 @@ class AdapterList(BaseModel):
 
 class LoadAdapterRequest(Body):
     name: str
-    path: str = Field(..., description="Adapter directory, inside an --adapter-root (relative: to the first).")
+    path: str = Field(..., description="Adapter directory, inside an --adapter-root (relative: to the first), or a "
+                      "URL directly under an --adapter-source.")
     pinned: bool = False
 
 

@@ -22,6 +22,7 @@ from malora_runtime.adapters.registry import (
     HostAdapter,
     UnknownAdapterError,
 )
+from malora_runtime.adapters.sources import AdapterSourceError
 from malora_runtime.engine.outputs import RequestOutput
 from malora_runtime.engine.structured import GrammarError
 from malora_runtime.sampling_params import SamplingParams
@@ -83,6 +84,9 @@ class ServerState:
         except (AdapterNameError, UnknownAdapterError):
             raise APIError(404, f"the model {model!r} does not exist", param="model",
                            code="model_not_found") from None
+        except AdapterSourceError as exc:  # the source is down and nothing is cached: try again later
+            raise APIError(503, self.adapters.public_message(str(exc)), param="model",
+                           code="adapter_source_unavailable", headers={"Retry-After": "5"}) from None
         except AdapterError as exc:  # API callers get the reason, not the server's directories
             raise APIError(400, self.adapters.public_message(str(exc)), param="model",
                            code="invalid_adapter") from None

@@ -21,6 +21,12 @@ def api_state(view: AdapterView) -> str:
 def adapter_info(view: AdapterView) -> AdapterInfo:
     info = AdapterInfo(state=api_state(view), path=str(view.path) if view.path else None, version=view.version,
                        slot=view.slot, pinned=view.pinned, error=view.error)
+    if view.fetch is not None:
+        info.source = view.fetch.ref.source.name
+        info.source_url = view.fetch.ref.url
+        info.source_version = view.fetch.version
+        info.fetch_seconds = view.fetch.seconds
+        info.fetched_offline = view.fetch.offline
     config = view.config
     if config is None:
         return info

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from malora_runtime.adapters.registry import DEFAULT_MAX_ADAPTER_BYTES, AdapterLimits
+from malora_runtime.adapters.source_cache import DEFAULT_CACHE_BYTES
+from malora_runtime.adapters.sources import AdapterSource, parse_source
 from malora_runtime.config import EngineConfig
 
 ENV_PREFIX = "MALORA_"
@@ -36,6 +38,12 @@ class ServerSettings:
     """Largest adapter directory (sum of its files) a load reads."""
     adapter_limits: AdapterLimits = field(default_factory=AdapterLimits)
     """Largest N, r and d one adapter may have, and the bytes of parsed adapters kept in host memory."""
+    adapter_sources: list[AdapterSource] = field(default_factory=list)
+    """s3://, hf:// and https:// adapter sources, searched in order after the roots (see adapters/sources.py)."""
+    s3_endpoint_url: str | None = None
+    """An S3-compatible endpoint for s3:// sources (MinIO, Ceph, moto...); default: AWS."""
+    adapter_cache_bytes: int = DEFAULT_CACHE_BYTES
+    """Bytes of adapters fetched from sources kept under $MALORA_CACHE/adapters (least recently used leave)."""
     state_dir: Path | None = None
     """Where the server remembers adapters unloaded at runtime (default: $MALORA_CACHE/state)."""
     api_keys: list[str] = field(default_factory=list)
@@ -93,6 +101,13 @@ def _adapter_spec(text: str) -> tuple[str, Path]:
     return name, Path(directory)
 
 
+def _source_spec(text: str) -> AdapterSource:
+    try:
+        return parse_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -125,6 +140,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         kind=_adapter_spec, action="append", metavar="NAME=DIR")
     add("--adapter-root", "directory whose adapter subdirectories are served under their names, read on first "
         "use; runtime loads must be inside one (repeatable; env: comma-separated)", kind=Path, action="append")
+    add("--adapter-source", "NAME=URL: adapters under s3://bucket/prefix, hf://org/repo[@rev][/dir] or https://... "
+        "are served under their directory names, fetched on first use into a verified local cache (repeatable; env: "
+        "comma-separated)", kind=_source_spec, action="append", metavar="NAME=URL")
+    add("--s3-endpoint-url", "endpoint of an S3-compatible store for s3:// sources (default: AWS)")
+    add("--adapter-cache-bytes", "bytes of fetched adapters kept in the local cache (least recently used leave)",
+        defaults.adapter_cache_bytes, int)
     add("--pin", "NAME: keep this adapter in a slot, never evicted (repeatable; env: comma-separated)",
         action="append", metavar="NAME")
     add("--max-cpu-adapters", "parsed adapters kept in host memory outside the slots (LRU)", defaults.max_cpu_adapters,
@@ -188,7 +209,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     env = os.environ if env is None else env
     parser = build_parser(env)
     args = parser.parse_args(argv)
-    for flag, kind in (("--adapter", _adapter_spec), ("--api-key", str), ("--adapter-root", Path), ("--pin", str)):
+    for flag, kind in (("--adapter", _adapter_spec), ("--api-key", str), ("--adapter-root", Path), ("--pin", str),
+                       ("--adapter-source", _source_spec)):
         dest = flag.lstrip("-").replace("-", "_")
         raw = env.get(_env_name(flag))
         if getattr(args, dest) is None and raw:
@@ -216,6 +238,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
                              ("--max-body-bytes", args.max_body_bytes, 1),
                              ("--max-cpu-adapters", args.max_cpu_adapters, 1),
                              ("--max-adapter-bytes", args.max_adapter_bytes, 1),
+                             ("--adapter-cache-bytes", args.adapter_cache_bytes, 1),
                              ("--metrics-max-adapters", args.metrics_max_adapters, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
@@ -241,6 +264,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
                      "reaches it could use the model and its adapters. Set --api-key (or MALORA_API_KEY), or pass "
                      "--allow-unauthenticated to serve without one on purpose.")
     pins = list(dict.fromkeys(args.pin or []))
+    sources = list(args.adapter_source or [])
+    if len({s.name for s in sources}) != len(sources):
+        parser.error("--adapter-source names must be unique")
     if pins and len(pins) >= engine.max_loaded_adapters:
         parser.error(f"{len(pins)} --pin(s) would leave no slot of --max-loaded-adapters "
                      f"{engine.max_loaded_adapters} for the other adapters")
@@ -250,7 +276,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         max_cpu_adapters=args.max_cpu_adapters, max_adapter_bytes=args.max_adapter_bytes,
         adapter_limits=AdapterLimits(args.max_adapter_experts, args.max_adapter_rank, args.max_adapter_subspace_rank,
                                      args.max_cpu_adapter_bytes),
-        state_dir=args.state_dir,
+        adapter_sources=sources, s3_endpoint_url=args.s3_endpoint_url or None,
+        adapter_cache_bytes=args.adapter_cache_bytes, state_dir=args.state_dir,
         api_keys=api_keys, admin_key=args.admin_key or None,
         open_health=args.open_health, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,

@@ -121,8 +121,25 @@ class Telemetry:
                 budget.add_metric([Tier.DEVICE.value], counts.slot_budget)
             copies = gauge("malora_adapter_device_copy_bytes", "Bytes of device copies of adapters in slots (a GPU; "
                            "0 where the kernels read them in host memory)", stats.adapter_device_copy_bytes)
-            families += [memory, budget, copies]
+            families += [memory, budget, copies, *self._source_families()]
         return families
+
+    def _source_families(self) -> list[Any]:
+        """Per adapter from a source: its latest fetch time; the cache's bytes."""
+        registry = self.state.adapters.registry if self.state.adapters is not None else None
+        if registry is None or not registry.sources:
+            return []
+        fetch = GaugeMetricFamily("malora_adapter_fetch_seconds", "Listing and, when not cached, downloading and "
+                                  "validating the latest version of an adapter from its source",
+                                  labels=["adapter", "source"])
+        for name, fetched in sorted(registry.last_fetch.items()):
+            label = self.metrics.adapter_label(name)
+            if label != "other":
+                fetch.add_metric([label, fetched.ref.source.name], fetched.seconds)
+        assert registry.source_cache is not None
+        cache = gauge("malora_adapter_cache_bytes", "Bytes of adapters fetched from sources in the local cache",
+                      registry.source_cache.num_bytes)
+        return [fetch, cache]
 
     # ---- dashboard ----
     def summary(self) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from ..engine.adapter_slots import NoFreeSlotError
 from ..engine.outputs import EngineStats, ResidentAdapter
 from .errors import AdapterError
 from .format import AdapterConfig, MaloraAdapter
-from .registry import AdapterPathError, AdapterRegistry, HostAdapter, UnknownAdapterError
+from .registry import AdapterPathError, AdapterRegistry, HostAdapter, RemoteFetch, UnknownAdapterError
+from .sources import RemoteRef
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class AdapterView:
     config: AdapterConfig | None = None
     error: str | None = None  # its last read failed (it stays on disk)
     unloaded: bool = False  # only in the answer to an unload
+    fetch: RemoteFetch | None = None  # its latest fetch, when it comes from a source
 
 
 @dataclass
@@ -144,9 +146,9 @@ class AdapterManager:
             raise UnknownAdapterError(f"adapter {name!r} does not exist")
         if not reload and loaded:
             raise AdapterConflictError(f"adapter {name!r} is already loaded; reload it with PUT /v1/adapters/{name}")
-        if path is None:
-            path = registry.path_of(name)
-        resolved, trusted = self._check_path(name, path)
+        ref = self._remote_target(name, path)
+        if ref is None:
+            resolved, trusted = self._check_path(name, registry.path_of(name) if path is None else path)
         was_pinned = registry.is_pinned(name)
         if pinned and not was_pinned:
             self._check_pin_count(registry.num_pinned + 1)
@@ -155,6 +157,9 @@ class AdapterManager:
         try:
             before = registry.version(name) or 0
             while True:  # a concurrent lazy read or a load of another path hands back its result: load again
+                if ref is not None:  # the newest version in its source, always as a new version
+                    host = await registry.load_remote(name, ref, pinned=bool(pinned))
+                    break
                 host = await registry.load(name, resolved, pinned=bool(pinned), trusted=trusted)
                 if host.path == resolved and host.version > before:
                     break
@@ -178,6 +183,14 @@ class AdapterManager:
         await self.engine.remove_adapter(name)
         view.unloaded, view.slot = True, None
         return view
+
+    def _remote_target(self, name: str, path: str | Path | None) -> RemoteRef | None:
+        """The source adapter a load means: a URL under a declared source, or (no path) the one `name` came from."""
+        if path is None:
+            return self.registry.remote_ref(name)
+        if isinstance(path, str) and "://" in path:
+            return self.registry.ref_for_url(path)
+        return None
 
     def _check_path(self, name: str, path: str | Path) -> tuple[Path, bool]:
         """(resolved directory, trusted): the command line's own directory of `name` is trusted, all else must
@@ -210,6 +223,8 @@ class AdapterManager:
             message = message.replace(str(path), f"<adapter {name}>")
         for root in self.registry.roots:
             message = message.replace(str(root), "<adapter root>")
+        if self.registry.source_cache is not None:
+            message = message.replace(str(self.registry.source_cache.root), "<adapter cache>")
         return message
 
     def view(self, name: str, on_disk: dict[str, Path] | None = None,
@@ -229,18 +244,20 @@ class AdapterManager:
             view.error = self.failures[name]
         if host is not None:
             view.config = host.adapter.config
+        view.fetch = registry.last_fetch.get(name)
         return view
 
     def views(self) -> list[AdapterView]:
         """Every adapter: registered, under a root, in host memory, or failed (unloaded ones excepted)."""
         on_disk = self.registry.discover()
         resident = self.engine.resident_adapters()
-        names = sorted({*on_disk, *self.registry.host_names(), *self.failures} - self.registry.unloaded_names())
+        names = sorted({*on_disk, *self.registry.host_names(), *self.failures, *self.registry.last_fetch}
+                       - self.registry.unloaded_names())
         return [self.view(n, on_disk, resident) for n in names]
 
     def tiers(self) -> dict[str, Tier]:
         """The tier of every known adapter."""
-        tiers = {name: Tier.DISK for name in self.registry.discover()}
+        tiers = {name: Tier.DISK for name in [*self.registry.discover(), *self.registry.last_fetch]}
         tiers.update({name: Tier.HOST for name in self.registry.host_names()})
         tiers.update({name: Tier.DEVICE for name in self.engine.resident_adapters()})
         return tiers

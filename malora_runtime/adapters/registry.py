@@ -27,6 +27,8 @@ from .convert import PEFT_CONFIG
 from .errors import AdapterError, AdapterMemoryError, AdapterNotFoundError, UnknownAdapterError
 from .format import CONFIG_FILE, MaloraAdapter
 from .io import ModuleShapes
+from .source_cache import SourceCache
+from .sources import AdapterSource, RemoteRef, Store, open_store
 from .unloaded import UnloadedRecord
 
 log = logging.getLogger(__name__)
@@ -89,11 +91,22 @@ class HostAdapter:
     path: Path
     load_seconds: float
     pinned: bool = False
+    remote: RemoteFetch | None = None  # where it came from, when a source's
     num_bytes: int = field(init=False)  # of its weights, counted once
     unloaded: bool = False  # set when the name is unloaded: requests that resolved it do not start
 
     def __post_init__(self) -> None:
         self.num_bytes = self.adapter.num_bytes()
+
+
+@dataclass(frozen=True)
+class RemoteFetch:
+    """An adapter version fetched from a source: which, the version there, and the time listing and copying took."""
+
+    ref: RemoteRef
+    version: str
+    seconds: float
+    offline: bool = False  # the source was unreachable: the newest cached version
 
 
 @dataclass
@@ -133,6 +146,9 @@ class AdapterRegistry:
         failed_read_ttl: float = FAILED_READ_TTL,
         limits: AdapterLimits | None = None,
         unloaded_record: UnloadedRecord | None = None,
+        sources: list[AdapterSource] | None = None,
+        source_cache: SourceCache | None = None,
+        s3_endpoint_url: str | None = None,
     ) -> None:
         self.module_shapes = module_shapes
         self.roots = [Path(r).resolve() for r in (roots or [])]
@@ -140,6 +156,15 @@ class AdapterRegistry:
         self.max_adapter_bytes = max_adapter_bytes
         self.limits = limits or AdapterLimits()
         self._paths: dict[str, Path] = {}  # registered names (CLI, load API) -> directory
+        # Adapter sources (s3://, hf://, https://), searched in order after the roots; their stores open on first use.
+        self.sources = list(sources or [])
+        self.source_cache = source_cache
+        if self.sources and source_cache is None:
+            raise ValueError("adapter sources need a source cache")
+        self.s3_endpoint_url = s3_endpoint_url
+        self._stores: dict[str, Store] = {}
+        self._remote: dict[str, RemoteRef] = {}  # names served from a source -> where
+        self.last_fetch: dict[str, RemoteFetch] = {}  # name -> its latest fetch (metrics, views)
         self._pinned: set[str] = set()
         # Unloaded names are not lazily found under the roots again, after a restart too when recorded.
         self._unloaded_record = unloaded_record
@@ -209,9 +234,24 @@ class AdapterRegistry:
                 return self.check_path(candidate)
         raise UnknownAdapterError(f"adapter {name!r} does not exist")
 
+    def remote_ref(self, name: str) -> RemoteRef | None:
+        """Where a name served from a source lives (None: not one, or not fetched yet)."""
+        return self._remote.get(name)
+
+    def ref_for_url(self, url: str) -> RemoteRef:
+        """The adapter a URL names: a directory directly under a declared source (nothing else is reachable)."""
+        for source in self.sources:
+            key = url.rstrip("/").removeprefix(source.url + "/")
+            if url.startswith(source.url + "/") and NAME_PATTERN.match(key):
+                return RemoteRef(source, key)
+        raise AdapterPathError(f"{url}: adapter URLs must name a directory directly under an --adapter-source "
+                               f"({', '.join(s.url for s in self.sources) or 'none declared'})")
+
     def forget(self, name: str) -> None:
         """Unload: the name is unknown from now on (until loaded again, as a new version)."""
         self._paths.pop(name, None)
+        self._remote.pop(name, None)
+        self.last_fetch.pop(name, None)
         self._mark_unloaded(name, True)
         self._host.pop(name, None)
         for entry in self._issued.pop(name, ()):  # versions requests may still hold, evicted from host memory too
@@ -231,8 +271,8 @@ class AdapterRegistry:
 
     # ---- queries and pins ----
     def is_loaded(self, name: str) -> bool:
-        """Registered by a load, or parsed in host memory."""
-        return name in self._paths or name in self._host
+        """Registered by a load, served from a source, or parsed in host memory."""
+        return name in self._paths or name in self._host or name in self._remote
 
     def host_entry(self, name: str) -> HostAdapter | None:
         return self._host.get(name)
@@ -267,6 +307,8 @@ class AdapterRegistry:
         return len(self._pinned)
 
     def is_known(self, name: str) -> bool:
+        if name in self._remote:
+            return True
         try:
             self.path_of(name)
         except AdapterError:
@@ -290,11 +332,21 @@ class AdapterRegistry:
         return adapter
 
     async def fetch(self, name: str) -> HostAdapter:
-        """The current version of `name` from host memory, read from disk when absent (lazy loading)."""
+        """The current version of `name` from host memory, read from disk or fetched from a source when absent (lazy
+        loading)."""
         if name in self._host:
             self._host.move_to_end(name)
             return self._host[name]
-        path = self.path_of(name)
+        try:
+            path = self.path_of(name)
+        except UnknownAdapterError:
+            if not self.sources or name in self._unloaded:
+                raise
+            refs = [self._remote[name]] if name in self._remote else [RemoteRef(s, name) for s in self.sources]
+            failed = self._failed_reads.get(name)
+            if failed is not None and failed[0] == Path(refs[0].url) and time.monotonic() < failed[1]:
+                raise failed[2].with_traceback(None) from None
+            return await self._single_flight((name, None), lambda: self._read_and_commit(name, refs, False))
         failed = self._failed_reads.get(name)
         if failed is not None and failed[0] == path and time.monotonic() < failed[1]:
             raise failed[2].with_traceback(None)  # the same error, without reading again
@@ -312,6 +364,36 @@ class AdapterRegistry:
             self._pinned.add(name)
             entry.pinned = True
         return entry
+
+    async def load_remote(self, name: str, ref: RemoteRef, pinned: bool = False) -> HostAdapter:
+        """Load (or reload, as a new version) `name` from the newest version of `ref` in its source."""
+        self.check_name(name)
+        entry = await self._single_flight((name, ref.url), lambda: self._read_and_commit(name, [ref], True))
+        if pinned:
+            self._pinned.add(name)
+            entry.pinned = True
+        return entry
+
+    def _store(self, source: AdapterSource) -> Store:
+        if source.name not in self._stores:
+            self._stores[source.name] = open_store(source, self.s3_endpoint_url)
+        return self._stores[source.name]
+
+    def _read_remote(self, name: str, refs: list[RemoteRef], new_version: bool
+                     ) -> tuple[MaloraAdapter, Path, RemoteFetch]:
+        """The newest version of the first of `refs` that has it, through the source cache (reader thread)."""
+        assert self.source_cache is not None
+        for ref in refs:
+            try:
+                fetched = self.source_cache.fetch(ref.source, self._store(ref.source), ref.key,
+                                                  self.max_adapter_bytes, lambda path: self._read(name, path),
+                                                  allow_cached=not new_version)
+            except UnknownAdapterError:
+                if len(refs) == 1:
+                    raise
+                continue
+            return fetched.value, fetched.path, RemoteFetch(ref, fetched.version, fetched.seconds, fetched.offline)
+        raise UnknownAdapterError(f"adapter {name!r} does not exist")
 
     async def _single_flight(self, key: tuple[str, str | None], work) -> HostAdapter:
         """One read per (name, path) at a time: concurrent callers share its result."""
@@ -331,14 +413,22 @@ class AdapterRegistry:
         finally:
             self._inflight.pop(key, None)
 
-    async def _read_and_commit(self, name: str, path: Path, new_version: bool) -> HostAdapter:
+    async def _read_and_commit(self, name: str, target: Path | list[RemoteRef], new_version: bool) -> HostAdapter:
+        """Read `target` (a directory, or the refs of a source to fetch from) and commit it as `name`'s version."""
         version_at_start = self._versions.get(name)
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        remote: RemoteFetch | None = None
         try:
-            adapter = await asyncio.get_running_loop().run_in_executor(self._reader, self._read, name, path)
+            if isinstance(target, Path):
+                path = target
+                adapter = await loop.run_in_executor(self._reader, self._read, name, path)
+            else:
+                adapter, path, remote = await loop.run_in_executor(self._reader, self._read_remote, name, target,
+                                                                   new_version)
         except AdapterError as exc:
             if self._versions.get(name) == version_at_start:  # not when a load committed meanwhile
-                self._remember_failure(name, path, exc)
+                self._remember_failure(name, target if isinstance(target, Path) else Path(target[0].url), exc)
             raise
         self._failed_reads.pop(name, None)
         elapsed = time.perf_counter() - started
@@ -354,10 +444,16 @@ class AdapterRegistry:
         if version is None or new_version:
             version = (version or 0) + 1
             self._versions[name] = version
-        if new_version:
+        if new_version and remote is None:
             self._paths[name] = path
+            self._remote.pop(name, None)
+        if remote is not None:
+            self._remote[name] = remote.ref
+            self._paths.pop(name, None)
+            self.last_fetch[name] = remote
+        if new_version:
             self._mark_unloaded(name, False)
-        entry = HostAdapter(name, version, adapter, path, elapsed, pinned=name in self._pinned)
+        entry = HostAdapter(name, version, adapter, path, elapsed, pinned=name in self._pinned, remote=remote)
         self._issued.setdefault(name, weakref.WeakSet()).add(entry)
         self._remember(entry)
         if is_reload:
