@@ -199,6 +199,10 @@ def test_an_s3_object_replaced_after_its_listing_is_never_half_read(tmp_path):
         store = FsspecStore(AdapterSource("team", "s3://bucket-b/p"), fs=fs)
         version = store.latest("sql")
         assert version.size == 1002
+        capped = tmp_path / "capped"
+        capped.mkdir()
+        with pytest.raises(AdapterTransferError, match="more bytes than the cap"):  # stopped while it arrives
+            store.download("sql", version, capped, 500)
         client.put_object(Bucket="bucket-b", Key="p/sql/weights.safetensors", Body=b"w" * (3 << 20))
         into = tmp_path / "into"
         into.mkdir()
