@@ -140,13 +140,15 @@ def _malora_kernel(
             tl.atomic_add(counts_ptr + slot * stride_counts + expert, tl.full([BLOCK_T], 1, tl.int64),
                           mask=row_mask & (offs_t * 0 + pid_o == 0))
     denom = tl.where(tl.load(fmeta_ptr + slot * 3 + 2) != 0, denom_all, denom_k)
+    # The columns of chosen experts, from the routing weights (> 0) before the scale is folded in: a negative
+    # alpha makes the folded weights negative, and a zero one makes them zero.
+    used = col_mask & (tl.max(w_cols, axis=0) > 0)
     w_cols = w_cols * (tl.load(fmeta_ptr + slot * 3) / denom)[:, None]
 
     # u = z P^T over every (expert, j) column, weighted; then y += u_w B^T, d_out in blocks.
     pv = tl.load(_weights(addresses_ptr, slot, 1, W_CODE) + offs_d[:, None] * (n * r) + offs_c[None, :],
                  mask=(offs_d < d)[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
     u = _matmul(z, pv, MMA, "ieee") * w_cols  # [BLOCK_T, BLOCK_NR]
-    used = col_mask & (tl.max(w_cols, axis=0) > 0)
     b_rows = _weights(addresses_ptr, slot, 2, W_CODE) + offs_c.to(tl.int64) * d_out  # [BLOCK_NR]
     offs_o0 = tl.arange(0, BLOCK_O)
     # The grid's second axis splits d_out; its size is not a constexpr, so batch sizes share one compile.

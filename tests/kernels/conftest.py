@@ -164,6 +164,35 @@ def make_case(seed: int) -> Callable[..., Case]:
     return build
 
 
+# Every path also gets adapters whose alpha is negative or zero: the delta negated, or none.
+SIGNED_ALPHA_SPECS = [
+    ModuleSpec(d=8, r=4, num_experts=4, top_k=2, alpha=-8.0),
+    ModuleSpec(d=5, r=3, num_experts=6, top_k=6, alpha=-3.0, router_norm="softmax_topk", router_bias=True),
+    ModuleSpec(d=16, r=2, num_experts=1, top_k=1, alpha=0.0),
+    ModuleSpec(d=12, r=8, num_experts=8, top_k=3, alpha=16.0, router_temperature=1.5, router_bias=True),
+]
+
+
+def random_spec(rng: random.Random) -> ModuleSpec:
+    """A random adapter module for fuzzing: N from 1 (LoRA), k up to N (dense), d sometimes above d_in, alpha
+    sometimes negative or zero, both router norms, bias, temperature."""
+    n = rng.randint(1, 10)
+    return ModuleSpec(
+        d=rng.randint(1, 40), r=rng.randint(1, 12), num_experts=n, top_k=rng.choice([rng.randint(1, n), n]),
+        alpha=rng.choice([rng.uniform(0.5, 16.0), rng.uniform(0.5, 16.0), -rng.uniform(0.5, 16.0), 0.0]),
+        router_bias=rng.random() < 0.5, router_norm=rng.choice(["topk_softmax", "softmax_topk"]),
+        router_temperature=rng.choice([1.0, rng.uniform(0.3, 2.0)]))
+
+
+def random_case(make_case: Callable[..., Case], rng: random.Random, max_tokens: int = 150) -> Case:
+    """A random batch: 1-6 slots (some inactive), random sizes, a random share of tokens on the base model."""
+    specs = [None if rng.random() < 0.15 else random_spec(rng) for _ in range(rng.randint(1, 6))]
+    if all(s is None for s in specs):
+        specs[0] = MIXED_SPECS[0]
+    return make_case(specs, rng.randint(1, max_tokens), d_in=rng.randint(1, 200), d_out=rng.randint(1, 300),
+                     none_fraction=rng.random() * 0.5)
+
+
 def make_mixed_dtype_case(seed: int, num_tokens: int = 80) -> Case:
     """A float32 batch over adapters stored in float32, bfloat16 and float16 in one bank (each read in its own
     dtype, as the CPU tier holds it); the reference uses the same rounded weights, so float32's bound holds."""

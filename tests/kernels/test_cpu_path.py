@@ -3,6 +3,8 @@ heterogeneous batches."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -14,11 +16,13 @@ from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots
 from tests.conftest import requires_native
 from tests.kernels.conftest import (
     MIXED_SPECS,
+    SIGNED_ALPHA_SPECS,
     make_bank,
     make_mixed_dtype_case,
     make_ties,
     make_weights,
     out_of_place,
+    random_case,
     random_slots,
     reference_batch,
     release,
@@ -195,3 +199,22 @@ def test_released_slot_gets_no_delta(make_case, delta):
     release(case, 1)  # its weights stay in the bank, stale
     out, counts = run_cpu(delta, case)
     case.check(out, "cpu released slot", counts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_negative_and_zero_alpha_negate_or_remove_the_delta(make_case, dtype, delta):
+    case = make_case([*SIGNED_ALPHA_SPECS, None], 90, dtype=dtype)
+    out, counts = run_cpu(delta, case)
+    case.check(out, "cpu signed alpha", counts)
+    zero = torch.tensor([s == 2 for s in case.slots])
+    assert zero.any() and not out[zero].any()
+
+
+def test_random_configurations_match_the_reference(make_case, seed, delta):
+    """Fuzz, for the torch path and the native kernel alike: random sizes (d above d_in too), adapter kinds (N = 1,
+    k = N, both norms, negative and zero alpha), inactive slots and batches; fresh each run, the seed replays."""
+    rng = random.Random(seed)
+    for trial in range(20):
+        case = random_case(make_case, rng)
+        out, counts = run_cpu(delta, case)
+        case.check(out, f"cpu fuzz trial {trial}", counts)

@@ -4,8 +4,6 @@ how it is chosen (how it is built: test_native_build.py)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -191,23 +189,3 @@ def test_new_and_cleared_slots_reach_the_kernel(seed):
     assert after[2:4].abs().sum() > 0 and torch.equal(after[[0, 1, 4]], before[[0, 1, 4]])
     bank.deactivate_slot(0)
     assert not malora_delta_native(x, bank, token_slots)[0].any()
-
-
-def test_random_configurations_match_the_reference(make_case, seed):
-    """Fuzz: random sizes, adapter kinds, inactive slots and batches (fresh each run; the seed replays)."""
-    rng = random.Random(seed)
-    for trial in range(20):
-        specs = []
-        for _ in range(rng.randint(1, 6)):
-            n = rng.randint(1, 10)
-            specs.append(None if rng.random() < 0.15 else ModuleSpec(
-                d=rng.randint(1, 40), r=rng.randint(1, 12), num_experts=n, top_k=rng.randint(1, n),
-                alpha=rng.uniform(0.5, 16.0), router_bias=rng.random() < 0.5,
-                router_norm=rng.choice(["topk_softmax", "softmax_topk"]),
-                router_temperature=rng.choice([1.0, rng.uniform(0.3, 2.0)])))
-        if all(s is None for s in specs):
-            specs[0] = MIXED_SPECS[0]
-        case = make_case(specs, rng.randint(1, 150), d_in=rng.randint(1, 200), d_out=rng.randint(1, 300),
-                         none_fraction=rng.random() * 0.5)
-        out, counts = run_native(case)
-        case.check(out, f"native fuzz trial {trial}", counts)

@@ -24,7 +24,13 @@ import torch  # noqa: E402
 from malora_runtime.adapters.format import ModuleSpec  # noqa: E402
 from malora_runtime.kernels.slot_bank import SlotBank  # noqa: E402
 from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots  # noqa: E402
-from tests.kernels.conftest import MIXED_SPECS, make_mixed_dtype_case, make_ties, release  # noqa: E402
+from tests.kernels.conftest import (  # noqa: E402
+    MIXED_SPECS,
+    SIGNED_ALPHA_SPECS,
+    make_mixed_dtype_case,
+    make_ties,
+    release,
+)
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
 if DEVICE != "cpu":
@@ -140,3 +146,15 @@ def test_released_slot_gets_no_delta(make_case, mode):
     release(case, 1)  # its weights stay in the bank, stale
     out, counts = run_triton(case, mode)
     case.check(out, f"triton released slot {mode}", counts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_and_zero_alpha_negate_or_remove_the_delta(make_case, mode, dtype):
+    """The kernel folds the scale into the routing weights: the columns of the chosen experts must be found
+    before that, or a negative alpha (negative weights) left them all unread and gave no delta."""
+    case = make_case([*SIGNED_ALPHA_SPECS, None], 40, dtype=dtype)
+    out, counts = run_triton(case, mode)
+    case.check(out, f"triton {mode} signed alpha", counts)
+    negative = torch.tensor([s in (0, 1) for s in case.slots])
+    assert negative.any() and out[negative].abs().sum() > 0
