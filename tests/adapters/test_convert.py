@@ -18,6 +18,7 @@ from malora_runtime.adapters import load_adapter
 from malora_runtime.adapters.convert import MOLORA_CONFIG, MOLORA_WEIGHTS, molora_to_malora
 from malora_runtime.kernels.reference import route
 from malora_runtime.patching import linear_shapes, set_adapter
+from tests.conftest import requires_native
 
 # The default model's PEFT check also runs on a GPU with MALORA_TEST_DEVICE=cuda (scripts/gpu-check.sh).
 DEVICE = os.environ.get("MALORA_TEST_DEVICE", "cpu")
@@ -129,25 +130,33 @@ def test_cli_converts_peft_and_the_result_loads(tiny_llama, tmp_path: Path, cli_
     torch.testing.assert_close(malora_logits(tiny_llama, converted, ids), expected, rtol=0, atol=1e-5)
 
 
-def write_molora(directory: Path, model, targets: list[str], n: int, r: int, top_k: int) -> dict:
-    """A random mixture of LoRA experts in the documented MoLoRA layout; returns its tensors."""
+def write_molora(directory: Path, model, targets: list[str], n: int, r: int, top_k: int, stack_rank: int | None = None,
+                 **router: object) -> dict:
+    """A random mixture of LoRA experts in the documented MoLoRA layout; returns its tensors. `stack_rank`: the
+    experts' stacked A [N r, d_in] has that rank; `router`: router_bias, router_norm, router_temperature."""
     directory.mkdir()
     tensors = {}
     for path, (d_in, d_out) in linear_shapes(model).items():
         if path.rsplit(".", 1)[-1] in targets:
-            tensors[f"{path}.A"] = torch.randn(n, r, d_in) * 0.2
+            a = torch.randn(n * r, d_in) * 0.2
+            if stack_rank is not None:
+                a = (torch.randn(n * r, stack_rank) @ torch.randn(stack_rank, d_in)) * 0.05
+            tensors[f"{path}.A"] = a.reshape(n, r, d_in).contiguous()
             tensors[f"{path}.B"] = torch.randn(n, d_out, r) * 0.2
             tensors[f"{path}.router"] = torch.randn(n, d_in)
+            if router.get("router_bias"):
+                tensors[f"{path}.router_bias"] = torch.randn(n)
     save_file(tensors, str(directory / MOLORA_WEIGHTS))
     config = {"format": "molora", "base_model": "tiny", "target_modules": targets,
-              "modules": {t: {"r": r, "num_experts": n, "top_k": top_k, "alpha": 2.0 * r} for t in targets}}
+              "modules": {t: {"r": r, "num_experts": n, "top_k": top_k, "alpha": 2.0 * r, **router}
+                          for t in targets}}
     (directory / MOLORA_CONFIG).write_text(json.dumps(config))
     return tensors
 
 
-def molora_delta(x, A, B, router, top_k, scale):
+def molora_delta(x, A, B, router, top_k, scale, bias=None, norm="topk_softmax", temperature=1.0):
     """The mixture of LoRA experts computed directly from its own A_t (no shared subspace)."""
-    chosen, weights = route(x @ router.T, top_k)
+    chosen, weights = route(x @ router.T + (0.0 if bias is None else bias), top_k, norm, temperature)
     out = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype)
     for i in range(x.shape[0]):
         for j in range(top_k):
@@ -182,3 +191,89 @@ def test_molora_cli_with_small_subspace_reports_energy_below_one(tiny_llama, tmp
     assert all(0 < e < 1 for e in energies)
     loaded = load_adapter(out, linear_shapes(tiny_llama))
     assert loaded.config.modules["v_proj"].d == 3
+
+
+def served_delta(weights, x: torch.Tensor, path: str) -> torch.Tensor:
+    """The delta of one converted module through a serving kernel (`path`: torch or native), float32."""
+    from malora_runtime.kernels.cpu import malora_delta_cpu
+    from malora_runtime.kernels.native import add_malora_delta_native
+    from malora_runtime.kernels.token_slots import TokenSlots
+    from tests.kernels.conftest import make_bank, out_of_place
+
+    bank = make_bank([weights], torch.float32)
+    kernel = malora_delta_cpu if path == "torch" else out_of_place(add_malora_delta_native)
+    return kernel(x.float(), bank, TokenSlots.from_list([0] * x.shape[0])).double()
+
+
+def molora_reference(tensors: dict, path: str, x: torch.Tensor, spec) -> torch.Tensor:
+    A, B, router = (tensors[f"{path}.{name}"].double() for name in ("A", "B", "router"))
+    bias = tensors.get(f"{path}.router_bias")
+    return molora_delta(x, A, B, router, spec.top_k, spec.scale, None if bias is None else bias.double(),
+                        spec.router_norm, spec.router_temperature)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("native", marks=requires_native)])
+@pytest.mark.parametrize("case", ["full subspace d = N r", "low-rank stack, d = its rank"])
+def test_molora_converts_exactly_through_the_serving_kernels(tiny_llama, tmp_path: Path, kernel, case) -> None:
+    """At d = N r, or at d = rank of the stacked A below N r, the converted adapter's served delta is the
+    mixture's own (float32 kernel against the float64 mixture), with router bias and softmax_topk carried."""
+    n, r, k = 4, 3, 2
+    low_rank = case.startswith("low")
+    tensors = write_molora(tmp_path / "molora", tiny_llama, ["q_proj", "down_proj"], n, r, k,
+                           stack_rank=5 if low_rank else None, router_bias=True, router_norm="softmax_topk",
+                           router_temperature=0.7)
+    d = 5 if low_rank else n * r
+    adapter, energies = molora_to_malora(tmp_path / "molora", subspace_rank=d)
+    assert all(e == pytest.approx(1.0, abs=1e-9) for e in energies.values())
+    for path, weights in adapter.modules.items():
+        spec = weights.spec
+        assert (spec.d, spec.router_norm, spec.router_temperature, spec.router_bias) == (d, "softmax_topk", 0.7, True)
+        x = torch.randn(9, weights.d_in, dtype=torch.float64)
+        expected = molora_reference(tensors, path, x.float().double(), spec)
+        got = served_delta(weights, x, kernel)
+        error = float((got - expected).abs().max() / expected.abs().max())
+        assert error < 1e-5, (path, error)
+
+
+def test_the_delta_error_is_bounded_by_the_discarded_singular_values(tiny_llama, tmp_path: Path) -> None:
+    """With d below the stack's rank, per token |delta' - delta| <= scale * max_t |B_t|_2 * sigma_{d+1} * |x|:
+    each A_t (I - V_d V_d^T) is a block of the stack's residual, whose norm is sigma_{d+1}, and the routing
+    weights of a token sum to at most 1."""
+    from malora_runtime.adapters.convert import read_molora
+
+    n, r, k, d = 4, 4, 2, 6
+    tensors = write_molora(tmp_path / "molora", tiny_llama, ["v_proj"], n, r, k)
+    adapter, energies = molora_to_malora(tmp_path / "molora", subspace_rank=d)
+    _, modules = read_molora(tmp_path / "molora")
+    for path, weights in adapter.modules.items():
+        stack = modules[path].A.reshape(n * r, -1).double()
+        sigma = torch.linalg.svdvals(stack)
+        b_norm = max(float(torch.linalg.matrix_norm(b.double(), ord=2)) for b in modules[path].B)
+        x = torch.randn(64, weights.d_in, dtype=torch.float64)
+        w = weights.to(dtype=torch.float64)
+        exact = molora_reference(tensors, path, x, w.spec)
+        got = molora_delta(x, torch.einsum("nrd,di->nri", w.P, w.S), w.B, w.G, k, w.spec.scale)
+        error = (got - exact).norm(dim=-1)
+        bound = w.spec.scale * b_norm * float(sigma[d]) * x.norm(dim=-1)
+        assert energies[path] < 1 and error.max() > 0
+        assert (error <= bound * (1 + 1e-9)).all(), float((error / bound).max())
+
+
+def test_a_converted_adapter_with_router_bias_and_softmax_topk_saves_and_reloads(tiny_llama, tmp_path: Path):
+    from malora_runtime.adapters import save_adapter
+
+    tensors = write_molora(tmp_path / "molora", tiny_llama, ["o_proj"], 3, 2, 3, router_bias=True,
+                           router_norm="softmax_topk", router_temperature=1.5)
+    adapter, _ = molora_to_malora(tmp_path / "molora", subspace_rank=6)
+    save_adapter(adapter, tmp_path / "malora")
+    loaded = load_adapter(tmp_path / "malora", linear_shapes(tiny_llama))
+    for path, weights in loaded.modules.items():
+        spec = weights.spec
+        assert (spec.router_norm, spec.router_temperature, spec.router_bias, spec.top_k) == ("softmax_topk", 1.5,
+                                                                                             True, 3)
+        torch.testing.assert_close(weights.router_bias.float(), tensors[f"{path}.router_bias"])
+        x = torch.randn(5, weights.d_in, dtype=torch.float64)
+        w = weights.to(dtype=torch.float64)
+        got = molora_delta(x, torch.einsum("nrd,di->nri", w.P, w.S), w.B, w.G, 3, spec.scale, w.router_bias,
+                           "softmax_topk", 1.5)
+        torch.testing.assert_close(got, molora_reference(tensors, path, x, spec), rtol=1e-4, atol=1e-5)
