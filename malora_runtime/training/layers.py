@@ -1,10 +1,18 @@
 """Trainable adapter layers wrapping a frozen `nn.Linear`: MALoRA, and the LoRA and MoLoRA baselines.
 
 All three compute `y = W0 x + scale * delta(x)` with the routing of `kernels.reference.route`
-(top-k, then softmax over the chosen, ties to the lower index); every expert is evaluated and the
-unchosen get weight 0, so gradients reach the chosen experts and, through the softmax, the router.
-Each exports exactly to the MALoRA format (`ModuleWeights`): LoRA as N = 1, MoLoRA by the SVD
-conversion with d = N r.
+(top-k, then softmax over the chosen, ties to the lower index); gradients reach the chosen experts and, through
+the softmax, the router. Two ways to run the mixtures (`AdapterLinear.dispatch`):
+
+- "sparse" (the default): tokens grouped by chosen expert, each expert's products run on its tokens only
+  (grouped products, as FastMoE dispatches), the weighted results added back per token. MALoRA computes
+  `[S; G] x` once for all tokens (one d_in-wide product) and dispatches only the d-wide `z`; MoLoRA dispatches
+  `x` itself, so each expert pays its own d_in-wide product: the paper's baseline.
+- "dense": every expert evaluated, the unchosen weighted 0 (MoLoRA's down-projection then one fused
+  `[T, d_in] x [d_in, N r]` product). The reference the sparse form is tested against (values and gradients).
+
+Each exports exactly to the MALoRA format (`ModuleWeights`): LoRA as N = 1, MoLoRA by the SVD conversion with
+d = N r.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from ..layers import MaloraLinear
 
 METHODS = ("malora", "molora", "lora")
 INIT_S = ("random", "svd")
+DISPATCH = ("sparse", "dense")
 
 
 @dataclass
@@ -45,6 +54,7 @@ class AdapterLinear(nn.Module):
         self.spec = spec
         self.record_router = False
         self.last_router: RouterRecord | None = None
+        self.dispatch = "sparse"
 
     @property
     def in_features(self) -> int:
@@ -57,7 +67,7 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         flat = x.reshape(-1, x.shape[-1])
-        return y + self.delta(flat).reshape(*y.shape[:-1], -1).to(y.dtype)
+        return y + self.delta(flat).reshape(y.shape).to(y.dtype)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -65,16 +75,42 @@ class AdapterLinear(nn.Module):
     def export(self) -> ModuleWeights:
         raise NotImplementedError
 
-    def _routing_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        """Dense routing weights [T, N]: the chosen experts' weights, 0 elsewhere."""
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [T, k], weights [T, k]); records the router for the load-balancing loss when asked."""
         spec = self.spec
         chosen, weights = route(logits, spec.top_k, spec.router_norm, spec.router_temperature)
-        dense = torch.zeros_like(logits).scatter(-1, chosen, weights)
         if self.record_router:
             probs = torch.softmax(logits / spec.router_temperature, dim=-1)
             mask = torch.zeros_like(logits).scatter(-1, chosen, 1.0)
             self.last_router = RouterRecord(probs, mask)
-        return dense
+        return chosen, weights
+
+    def _routing_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """Dense routing weights [T, N]: the chosen experts' weights, 0 elsewhere."""
+        chosen, weights = self._route(logits)
+        return torch.zeros_like(logits).scatter(-1, chosen, weights)
+
+    def _dispatch(self, inputs: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, d_out: int,
+                  expert) -> torch.Tensor:
+        """scale * sum over each token's chosen experts t of w_t expert(t, its input rows), expert by expert on
+        the tokens that chose it (grouped products); `inputs` [T, width] are gathered per expert."""
+        num_tokens, k = chosen.shape
+        if num_tokens == 0:
+            return inputs.new_zeros(0, d_out)
+        flat_expert = chosen.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        tokens = torch.arange(num_tokens, device=inputs.device).repeat_interleave(k)[order]
+        routed = weights.reshape(-1)[order]
+        counts = torch.bincount(flat_expert, minlength=self.spec.num_experts).tolist()
+        outputs = []
+        start = 0
+        for t, count in enumerate(counts):
+            if count:
+                rows = tokens[start:start + count]
+                outputs.append(expert(t, inputs[rows]) * routed[start:start + count, None])
+                start += count
+        out = inputs.new_zeros(num_tokens, d_out)
+        return self.spec.scale * out.index_add(0, tokens, torch.cat(outputs))
 
     def _mix(self, expert_in: torch.Tensor, routing: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """scale * sum_t w_t B_t u_t as one matmul. expert_in [T, N, r], routing [T, N], B [N, d_out, r]."""
@@ -101,10 +137,16 @@ class MaloraTrainLinear(AdapterLinear):
         self.B = nn.Parameter(torch.zeros(n, d_out, spec.r))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        z = x @ self.S.T  # [T, d]
-        routing = self._routing_weights(x @ self.G.T)  # [T, N]
-        expert_in = torch.einsum("nrd,td->tnr", self.P, z)  # [T, N, r]
-        return self._mix(expert_in, routing, self.B)
+        if self.dispatch == "dense":
+            z = x @ self.S.T  # [T, d]
+            routing = self._routing_weights(x @ self.G.T)  # [T, N]
+            expert_in = torch.einsum("nrd,td->tnr", self.P, z)  # [T, N, r]
+            return self._mix(expert_in, routing, self.B)
+        # [S; G] x once, the only d_in-wide product; then only the d-wide z travels to the experts.
+        z, logits = (x @ torch.cat([self.S, self.G]).T).split([self.spec.d, self.spec.num_experts], dim=-1)
+        chosen, weights = self._route(logits)
+        return self._dispatch(z, chosen, weights, self.out_features,
+                              lambda t, zt: (zt @ self.P[t].T) @ self.B[t].T)
 
     def export(self) -> ModuleWeights:
         return ModuleWeights(self.spec, self.S.detach().clone(), self.G.detach().clone(),
@@ -123,8 +165,13 @@ class MoloraTrainLinear(AdapterLinear):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         n, r, d_in = self.A.shape
-        expert_in = (x @ self.A.reshape(n * r, d_in).T).reshape(-1, n, r)  # [T, N, r]
-        return self._mix(expert_in, self._routing_weights(x @ self.G.T), self.B)
+        if self.dispatch == "dense":  # one fused product over all experts (ours)
+            expert_in = (x @ self.A.reshape(n * r, d_in).T).reshape(-1, n, r)  # [T, N, r]
+            return self._mix(expert_in, self._routing_weights(x @ self.G.T), self.B)
+        # Per-expert dispatch (the paper's baseline): each expert's own d_in-wide product on its tokens.
+        chosen, weights = self._route(x @ self.G.T)
+        return self._dispatch(x, chosen, weights, self.out_features,
+                              lambda t, xt: (xt @ self.A[t].T) @ self.B[t].T)
 
     def export(self) -> ModuleWeights:
         """Exact SVD conversion with d = N r (S = V^T of the stacked A, P_t = A_t V)."""
