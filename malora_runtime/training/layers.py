@@ -4,12 +4,13 @@ All three compute `y = W0 x + scale * delta(x)` with the routing of `kernels.ref
 (top-k, then softmax over the chosen, ties to the lower index); gradients reach the chosen experts and, through
 the softmax, the router. Two ways to run the mixtures (`AdapterLinear.dispatch`):
 
-- "sparse" (the default): tokens grouped by chosen expert, each expert's products run on its tokens only
+- "sparse": tokens grouped by chosen expert, each expert's products run on its tokens only
   (grouped products, as FastMoE dispatches), the weighted results added back per token. MALoRA computes
   `[S; G] x` once for all tokens (one d_in-wide product) and dispatches only the d-wide `z`; MoLoRA dispatches
   `x` itself, so each expert pays its own d_in-wide product: the paper's baseline.
-- "dense": every expert evaluated, the unchosen weighted 0 (MoLoRA's down-projection then one fused
-  `[T, d_in] x [d_in, N r]` product). The reference the sparse form is tested against (values and gradients).
+- "dense" (the default: faster on a CPU at N 4-8, `malora bench train`): every expert evaluated, the unchosen
+  weighted 0 (MoLoRA's down-projection then one fused `[T, d_in] x [d_in, N r]` product). The reference the
+  sparse form is tested against (values and gradients).
 
 Each exports exactly to the MALoRA format (`ModuleWeights`): LoRA as N = 1, MoLoRA by the SVD conversion with
 d = N r.
@@ -54,7 +55,7 @@ class AdapterLinear(nn.Module):
         self.spec = spec
         self.record_router = False
         self.last_router: RouterRecord | None = None
-        self.dispatch = "sparse"
+        self.dispatch = "dense"  # or "sparse"; the trainer sets it (TrainConfig.dispatch)
 
     @property
     def in_features(self) -> int:
