@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rotate weight sets (and inputs) of at least this many MiB, so figures are not "
                              "measured out of the cache")
     parser.add_argument("--json", metavar="FILE", help="write every figure (seconds per call) here")
+    parser.add_argument("--matched", action="store_true",
+                        help="instead: one adapter's serving delta, MALoRA against LoRA with the same number of "
+                        "parameters (and, separately, LoRA of the same rank budget k r), d_out 576")
     parser.add_argument("--weight-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype the adapters' weights are stored and read in (x and y stay float32)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -249,7 +252,82 @@ def measure(args: argparse.Namespace, d_out: int, token_counts: list[int]) -> di
     return figures
 
 
+MATCHED_D_OUT = 576
+
+
+def lora_ranks(spec: ModuleSpec, d_in: int, d_out: int) -> dict[str, int]:
+    """LoRA ranks to compare one MALoRA module with: the same parameters (R (d_in + d_out) = MALoRA's count) and
+    the same rank budget (R = k r: the rank of the update one token receives)."""
+    from ..adapters.cost import malora_params
+
+    return {"matched": max(1, round(malora_params(spec, d_in, d_out) / (d_in + d_out))),
+            "matched_rank": spec.top_k * spec.r}
+
+
+def measure_matched(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    """Seconds per call of one adapter's delta on all T tokens: MALoRA (SPEC) through the engine's CPU path, LoRA
+    as the engine serves it (N = 1 through the same path) and as two plain products (x A^T) B^T; `lora` is the
+    faster of the two LoRA forms."""
+    gen = torch.Generator().manual_seed(0)
+    d_out, cpu_delta = MATCHED_D_OUT, (add_malora_delta_cpu if native_kernel() is None else add_malora_delta_native)
+
+    def bank_of(w: ModuleWeights) -> SlotBank:
+        bank = SlotBank(D_IN, d_out, 1)
+        bank.set_slot(0, PackedModule.from_weights(w, torch.float32).weights(w.spec))
+        return bank
+
+    n = SPEC.num_experts
+    malora = bank_of(ModuleWeights(SPEC, S=torch.randn(SPEC.d, D_IN, generator=gen) / D_IN**0.5,
+                                   G=torch.randn(n, D_IN, generator=gen) / D_IN**0.5,
+                                   P=torch.randn(n, SPEC.r, SPEC.d, generator=gen) / SPEC.d**0.5,
+                                   B=torch.randn(n, d_out, SPEC.r, generator=gen) / SPEC.r**0.5))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for label, rank in lora_ranks(SPEC, D_IN, d_out).items():
+        a = torch.randn(rank, D_IN, generator=gen) / D_IN**0.5
+        b = torch.randn(d_out, rank, generator=gen) / rank**0.5
+        lora_spec = ModuleSpec(d=rank, r=rank, num_experts=1, top_k=1, alpha=float(rank))
+        lora = bank_of(ModuleWeights(lora_spec, S=a, G=torch.zeros(1, D_IN), P=torch.eye(rank).unsqueeze(0),
+                                     B=b.unsqueeze(0)))
+        figures: dict[str, dict[str, float]] = {}
+        for tokens in args.tokens:
+            xs = [torch.randn(tokens, D_IN, generator=gen) for _ in range(4)]
+            y = torch.zeros(tokens, d_out)
+            slots = TokenSlots.from_list([0] * tokens)
+            with torch.no_grad():
+                timed = {
+                    "malora": per_call(lambda i: cpu_delta(y, xs[i % 4], malora, slots), args.min_time, args.rounds),
+                    "lora_kernel": per_call(lambda i: cpu_delta(y, xs[i % 4], lora, slots), args.min_time,
+                                            args.rounds),
+                    "lora_torch": per_call(lambda i: y.addmm_(xs[i % 4] @ a.T, b.T), args.min_time, args.rounds),
+                }
+            timed["lora"] = min(timed["lora_kernel"], timed["lora_torch"])
+            figures[str(tokens)] = timed
+            report(f"{label:>12} R={rank:<3} T={tokens:<5} malora {timed['malora'] * 1e3:8.3f} ms  lora "
+                   f"{timed['lora'] * 1e3:8.3f} ms (kernel {timed['lora_kernel'] * 1e3:.3f}, torch "
+                   f"{timed['lora_torch'] * 1e3:.3f})  malora/lora {timed['malora'] / timed['lora']:.2f}")
+        out[label] = figures
+    return out
+
+
+def run_matched(args: argparse.Namespace) -> int:
+    ranks = lora_ranks(SPEC, D_IN, MATCHED_D_OUT)
+    report(f"one adapter, d_in {D_IN}, d_out {MATCHED_D_OUT}: MALoRA N {SPEC.num_experts} k {SPEC.top_k} r {SPEC.r} "
+           f"d {SPEC.d} against LoRA R {ranks['matched']} (same parameters) and R {ranks['matched_rank']} (rank "
+           f"budget k r); {torch.get_num_threads()} threads")
+    figures = measure_matched(args)
+    worst = max(f["malora"] / f["lora"] for f in figures["matched"].values())
+    verdict = "ok" if worst <= 1.1 else "MISSED"
+    report(f"bar malora/lora <= 1.1 at equal parameters, every T: worst {worst:.2f} {verdict}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({**figures, "lora_ranks": ranks, "spec": {"d_in": D_IN, "d_out": MATCHED_D_OUT, "d": SPEC.d,
+                       "r": SPEC.r, "N": SPEC.num_experts, "top_k": SPEC.top_k}}, handle, indent=2)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.matched:
+        return run_matched(args)
     token_counts, widths = args.tokens, args.d_out
     on_gpu = args.device == "cuda"
     if on_gpu and not torch.cuda.is_available():
