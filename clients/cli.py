@@ -101,6 +101,7 @@ BENCHES = {
     "memory": "malora_runtime.bench.memory",
     "metrics": "malora_runtime.bench.metrics_overhead",
     "offline": "malora_runtime.bench.offline",
+    "routing": "malora_runtime.bench.routing",
     "serve": "malora_runtime.bench.serve",
     "swap": "malora_runtime.bench.swap",
     "train": "malora_runtime.training.efficiency",
