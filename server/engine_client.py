@@ -54,6 +54,10 @@ class EngineClient(Protocol):
         """The adapter versions in engine slots now, by name."""
         ...
 
+    async def harvest_routing(self) -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:
+        """(tokens per expert by adapter summed over layers, the same per adapted layer) since the last harvest."""
+        ...
+
     async def harvest_expert_counts(self) -> dict[str, list[int]]:
         """Tokens routed to each expert since the last harvest, by adapter name."""
         ...

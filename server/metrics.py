@@ -33,6 +33,7 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 STEP_SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LAYER_WINDOW = 15.0  # seconds of per-layer routing the dashboard shows
 GRAMMAR_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
@@ -99,6 +100,8 @@ class ServerMetrics:
         self.grammar_mask = Histogram("malora_grammar_mask_seconds", "Masking the constrained rows' logits, per "
                                       "engine step that has any", buckets=GRAMMAR_BUCKETS, registry=r)
         self._routing: dict[str, list[float]] = {}
+        # Per adapter, the last LAYER_WINDOW seconds of per-layer routing harvests (the dashboard's by-layer view).
+        self._layer_routing: deque[tuple[float, str, dict[str, list[int]]]] = deque()
         self.recent: deque[tuple[float, RequestRecord]] = deque(maxlen=2000)
         self._state_collector: Callable[[], list[Any]] | None = None
         # Whether a model name is the base model or an adapter the server has (set by the app's telemetry).
@@ -161,6 +164,33 @@ class ServerMetrics:
 
     def routing_snapshot(self) -> dict[str, list[float]]:
         return {name: list(values) for name, values in self._routing.items()}
+
+    def observe_layer_routing(self, by_layer: dict[str, dict[str, list[int]]], now: float | None = None) -> None:
+        """A harvest's per-layer counts, by adapter; kept for LAYER_WINDOW seconds."""
+        now = time.time() if now is None else now
+        for name, layers in by_layer.items():
+            label = self.adapter_label(name)
+            if label != OTHER and layers:
+                self._layer_routing.append((now, label, layers))
+        while self._layer_routing and self._layer_routing[0][0] < now - LAYER_WINDOW:
+            self._layer_routing.popleft()
+
+    def layer_routing_snapshot(self, now: float | None = None) -> dict[str, dict[str, list[int]]]:
+        """Per adapter and layer, tokens per expert over the last LAYER_WINDOW seconds: sent one task at a time,
+        an adapter whose routers follow the task shows a different pattern per task (summed over layers, the
+        patterns cancel out)."""
+        now = time.time() if now is None else now
+        merged: dict[str, dict[str, list[int]]] = {}
+        for when, label, layers in self._layer_routing:
+            if when < now - LAYER_WINDOW:
+                continue
+            target = merged.setdefault(label, {})
+            for path, counts in layers.items():
+                kept = target.setdefault(path, [0] * len(counts))
+                kept.extend([0] * (len(counts) - len(kept)))
+                for expert, value in enumerate(counts):
+                    kept[expert] += value
+        return merged
 
     def set_state_collector(self, collect: Callable[[], list[Any]]) -> None:
         """Scrape-time metric families (engine gauges, adapter tiers) built by `collect`."""

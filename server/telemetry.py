@@ -44,7 +44,9 @@ class Telemetry:
         now = time.monotonic()
         if engine is not None and engine.is_running and now - self._last_routing >= ROUTING_INTERVAL:
             self._last_routing = now
-            self.metrics.observe_routing(await engine.harvest_expert_counts())
+            summed, by_layer = await engine.harvest_routing()
+            self.metrics.observe_routing(summed)
+            self.metrics.observe_layer_routing(by_layer)
         if self.state.adapters is not None:
             self.metrics.observe_adapter_loads(self.state.adapters.drain_load_seconds())
 
@@ -173,4 +175,5 @@ class Telemetry:
             "tiers": self.adapter_tiers(),
             "adapter_memory": self.adapter_memory(),
             "routing": self.metrics.routing_snapshot(),
+            "routing_by_layer": self.metrics.layer_routing_snapshot(),
         }

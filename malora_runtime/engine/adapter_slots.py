@@ -80,6 +80,10 @@ class AdapterSlots:
         # Routing counts collected from the kernels' counters and the RoutingLog, not yet attributed to
         # an adapter name: [num_slots, most experts seen] int64, on the CPU.
         self._pending = torch.zeros(self.num_slots, 0, dtype=torch.int64)
+        # The same, layer by layer (the kernels count per layer; the torch path's RoutingLog only in total):
+        # path -> [num_slots, width], and per adapter name once attributed (`harvest_layer_counts`).
+        self._pending_layers: dict[str, torch.Tensor] = {}
+        self._harvested_layers: dict[str, dict[str, list[int]]] = {}
         self._layers: dict[str, MaloraLinear] | None = None
 
     # ---- queries ----
@@ -233,17 +237,28 @@ class AdapterSlots:
         harvested, self._harvested = self._harvested, {}
         return harvested
 
+    def harvest_layer_counts(self) -> dict[str, dict[str, list[int]]]:
+        """Per adapter name and adapted layer, tokens routed to each expert, as attributed by the harvests since
+        the last call (call it right after `harvest_expert_counts`). Layers the torch CPU path ran are absent:
+        it records choices without their layer."""
+        harvested, self._harvested_layers = self._harvested_layers, {}
+        return harvested
+
     @torch.inference_mode()
     def _collect_counts(self) -> None:
         """Move every layer's counters (and the torch CPU path's RoutingLog) into `_pending`, all slots
         at once: one sum per counter width, not a few ops per layer and slot (a harvest a second on
         120 layers and 8 slots cost ~2% of the engine's steps that way)."""
-        by_width: dict[int, list[torch.Tensor]] = {}
-        for counts in self.routing.counts.values():
-            by_width.setdefault(counts.shape[1], []).append(counts)
-        collected = [torch.stack(group).sum(0).cpu() for group in by_width.values()]
+        by_width: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for path, counts in self.routing.counts.items():
+            by_width.setdefault(counts.shape[1], []).append((path, counts))
+        collected = []
         for group in by_width.values():
-            for counts in group:
+            stacked = torch.stack([counts for _, counts in group]).cpu()  # [layers, num_slots, width]
+            collected.append(stacked.sum(0))
+            for (path, counts), layer in zip(group, stacked):
+                kept = self._pending_layers.get(path)
+                self._pending_layers[path] = layer if kept is None else kept + layer
                 counts.zero_()
         collected.append(self.routing.log.drain(self.num_slots))
         width = max(c.shape[1] for c in collected)
@@ -263,6 +278,14 @@ class AdapterSlots:
         for expert, value in enumerate(self._pending[slot, :n].tolist()):
             merged[expert] += value
         self._pending[slot] = 0
+        for path, pending in self._pending_layers.items():
+            counts = pending[slot, :n].tolist()
+            if any(counts):
+                kept = self._harvested_layers.setdefault(state.name, {}).setdefault(path, [0] * n)
+                kept.extend([0] * (n - len(kept)))
+                for expert, value in enumerate(counts):
+                    kept[expert] += value
+                pending[slot] = 0
 
     def _empty_slot(self, slot: int) -> int:
         """Free `slot`: its routing counts harvested, every bank's slot deactivated; returns its cache key."""

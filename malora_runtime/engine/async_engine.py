@@ -347,6 +347,15 @@ class AsyncEngine:
         """The adapter versions that sit in engine slots now, by name (a snapshot)."""
         return self.engine.resident_adapters()
 
+    async def harvest_routing(self) -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:
+        """(tokens per expert by adapter, summed over layers; the same per adapted layer) since the last harvest."""
+        adapters = self.engine.runner.adapters
+
+        def harvest() -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:
+            return adapters.harvest_expert_counts(), adapters.harvest_layer_counts()
+
+        return await self.run_on_engine(harvest)
+
     async def harvest_expert_counts(self) -> dict[str, list[int]]:
         """Tokens routed to each expert since the last harvest, by adapter (read between steps)."""
         return await self.run_on_engine(self.engine.runner.adapters.harvest_expert_counts)

@@ -85,6 +85,36 @@ function renderTables(summary) {
   });
 }
 
+// Per adapter: a grid of experts (rows) by adapted layers (columns), each cell the expert's share of the layer.
+function renderLayerRouting(byLayer) {
+  const holder = document.getElementById("routing-layers");
+  holder.innerHTML = "";
+  Object.entries(byLayer || {}).sort().forEach(([name, layers]) => {
+    const paths = Object.keys(layers).sort();
+    if (paths.length === 0) return;
+    const experts = Math.max(...paths.map((p) => layers[p].length));
+    const title = document.createElement("div");
+    title.textContent = name;
+    const grid = document.createElement("div");
+    grid.className = "layer-grid";
+    grid.id = `layer-routing-${name}`;
+    grid.style.gridTemplateColumns = `repeat(${paths.length}, 6px)`;
+    for (let expert = 0; expert < experts; expert++) {
+      paths.forEach((path) => {
+        const counts = layers[path];
+        const total = counts.reduce((a, b) => a + b, 0) || 1;
+        const share = (counts[expert] || 0) / total;
+        const cell = document.createElement("span");
+        cell.style.background = heatColor(share);
+        cell.title = `${path}, expert ${expert}: ${Math.round(100 * share)}%`;
+        grid.appendChild(cell);
+      });
+    }
+    holder.appendChild(title);
+    holder.appendChild(grid);
+  });
+}
+
 function mib(bytes) {
   return bytes === null || bytes === undefined ? "–" : (bytes / 1048576).toFixed(1);
 }
@@ -115,6 +145,7 @@ function render(summary) {
   drawChart("chart-queues", [history.running, history.waiting]);
   drawChart("chart-kv", [history.kv]);
   renderTables(summary);
+  renderLayerRouting(summary.routing_by_layer);
   document.getElementById("status").textContent = `updated ${new Date(summary.time * 1000).toLocaleTimeString()}`;
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
 }

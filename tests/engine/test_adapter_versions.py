@@ -127,7 +127,16 @@ def test_routing_counts_reach_each_adapter_name(tokenizer, monkeypatch, backend)
     per_request = (len(PROMPT) + GREEDY.max_tokens - 1) * 6 * 2  # tokens x (2 layers x 3 modules) x top_k
     assert sorted(counts) == ["a", "b"] and len(counts["a"]) == len(counts["b"]) == 3
     assert sum(counts["a"]) == per_request and sum(counts["b"]) == 2 * per_request
+    layers = engine.runner.adapters.harvest_layer_counts()
+    if backend == "native":  # the kernel counts per layer: the layers add up to the totals, each its own
+        for name in ("a", "b"):
+            assert len(layers[name]) == 6 and all(sum(c) == sum(counts[name]) // 6 for c in layers[name].values())
+            summed = [sum(c[e] for c in layers[name].values()) for e in range(3)]
+            assert summed == counts[name]
+    else:  # the torch path records choices without their layer
+        assert layers == {}
     assert all(sum(c) == 0 for c in engine.runner.adapters.harvest_expert_counts().values())
+    assert engine.runner.adapters.harvest_layer_counts() == {}
 
 
 def test_routing_counts_follow_versions_with_different_experts_and_reused_slots(tokenizer) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import httpx
 import pytest
 
+from malora_runtime.kernels.native import native_kernel
 from tests.server.server_helpers import API_KEY
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -42,6 +43,10 @@ def test_dashboard_renders_live_values(metrics_server, tmp_path) -> None:
     for name in ("alpha", "beta"):
         assert f"<td>{name}</td>" in html
     assert re.search(r'class="heat"[^>]*title="expert 0: \d+ tokens"', html), "no routing heat map"
+    if native_kernel() is not None:  # the kernel counts per layer: the by-layer grid of each adapter
+        for name in ("alpha", "beta"):
+            grid = re.search(rf'id="layer-routing-{name}"[^>]*>(.*?)</div>', html)
+            assert grid and re.search(r'title="[\w.]+, expert 0: \d+%"', grid.group(1)), name
     charts = re.findall(r'<canvas id="chart-[a-z]+"[^>]*data-points="(\d+)"', html)
     assert len(charts) == 4 and all(int(n) > 0 for n in charts)
     console_errors = [line for line in dom.stderr.splitlines()

@@ -150,3 +150,15 @@ def test_every_grafana_expression_names_an_exposed_metric(metrics_server, traffi
     used = set().union(*(promql_metric_names(e) for e in exprs))
     assert used, "the dashboard names no metric"
     assert not used - exposed, f"not exposed by the server: {sorted(used - exposed)}"
+
+
+def test_per_layer_routing_is_kept_for_a_window_and_merged_by_adapter():
+    from server.metrics import LAYER_WINDOW, ServerMetrics
+
+    metrics = ServerMetrics("base", max_adapter_labels=1)
+    metrics.observe_layer_routing({"a": {"l0": [1, 2], "l1": [3, 0]}, "b": {"l0": [5, 5]}}, now=100.0)
+    metrics.observe_layer_routing({"a": {"l0": [1, 0, 4]}}, now=101.0)
+    assert metrics.layer_routing_snapshot(now=102.0) == {"a": {"l0": [2, 2, 4], "l1": [3, 0]}}  # b: past the labels
+    assert metrics.layer_routing_snapshot(now=100.5 + LAYER_WINDOW) == {"a": {"l0": [1, 0, 4]}}
+    metrics.observe_layer_routing({}, now=200.0)
+    assert metrics.layer_routing_snapshot(now=200.0) == {}
