@@ -257,8 +257,7 @@ class AdapterSlots:
             stacked = torch.stack([counts for _, counts in group]).cpu()  # [layers, num_slots, width]
             collected.append(stacked.sum(0))
             for (path, counts), layer in zip(group, stacked):
-                kept = self._pending_layers.get(path)
-                self._pending_layers[path] = layer if kept is None else kept + layer
+                self._pending_layers[path] = _add_widths(self._pending_layers.get(path), layer)
                 counts.zero_()
         collected.append(self.routing.log.drain(self.num_slots))
         width = max(c.shape[1] for c in collected)
@@ -332,3 +331,15 @@ class AdapterSlots:
         if old is not None:
             counts[:, :old.shape[1]] = old
         self.routing.counts[path] = counts
+
+
+def _add_widths(kept: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """kept + new over [num_slots, width] counts whose widths may differ (a layer's counters grow when an adapter
+    with more experts arrives)."""
+    if kept is None:
+        return new.clone()
+    width = max(kept.shape[1], new.shape[1])
+    total = torch.zeros(kept.shape[0], width, dtype=kept.dtype)
+    total[:, :kept.shape[1]] += kept
+    total[:, :new.shape[1]] += new
+    return total

@@ -216,12 +216,15 @@ def test_vllm_guided_options_constrain_chat_and_completions(client, live_server,
     ({"guided_json": {"type": "object", "properties": {f"field_{i}": {"type": "string", "description": "x" * 64}
                                                        for i in range(1000)}}}, "guided_json"),
     ({"guided_regex": "a" * 70_000}, "guided_regex"),
+    ({"guided_json": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "guided_json"),
 ])
 def test_bad_or_huge_constraints_are_400s_naming_the_field(client, live_server, extra, param):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=live_server.base_model, messages=[{"role": "user", "content": "x"}],
                                        max_tokens=4, extra_body=extra)
     assert refused.value.body["param"] == param, refused.value.body
+    if "uniqueItems" in json.dumps(extra):  # an unsupported keyword is named
+        assert "uniqueItems" in refused.value.body["message"]
 
 
 def test_constrained_requests_compile_and_mask_times_are_metrics(client, live_server, http):
