@@ -49,6 +49,9 @@ class EngineConfig:
     pack_cpu_linears: bool = True
     """On CPU in float32 or bfloat16, run the base linears through oneDNN on pre-packed weights (2.2-2.7x faster
     than torch's default matmul here; one more copy of the linear weights in memory)."""
+    quantization: str | None = None
+    """"int8": weight-only int8 copies of the packed base linears for one-row decode (models.quantized_linear);
+    None: none. Needs the packed CPU linears."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
@@ -62,6 +65,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adapter_bank_memory is not None and self.adapter_bank_memory < 1:
             raise ValueError(f"adapter_bank_memory must be >= 1, got {self.adapter_bank_memory}")
+        if self.quantization is not None and self.quantization not in ("int8",):
+            raise ValueError(f"quantization must be int8 or None, got {self.quantization!r}")
+        if self.quantization is not None and not self.pack_cpu_linears:
+            raise ValueError("quantization needs the packed CPU linears (pack_cpu_linears)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:

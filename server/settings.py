@@ -197,6 +197,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         engine.adapter_bank_memory, int)
     add("--enable-prefix-caching", "reuse KV blocks of shared prompt prefixes", engine.enable_prefix_caching,
         _bool)
+    add("--quantization", "int8: weight-only int8 copies of the base linears for one-row decode (CPU; single-stream "
+        "latency), none: off", "none", str, choices=["none", "int8"])
     add("--pack-cpu-linears", "on CPU in float32, run the base linears through oneDNN on pre-packed weights",
         engine.pack_cpu_linears, _bool)
     add("--keep-freed-memory", "on CPU with glibc, keep freed memory for reuse (faster prefill)",
@@ -231,6 +233,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
             max_loaded_adapters=args.max_loaded_adapters, adapter_bank_memory=args.adapter_bank_memory,
             enable_prefix_caching=args.enable_prefix_caching,
             pack_cpu_linears=args.pack_cpu_linears, keep_freed_memory=args.keep_freed_memory,
+            quantization=None if args.quantization == "none" else args.quantization,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -1,0 +1,80 @@
+"""`--quantization int8`: weight-only int8 base linears for one-row decode, on CPU, next to the packed weights.
+
+Measured here (`scripts/quant-linear-time.py`, docs/BENCHMARKS.md "Single-stream latency"): torch's weight-only
+int8 product (`_weight_int8pack_mm`, per-output-channel scales) is 1.7-2.3x faster than the bfloat16 oneDNN product
+at one row, and slower from 8 rows on, where the AMX bfloat16 products barely grow. So each linear keeps its packed
+oneDNN weight for batches and gains an int8 copy for single rows; both hold the same rounded values (the packed
+weight is re-packed from the int8 weight times its scales), so a sequence's tokens do not depend on the batch it
+runs in beyond accumulation order. Quality of the rounding itself (`scripts/quant-quality.py`): top-1 agreement
+with float32 0.942 on the default model (bfloat16: 0.965). The embedding keeps its own weights (the tied output
+head's `weight` parameter is never modified, only the copies its forward reads).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .packed_linear import PackedLinear, pack_weight
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("int8",)
+INT8_MAX_ROWS = 1  # the int8 product wins at one row only (0.6-0.9x of bfloat16 at 8 rows here)
+ALIGN = 64
+"""Only linears whose widths are multiples of this get an int8 copy: torch's kernel crashed (33 -> 7) or gave wrong
+results on small odd shapes here; every width of 64k tried (64-4096 in, 64-49152 out) matched to 2e-2."""
+
+
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [out, in], float32 scales [out]): symmetric per output channel, round to nearest."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+class Int8DecodeLinear(PackedLinear):
+    """A PackedLinear that multiplies single rows by an int8 copy of its (rounded) weight."""
+
+    int8_weight: torch.Tensor
+    int8_scales: torch.Tensor
+
+    @classmethod
+    def quantize(cls, linear: PackedLinear) -> Int8DecodeLinear:
+        """Make `linear` an Int8DecodeLinear in place; its packed weight becomes the rounded one."""
+        q, scales = int8_per_channel(linear.weight)
+        dtype = linear.weight.dtype
+        rounded = (q.float() * scales[:, None]).to(dtype)
+        linear.packed_weight = pack_weight(rounded)
+        linear.__class__ = cls
+        linear.register_buffer("int8_weight", q, persistent=False)
+        linear.register_buffer("int8_scales", scales.to(dtype), persistent=False)
+        return linear  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > INT8_MAX_ROWS:
+            return super().forward(x)
+        y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.int8_weight, self.int8_scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_linears(model: nn.Module, mode: str) -> int:
+    """Give every packed base linear of `model` its `mode` copy; returns how many."""
+    if mode not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {mode!r}")
+    count = skipped = 0
+    for module in model.modules():
+        if type(module) is PackedLinear:
+            if module.in_features % ALIGN or module.out_features % ALIGN:
+                skipped += 1
+                continue
+            Int8DecodeLinear.quantize(module)
+            count += 1
+    if skipped:
+        log.info("%d linear layers with widths not a multiple of %d keep the packed product only", skipped, ALIGN)
+    return count

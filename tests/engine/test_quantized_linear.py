@@ -1,0 +1,65 @@
+"""`--quantization int8` (models/quantized_linear.py): one row through the int8 product, batches through the packed
+bfloat16 product of the same rounded weights; the quantized model's quality on real text; the engine refuses
+the combinations it does not serve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from malora_runtime.config import EngineConfig
+from malora_runtime.engine.llm_engine import LLMEngine
+from malora_runtime.models.packed_linear import PackedLinear, pack_linears
+from malora_runtime.models.quantized_linear import Int8DecodeLinear, int8_per_channel, quantize_linears
+from tests.conftest import make_tiny_llama
+
+
+@pytest.mark.parametrize("d_in,d_out,bias", [(576, 576, False), (64, 1024, True), (1536, 192, False)])
+def test_one_row_and_a_batch_use_the_same_rounded_weights(d_in, d_out, bias):
+    torch.manual_seed(d_in)
+    linear = nn.Linear(d_in, d_out, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    original = linear.weight.detach().clone()
+    q, scales = int8_per_channel(linear.weight)
+    rounded = (q.double() * scales.double()[:, None])
+    assert (rounded - original.double()).abs().max() <= scales.double().max() / 2 + 1e-6  # round to nearest
+    layer = Int8DecodeLinear.quantize(PackedLinear.convert(linear))
+    assert torch.equal(layer.weight, original)  # the parameter (a tied embedding's too) is untouched
+    x = torch.randn(5, d_in).to(torch.bfloat16)
+    reference = x.double() @ rounded.to(torch.bfloat16).double().T + (0 if not bias else layer.bias.double())
+    batch = layer(x)
+    rows = torch.cat([layer(x[i:i + 1]) for i in range(5)])
+    scale = reference.abs().max()
+    assert float((batch.double() - reference).abs().max() / scale) < 2e-2
+    assert float((rows.double() - reference).abs().max() / scale) < 2e-2
+    assert float((rows.double() - batch.double()).abs().max() / scale) < 2e-2
+
+
+def test_aligned_packed_linears_get_an_int8_copy_and_bad_modes_are_refused():
+    model = make_tiny_llama(dtype=torch.bfloat16, intermediate_size=100)  # the MLP's widths are not multiples of 64
+    packed = pack_linears(model)
+    quantized = quantize_linears(model, "int8")
+    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert 0 < quantized < packed
+    assert kinds["q_proj"] is Int8DecodeLinear and kinds["up_proj"] is PackedLinear
+    with pytest.raises(ValueError, match="int4"):
+        quantize_linears(model, "int4")
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int4")
+    with pytest.raises(ValueError, match="packed"):
+        EngineConfig(quantization="int8", pack_cpu_linears=False)
+
+
+def test_the_engine_refuses_int8_in_float32_and_serves_it_in_bfloat16(tokenizer):
+    from malora_runtime.sampling_params import SamplingParams
+
+    with pytest.raises(ValueError, match="bfloat16"):
+        LLMEngine(make_tiny_llama(vocab_size=len(tokenizer)), tokenizer,
+                  EngineConfig(dtype="float32", quantization="int8", num_kv_blocks=16))
+    engine = LLMEngine(make_tiny_llama(vocab_size=len(tokenizer), dtype=torch.bfloat16), tokenizer,
+                       EngineConfig(dtype="bfloat16", quantization="int8", num_kv_blocks=16))
+    engine.add_request("r", "hello there", SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert outputs[-1].finished and outputs[-1].outputs[0].num_output_tokens == 6
