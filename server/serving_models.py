@@ -22,7 +22,7 @@ class ModelsServing:
         for view in views:
             info = adapter_info(view)
             if not show_paths:
-                info.path = None
+                info.path = info.source_url = None
                 if info.error is not None and self.state.adapters is not None:
                     info.error = self.state.adapters.public_message(info.error)
             root = str(view.path or view.name) if show_paths else view.name

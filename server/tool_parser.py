@@ -50,6 +50,7 @@ class _Call:
     args_start: int = 0
     args_sent: int = 0  # characters of the arguments handed out, from args_start
     scan: _JsonScan | None = None
+    quotes: _JsonScan = field(default_factory=lambda: _JsonScan())  # string state over the whole block
 
 
 class _JsonScan:
@@ -101,18 +102,31 @@ class ToolCallParser:
                 self.pending = self.pending[at + len(OPEN):]
                 self.call = _Call()
             else:
-                at = self.pending.find(CLOSE)
-                if at < 0:
-                    keep = _partial_suffix(self.pending, CLOSE)
-                    self.call.text += self.pending[:len(self.pending) - keep]
-                    self.pending = self.pending[len(self.pending) - keep:]
+                at, taken = self._find_close()
+                self.call.text += self.pending[:taken]
+                if at is None:
+                    self.pending = self.pending[taken:]  # empty, or a start of CLOSE held back
                     self._stream_call(out)
                     break
-                self.call.text += self.pending[:at]
                 self.pending = self.pending[at + len(CLOSE):]
                 self._stream_call(out)
                 self._close_call(out)
         return out
+
+    def _find_close(self) -> tuple[int | None, int]:
+        """(where CLOSE starts in `pending`, or None; how many characters of `pending` belong to the call). A
+        CLOSE inside a JSON string of the call (an argument's text) does not end it."""
+        call = self.call
+        assert call is not None
+        text = self.pending
+        for i, char in enumerate(text):
+            if not call.quotes.in_string:
+                if text.startswith(CLOSE, i):
+                    return i, i
+                if CLOSE.startswith(text[i:]):  # the end of the text may be the start of CLOSE
+                    return None, i
+            call.quotes.push(char)
+        return None, len(text)
 
     def _content(self, out: ParsedDeltas, text: str) -> None:
         """Text outside the blocks; after a call, blank text is held until something else follows it."""

@@ -54,8 +54,10 @@ class ToolPlan:
             alternatives.append(f"fn_{i}: %json {json.dumps(compact(call))}")
         call_rule = " | ".join(f"fn_{i}" for i in range(len(self.functions)))
         start = 'start: call ("\\n" call)*' if self.parallel else "start: call"
+        # Bounded by the request body (--max-body-bytes), not the 64 KiB of a client's own grammar: a large set of
+        # tools is a legitimate request.
         return lark_grammar("\n".join([start, f"call: {json.dumps(OPEN + chr(10))} ({call_rule}) "
-                                              f"{json.dumps(chr(10) + CLOSE)}", *alternatives]))
+                                              f"{json.dumps(chr(10) + CLOSE)}", *alternatives]), max_chars=4 << 20)
 
 
 def tool_plan(body: ChatCompletionRequest) -> ToolPlan:

@@ -225,6 +225,8 @@ class AdapterManager:
             message = message.replace(str(root), "<adapter root>")
         if self.registry.source_cache is not None:
             message = message.replace(str(self.registry.source_cache.root), "<adapter cache>")
+        for source in self.registry.sources:  # bucket names and internal hosts stay with the operator
+            message = message.replace(source.url, f"<source {source.name}>")
         return message
 
     def view(self, name: str, on_disk: dict[str, Path] | None = None,

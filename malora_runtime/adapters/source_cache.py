@@ -27,6 +27,7 @@ from .sources import AdapterSource, AdapterSourceError, RemoteVersion, Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_CACHE_BYTES = 10 << 30
+LOCK_STRIPES = 64
 
 
 class AdapterTooLargeForCacheError(AdapterError):
@@ -47,12 +48,11 @@ class SourceCache:
     def __init__(self, root: Path, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        # Striped, not one per name: names come from clients, and a lock per name made up would never go away.
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
 
     def _lock(self, source: AdapterSource, name: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault((source.name, name), threading.Lock())
+        return self._locks[hash((source.name, name)) % LOCK_STRIPES]
 
     def directory(self, source: AdapterSource, name: str) -> Path:
         return self.root / source.name / name
@@ -72,6 +72,7 @@ class SourceCache:
                 if cached is None:
                     raise
                 log.warning("%s; serving the cached version %s of %s", exc, cached.name, name)
+                os.utime(cached)  # in use: not the first the LRU deletes
                 return Fetched(cached, cached.name, time.perf_counter() - started, read(cached), False, True)
             target = self.directory(source, name) / version.key
             if target.is_dir():
@@ -114,9 +115,12 @@ class SourceCache:
         found = []
         if self.root.is_dir():
             for version in self.root.glob("*/*/*"):
-                if version.is_dir() and not version.name.startswith("."):
-                    size = sum(f.stat().st_size for f in version.iterdir() if f.is_file())
-                    found.append((version, size, version.stat().st_mtime))
+                try:
+                    if version.is_dir() and not version.name.startswith("."):
+                        size = sum(f.stat().st_size for f in version.iterdir() if f.is_file())
+                        found.append((version, size, version.stat().st_mtime))
+                except OSError:  # renamed away by an eviction meanwhile
+                    continue
         return found
 
     @property

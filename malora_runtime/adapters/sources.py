@@ -171,10 +171,11 @@ class FsspecStore:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (FileNotFoundError, UnknownAdapterError):
-            raise
         except AdapterError:
             raise
+        except FileNotFoundError:  # listed a moment ago: deleted or replaced since
+            raise AdapterTransferError(f"source {self.source}: {what}: the object is gone since it was listed; "
+                                       "try again") from None
         except OSError as exc:
             if type(exc).__name__ != "FileExpired":  # s3fs reads with If-Match on the listed ETag
                 raise AdapterSourceError(f"source {self.source}: {what} failed: {type(exc).__name__}: "
@@ -189,9 +190,12 @@ class FsspecStore:
         directory = f"{self.root}/{name}"
         self.fs.invalidate_cache(directory)
         try:
-            entries = self._call(f"listing {name!r}", self.fs.ls, directory + "/", detail=True)
+            entries = self.fs.ls(directory + "/", detail=True)
         except FileNotFoundError:
             raise UnknownAdapterError(f"adapter {name!r} does not exist in source {self.source}") from None
+        except Exception as exc:  # network, credentials, permissions: say which source and why, nothing more
+            raise AdapterSourceError(f"source {self.source}: listing {name!r} failed: {type(exc).__name__}: "
+                                     f"{_first_line(exc)}") from None
         files = []
         for entry in entries:
             if entry.get("type") != "file":

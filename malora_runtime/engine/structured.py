@@ -105,9 +105,11 @@ def choice_grammar(choices: Sequence[str]) -> str:
     return lark_grammar("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
 
 
-def lark_grammar(text: str) -> str:
+def lark_grammar(text: str, max_chars: int = MAX_GRAMMAR_SOURCE_CHARS) -> str:
     """A Lark grammar (llguidance's dialect, which embeds JSON schemas as `%json {...}`) or a GBNF grammar."""
-    return _grammar("lark", _bounded(text, "grammar"))
+    if len(text) > max_chars:
+        raise GrammarError(f"the grammar is {len(text)} characters; at most {max_chars}")
+    return _grammar("lark", text)
 
 
 class Grammars:
@@ -157,10 +159,17 @@ class Grammars:
         return matcher
 
     def matcher(self, grammar: str):
-        """A fresh matcher at the start of `grammar`: a copy of the prepared one, else compiled now."""
+        """A fresh matcher at the start of `grammar`: a copy of the prepared one, else prepared now (once, then
+        cached: only when the LRU evicted it between the server's prepare and the request's admission)."""
         with self._lock:
             prepared = self._prepared.get(grammar)
-        return prepared.deep_copy() if prepared is not None else self._compile(grammar)
+        if prepared is None:
+            self.prepare(grammar)
+            with self._lock:
+                prepared = self._prepared.get(grammar)
+            if prepared is None:  # evicted again at once (a cache of size 0): use a fresh compile
+                return self._compile(grammar)
+        return prepared.deep_copy()
 
 
 class GrammarMask:

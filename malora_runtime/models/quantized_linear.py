@@ -3,11 +3,12 @@
 Measured here (`scripts/quant-linear-time.py`, docs/BENCHMARKS.md "Single-stream latency"): torch's weight-only
 int8 product (`_weight_int8pack_mm`, per-output-channel scales) is 1.7-2.3x faster than the bfloat16 oneDNN product
 at one row, and slower from 8 rows on, where the AMX bfloat16 products barely grow. So each linear keeps its packed
-oneDNN weight for batches and gains an int8 copy for single rows; both hold the same rounded values (the packed
-weight is re-packed from the int8 weight times its scales), so a sequence's tokens do not depend on the batch it
-runs in beyond accumulation order. Quality of the rounding itself (`scripts/quant-quality.py`): top-1 agreement
-with float32 0.942 on the default model (bfloat16: 0.965). The embedding keeps its own weights (the tied output
-head's `weight` parameter is never modified, only the copies its forward reads).
+oneDNN weight for batches and gains an int8 copy for single rows. Both read the int8-rounded weights: the packed
+weight is re-packed from the int8 weight times its scales, rounded to bfloat16 (within 2^-8 relative of what the
+one-row product uses), so a sequence's tokens can differ between one-row and batched steps only at near-ties, as
+bfloat16 batches of different sizes already may. Quality of the rounding itself (`scripts/quant-quality.py`):
+top-1 agreement with float32 0.942 on the default model (bfloat16: 0.965). The embedding keeps its own weights (the
+tied output head's `weight` parameter is never modified, only the copies its forward reads).
 """
 
 from __future__ import annotations

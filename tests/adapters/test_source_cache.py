@@ -208,6 +208,11 @@ def test_an_s3_object_replaced_after_its_listing_is_never_half_read(tmp_path):
         into.mkdir()
         with pytest.raises(AdapterTransferError, match="changed during the transfer"):
             store.download("sql", version, into, 8 << 20)
+        gone = store.latest("sql")
+        client.delete_object(Bucket="bucket-b", Key="p/sql/weights.safetensors")
+        with pytest.raises(AdapterTransferError, match="gone since it was listed"):
+            store.download("sql", gone, tmp_path / "capped", 8 << 20)
+        client.put_object(Bucket="bucket-b", Key="p/sql/weights.safetensors", Body=b"w" * (3 << 20))
         cache = SourceCache(tmp_path / "cache")
         assert cache.fetch(SOURCE, store, "sql", 8 << 20, lambda p: (p / "weights.safetensors").stat().st_size
                            ).value == 3 << 20  # listed afresh: the new version, whole

@@ -44,6 +44,8 @@ CASES = [
     ('<tool_call>\n{"name": "cut", "argu', '<tool_call>\n{"name": "cut", "argu', []),
     ('<tool_call>{"name": "f", "arguments": {"k": "v"}}</tool_call> and then some text.', " and then some text.",
      [("f", '{"k": "v"}')]),
+    ('<tool_call>\n{"name": "f", "arguments": {"s": "a</tool_call>b \\" </tool_call>"}}\n</tool_call>', "",
+     [("f", '{"s": "a</tool_call>b \\" </tool_call>"}')]),  # the tag inside an argument's string is text
 ]
 
 
