@@ -221,38 +221,65 @@ class FsspecStore:
 
 
 class HubStore:
-    """hf://org/repo[@revision][/subdir]: a snapshot of the adapter's directory through huggingface_hub, which
-    brings the Hub's own cache, token and offline mode; the version is the commit it resolved to."""
+    """hf://org/repo[@revision][/subdir] through huggingface_hub (its token, cache and offline mode). Online, the
+    adapter's directory is listed first (its files directly in it, their sizes and blob ids: the version), so the
+    byte cap holds before anything is downloaded and nested files are never fetched; then exactly those files are
+    downloaded. Offline (HF_HUB_OFFLINE), the Hub's cache answers: the version is the cached commit's."""
 
-    def __init__(self, source: AdapterSource) -> None:
+    def __init__(self, source: AdapterSource, api: Any = None) -> None:
         self.source = source
         rest = source.url.removeprefix("hf://").split("/")
         repo = "/".join(rest[:2])
         self.subdir = "/".join(rest[2:])
         self.repo_id, _, revision = repo.partition("@")
         self.revision = revision or None
+        self._api = api
 
-    def _adapter_dir(self, snapshot: Path, name: str) -> Path:
-        return snapshot / self.subdir / name if self.subdir else snapshot / name
+    def _path(self, name: str) -> str:
+        return f"{self.subdir}/{name}" if self.subdir else name
 
-    def latest(self, name: str) -> RemoteVersion:
+    @staticmethod
+    def _offline() -> bool:  # the environment read now, not at import: as the operator set it
+        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+    def _snapshot(self, patterns: list[str], offline: bool) -> Path:
         from huggingface_hub import snapshot_download
 
-        pattern = f"{self.subdir}/{name}/*" if self.subdir else f"{name}/*"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        try:  # the environment read now, not at import: HF_HUB_CACHE and HF_HUB_OFFLINE as the operator set them
-            snapshot = Path(snapshot_download(self.repo_id, revision=self.revision, allow_patterns=[pattern],
-                                              cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-                                              local_files_only=offline))
+        try:
+            return Path(snapshot_download(self.repo_id, revision=self.revision, allow_patterns=patterns,
+                                          cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline))
         except Exception as exc:  # offline without it cached, no such repo or revision, refused
             raise AdapterSourceError(f"source {self.source}: {type(exc).__name__}: {_first_line(exc)}") from None
-        directory = self._adapter_dir(snapshot, name)
+
+    def latest(self, name: str) -> RemoteVersion:
+        if not self._offline():
+            return RemoteVersion.of(_check_files(self.source, name, self._listed(name)))
+        snapshot = self._snapshot([f"{self._path(name)}/*"], offline=True)  # no transfer: the cache only
         commit = snapshot.name
-        files = [RemoteFile(p.name, p.stat().st_size, commit, str(p)) for p in _files(directory)]
+        files = [RemoteFile(p.name, p.stat().st_size, commit, str(p)) for p in _files(snapshot / self._path(name))]
         version = RemoteVersion.of(_check_files(self.source, name, files))
         return RemoteVersion(version.files, f"{commit[:12]}-{version.key}")
 
+    def _listed(self, name: str) -> list[RemoteFile]:
+        from huggingface_hub import HfApi
+
+        api = self._api or HfApi()
+        try:
+            entries = list(api.list_repo_tree(self.repo_id, path_in_repo=self._path(name), recursive=False,
+                                              revision=self.revision))
+        except Exception as exc:
+            if "EntryNotFound" in type(exc).__name__:
+                raise UnknownAdapterError(f"adapter {name!r} does not exist in source {self.source}") from None
+            raise AdapterSourceError(f"source {self.source}: listing {name!r} failed: {type(exc).__name__}: "
+                                     f"{_first_line(exc)}") from None
+        return [RemoteFile(e.path.rsplit("/", 1)[-1], e.size, str(e.blob_id), e.path) for e in entries
+                if getattr(e, "size", None) is not None]  # files (folders have no size)
+
     def download(self, name: str, version: RemoteVersion, into: Path, max_bytes: int) -> None:
+        if version.files and not Path(version.files[0].location).is_absolute():  # listed online: fetch exactly these
+            snapshot = self._snapshot([f.location for f in version.files], offline=False)
+            version = RemoteVersion(tuple(RemoteFile(f.name, f.size, f.tag, str(snapshot / f.location))
+                                          for f in version.files), version.key)
         budget = max_bytes
         for f in version.files:
             with open(f.location, "rb") as stream:

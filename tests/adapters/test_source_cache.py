@@ -247,3 +247,32 @@ def test_an_https_style_directory_listing_is_a_source(tmp_path):
             store.latest("nope")
     finally:
         httpd.shutdown()
+
+
+def test_a_hub_adapter_is_listed_and_capped_before_anything_is_downloaded(tmp_path, monkeypatch):
+    """Online hf:// (the Hub is not reachable from the tests: its listing API is replaced by a stand-in answering
+    as list_repo_tree does): only the files directly in the adapter's directory count, the cap holds before any
+    download, and a missing directory is an unknown adapter."""
+    from types import SimpleNamespace
+
+    from malora_runtime.adapters.sources import HubStore
+
+    class Tree:
+        def list_repo_tree(self, repo_id, path_in_repo, recursive, revision):
+            assert (repo_id, revision, recursive) == ("org/adapters", "v2", False)
+            if not path_in_repo.endswith("/sql"):
+                raise type("RemoteEntryNotFoundError", (Exception,), {})("404")
+            return [SimpleNamespace(path=f"{path_in_repo}/adapter_config.json", size=40, blob_id="a1"),
+                    SimpleNamespace(path=f"{path_in_repo}/weights.safetensors", size=9000, blob_id="b1"),
+                    SimpleNamespace(path=f"{path_in_repo}/checkpoint-100", tree_id="t1")]  # a folder: not fetched
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    source = parse_source("hub=hf://org/adapters@v2/loras")
+    store = HubStore(source, api=Tree())
+    monkeypatch.setattr(store, "_snapshot", lambda *a, **k: pytest.fail("downloaded before the cap was checked"))
+    version = store.latest("sql")
+    assert [(f.name, f.size) for f in version.files] == [("adapter_config.json", 40), ("weights.safetensors", 9000)]
+    with pytest.raises(AdapterTooLargeForCacheError):
+        SourceCache(tmp_path / "cache").fetch(source, store, "sql", 4096, read_weights)
+    with pytest.raises(UnknownAdapterError):
+        store.latest("nope")
