@@ -52,6 +52,10 @@ class EngineConfig:
     quantization: str | None = None
     """"int8": weight-only int8 copies of the packed base linears for one-row decode (models.quantized_linear);
     None: none. Needs the packed CPU linears."""
+    fast_decode: bool = True
+    """Steps of single-token chunks of a Llama-style model on CPU run through the native decode path
+    (models.fast_decode: one native call per small op of a layer) where the start-up probe finds it agrees with
+    transformers' forward, which stays the reference and the path for prefills; False: always transformers'."""
 
     def __post_init__(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):

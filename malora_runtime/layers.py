@@ -55,14 +55,18 @@ class MaloraLinear(nn.Module):
             )
             # One rounding into y's dtype, as the kernels add a float32 delta into bfloat16 rows.
             return (y.to(delta.dtype) + delta.reshape(*y.shape[:-1], -1)).to(y.dtype)
+        self.add_bank_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return y
+
+    def add_bank_delta(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """The serving path's delta: y [T, d_out] += every token's delta from its slot (x [T, d_in]); y may be a
+        column range of a wider product (the fast decode path's fused q, k, v)."""
         step = self.context
         token_slots = step.token_slots
         if self.bank is not None and token_slots is not None and token_slots.any_adapter:
             backend = step.backend or choose_backend(x)
             counts = step.routing.sink(self.path, backend) if step.routing is not None else None
-            add_malora_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.bank, token_slots, counts,
-                             backend)
-        return y
+            add_malora_delta(y, x, self.bank, token_slots, counts, backend)
 
     def extra_repr(self) -> str:
         return f"path={self.path}, adapter={'set' if self.adapter is not None else 'none'}"

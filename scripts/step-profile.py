@@ -31,9 +31,13 @@ def main() -> int:
     parser.add_argument("dtype", choices=["float32", "bfloat16"])
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quantization", choices=["int8"], default=None)
+    parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
+                        help="decode through transformers' forward (the reference path)")
     args = parser.parse_args()
     model, tokenizer, source = load_model(None, dtype=getattr(torch, args.dtype))
-    engine = LLMEngine(model, tokenizer, EngineConfig(dtype=args.dtype), source.name)
+    engine = LLMEngine(model, tokenizer, EngineConfig(dtype=args.dtype, quantization=args.quantization,
+                                                            fast_decode=args.fast_decode), source.name)
     params = SamplingParams(max_tokens=12 + 2 * args.steps + 8, temperature=0.0, ignore_eos=True)
     for i in range(args.streams):
         engine.add_request(f"r{i}", f"{PROMPT} {i}", params, None)
@@ -50,7 +54,9 @@ def main() -> int:
     profiler.disable()
     report = io.StringIO()
     pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(20)
-    sys.stdout.write(f"{args.dtype}, {args.streams} streams: {step_ms:.1f} ms a decode step (unprofiled); "
+    path = "fast decode" if engine.runner.fast_decoder is not None else "transformers' forward"
+    sys.stdout.write(f"{args.dtype} {args.quantization or ''}, {path}, {args.streams} streams: "
+                     f"{step_ms:.1f} ms a decode step (unprofiled); "
                      f"{args.steps} profiled steps by function:\n{report.getvalue()}")
     return 0
 

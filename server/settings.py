@@ -199,6 +199,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         _bool)
     add("--quantization", "int8: weight-only int8 copies of the base linears for one-row decode (CPU; single-stream "
         "latency), none: off", "none", str, choices=["none", "int8"])
+    add("--fast-decode", "decode steps of Llama-style models on CPU through the native decode path (false: "
+        "transformers' forward, the reference)", engine.fast_decode, _bool)
     add("--pack-cpu-linears", "on CPU in float32, run the base linears through oneDNN on pre-packed weights",
         engine.pack_cpu_linears, _bool)
     add("--keep-freed-memory", "on CPU with glibc, keep freed memory for reuse (faster prefill)",
@@ -233,7 +235,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
             max_loaded_adapters=args.max_loaded_adapters, adapter_bank_memory=args.adapter_bank_memory,
             enable_prefix_caching=args.enable_prefix_caching,
             pack_cpu_linears=args.pack_cpu_linears, keep_freed_memory=args.keep_freed_memory,
-            quantization=None if args.quantization == "none" else args.quantization,
+            quantization=None if args.quantization == "none" else args.quantization, fast_decode=args.fast_decode,
         )
     except ValueError as exc:
         parser.error(str(exc))

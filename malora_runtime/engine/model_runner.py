@@ -12,8 +12,11 @@ from torch import nn
 from ..config import EngineConfig
 from ..context import StepContext
 from ..kernels.dispatch import choose_backend
+from ..kernels.native.build import NativeKernelError
+from ..kernels.native.decode_ops import DecodeBatch, decode_ops
 from ..kernels.token_slots import NO_SLOT, TokenSlots
 from ..models.compat import check_config, conv1d_to_linear, probe_failure, probe_tokens, reference_forward
+from ..models.fast_decode import FastDecoder, unsupported_reason
 from ..models.packed_linear import PACKABLE_DTYPES, pack_linears
 from ..models.quantized_linear import quantize_linears
 from ..patching import wrapped_layers
@@ -23,6 +26,12 @@ from .attention import ATTENTION_NAME, AttentionMetadata, KVPool, PrefillSpan
 from .routing_stats import RoutingStats
 
 log = logging.getLogger(__name__)
+
+# How far the fast decode path's logits may be from transformers' forward at the start-up probe, relative to the
+# logits' mean spread: float error in float32; in bfloat16 sums run in another order and --quantization int8's
+# one-row product is torch's kernel in one path and the native GEMV in the other (measured 0 and 0.06-0.09 on the
+# default model), while a path that computes something else (a bias, a norm, a rotary form missed) is off by ~1.
+FAST_DECODE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15}
 
 
 @dataclass
@@ -102,7 +111,20 @@ class ModelRunner:
         log.info("MALoRA delta kernels: %s", choose_backend(torch.empty(0, device=self.device)))
         log.info("KV pool: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_bytes_per_block(model, self.block_size, self.dtype) / 2**20)
+        self.fast_decoder = self._fast_decoder() if config.fast_decode else None
         self.probe()
+
+    def _fast_decoder(self) -> FastDecoder | None:
+        reason = unsupported_reason(self.model)
+        if reason is None:
+            try:
+                decode_ops()  # built once per machine, like the delta kernel
+            except NativeKernelError as exc:
+                reason = f"the native decode library is unavailable: {exc}"
+        if reason is not None:
+            log.info("fast decode path off: %s", reason)
+            return None
+        return FastDecoder(self.model, self.pool)
 
     def probe(self) -> None:
         """Before serving: prefill two tokens, decode a third, and compare with the model's own forward. A model
@@ -126,6 +148,31 @@ class ModelRunner:
         refusal = probe_failure(self.model, error, layers_seen, served, reference)
         if refusal is not None:
             raise refusal from error
+        if self.fast_decoder is not None:
+            self._probe_fast_decoder(tokens, blocks, served)
+
+    def _probe_fast_decoder(self, tokens: list[int], blocks: list[int], served: torch.Tensor) -> None:
+        """The same two steps with the decode through the fast path: kept only when its logits are the reference
+        path's (to float error in float32; bfloat16 rounds differently at near-ties only)."""
+        fast = None
+        try:
+            self._forward(*self.prepare([Chunk(tokens[:-1], 0, blocks, NO_SLOT, True)]))
+            fast = self._fast_forward([Chunk(tokens[-1:], len(tokens) - 1, blocks, NO_SLOT, True)])[0]
+        except Exception:  # a failure here turns the fast path off; the reference path serves
+            log.exception("fast decode path off: its start-up step failed")
+        finally:
+            self.clear_kv_blocks(blocks)
+        if fast is None:
+            self.fast_decoder = None
+            return
+        spread = (served - served.mean()).abs().mean().clamp_min(1e-6)
+        distance = float((fast - served).abs().mean() / spread)
+        if not distance <= FAST_DECODE_TOLERANCE[self.dtype]:
+            log.warning("fast decode path off: its decode logits differ from transformers' forward by %.3g "
+                        "(relative; allowed %g)", distance, FAST_DECODE_TOLERANCE[self.dtype])
+            self.fast_decoder = None
+        else:
+            log.info("fast decode path on (decode logits within %.2g of transformers' forward)", distance)
 
     def _kv_indices_for(self, chunk: Chunk) -> list[int]:
         # kv_cache.kv_index, inlined: this runs for every token of every step.
@@ -198,7 +245,34 @@ class ModelRunner:
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
+        if self.fast_decoder is not None and all(len(chunk.token_ids) == 1 for chunk in chunks):
+            return self._fast_forward(chunks)
         return self._forward(*self.prepare(chunks))
+
+    @torch.inference_mode()
+    def _fast_forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """A step of single-token chunks through the fast decode path."""
+        assert self.fast_decoder is not None
+        bs = self.block_size
+        positions = [chunk.start for chunk in chunks]
+        longest = max(-(-(p + 1) // bs) for p in positions)
+        tables = torch.tensor([c.block_table[:longest] + [0] * (longest - len(c.block_table[:longest]))
+                               for c in chunks], dtype=torch.int32)
+        kv_indices = torch.tensor([c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, positions)],
+                                  dtype=torch.int64)
+        position_tensor = torch.tensor(positions, dtype=torch.int64)
+        batch = DecodeBatch.checked(kv_indices, tables, position_tensor + 1, bs, self.pool.keys[0].shape[0])
+        logit_rows = [i for i, chunk in enumerate(chunks) if chunk.needs_logits]
+        step = self.context
+        step.token_slots = TokenSlots.from_list([chunk.adapter_slot for chunk in chunks], self.device)
+        step.backend = choose_backend(position_tensor) if step.token_slots.any_adapter else None
+        step.routing = self.routing if self.routing.enabled else None
+        ids = torch.tensor([chunk.token_ids[0] for chunk in chunks], dtype=torch.int64)
+        try:
+            return self.fast_decoder.forward(ids, position_tensor, batch,
+                                             None if len(logit_rows) == len(chunks) else logit_rows)
+        finally:
+            step.clear()
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, token_slots: list[int],

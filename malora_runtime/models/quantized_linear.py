@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("int8",)
 INT8_MAX_ROWS = 1  # the int8 product wins at one row only (0.6-0.9x of bfloat16 at 8 rows here)
 ALIGN = 64
-"""Only linears whose widths are multiples of this get an int8 copy: torch's kernel crashed (33 -> 7) or gave wrong
+"""torch's int8 kernel runs only linears whose widths are multiples of this: it crashed (33 -> 7) or gave wrong
 results on small odd shapes here; every width of 64k tried (64-4096 in, 64-49152 out) matched to 2e-2."""
 
 
@@ -41,6 +41,9 @@ class Int8DecodeLinear(PackedLinear):
 
     int8_weight: torch.Tensor
     int8_scales: torch.Tensor
+    torch_kernel_fits: bool
+    """Whether torch's int8 kernel takes this shape; where not, eager one-row steps use the packed product of the
+    same rounded weights and only the native GEMV (models.fused_products) reads the int8 copy."""
 
     @classmethod
     def quantize(cls, linear: PackedLinear) -> Int8DecodeLinear:
@@ -52,11 +55,12 @@ class Int8DecodeLinear(PackedLinear):
         linear.__class__ = cls
         linear.register_buffer("int8_weight", q, persistent=False)
         linear.register_buffer("int8_scales", scales.to(dtype), persistent=False)
+        linear.torch_kernel_fits = not (linear.in_features % ALIGN or linear.out_features % ALIGN)
         return linear  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > INT8_MAX_ROWS:
+        if rows.shape[0] > INT8_MAX_ROWS or not self.torch_kernel_fits:
             return super().forward(x)
         y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.int8_weight, self.int8_scales)
         if self.bias is not None:
@@ -68,14 +72,12 @@ def quantize_linears(model: nn.Module, mode: str) -> int:
     """Give every packed base linear of `model` its `mode` copy; returns how many."""
     if mode not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {mode!r}")
-    count = skipped = 0
+    count = misfits = 0
     for module in model.modules():
         if type(module) is PackedLinear:
-            if module.in_features % ALIGN or module.out_features % ALIGN:
-                skipped += 1
-                continue
-            Int8DecodeLinear.quantize(module)
+            misfits += not Int8DecodeLinear.quantize(module).torch_kernel_fits
             count += 1
-    if skipped:
-        log.info("%d linear layers with widths not a multiple of %d keep the packed product only", skipped, ALIGN)
+    if misfits:
+        log.info("%d linear layers with widths not a multiple of %d: torch's int8 kernel does not take them, their "
+                 "one-row products are the native GEMV's (fast decode) or the packed ones", misfits, ALIGN)
     return count

@@ -35,13 +35,18 @@ def test_one_row_and_a_batch_use_the_same_rounded_weights(d_in, d_out, bias):
     assert float((rows.double() - batch.double()).abs().max() / scale) < 2e-2
 
 
-def test_aligned_packed_linears_get_an_int8_copy_and_bad_modes_are_refused():
+def test_every_packed_linear_gets_an_int8_copy_and_odd_widths_skip_torchs_kernel():
     model = make_tiny_llama(dtype=torch.bfloat16, intermediate_size=100)  # the MLP's widths are not multiples of 64
     packed = pack_linears(model)
     quantized = quantize_linears(model, "int8")
-    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in model.named_modules() if isinstance(m, PackedLinear)}
-    assert 0 < quantized < packed
-    assert kinds["q_proj"] is Int8DecodeLinear and kinds["up_proj"] is PackedLinear
+    layers = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert quantized == packed and all(type(m) is Int8DecodeLinear for m in layers.values())
+    assert layers["q_proj"].torch_kernel_fits and not layers["up_proj"].torch_kernel_fits
+    # A one-row step of a layer torch's kernel does not take is the packed product of the same rounded weights.
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    up = layers["up_proj"]
+    rounded = (up.int8_weight.float() * up.int8_scales.float()[:, None]).to(torch.bfloat16)
+    assert torch.allclose(up(x).float(), (x.double() @ rounded.double().T).float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="int4"):
         quantize_linears(model, "int4")
     with pytest.raises(ValueError, match="quantization"):

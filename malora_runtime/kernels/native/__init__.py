@@ -29,7 +29,7 @@ import torch
 
 from ..slot_bank import SlotBank
 from ..token_slots import TokenSlots
-from .build import NativeKernelError, build_native_kernel
+from .build import NativeKernelError, build_native_kernel, load_or_error
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,7 @@ class NativeKernel:
 
 @functools.cache
 def _load() -> NativeKernel | NativeKernelError:
-    try:
-        return NativeKernel.load(build_native_kernel())
-    except NativeKernelError as exc:
-        return exc
-    except Exception as exc:  # anything else the build or the loader raises: serve without the kernel
-        return NativeKernelError(f"{type(exc).__name__}: {exc}")
+    return load_or_error(lambda: NativeKernel.load(build_native_kernel()))  # an error: serve without the kernel
 
 
 def native_kernel() -> NativeKernel | None:

@@ -1,6 +1,7 @@
-"""Building the native kernel: compiled once per machine by the system's C++ compiler (`$CXX`, else `c++`)
-into `$MALORA_CACHE/kernels/`, under a name that hashes the source, the flags, the compiler's version and the
-CPU's feature flags (it is built with -march=native); concurrent builders rename a finished library into place.
+"""Building the native libraries (the MALoRA delta kernel, the decode ops): each compiled once per machine by the
+system's C++ compiler (`$CXX`, else `c++`) into `$MALORA_CACHE/kernels/`, under a name that hashes the source, the
+flags, the compiler's version and the CPU's feature flags (it is built with -march=native); concurrent builders
+rename a finished library into place.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ...cache import cache_root
 
@@ -25,6 +28,19 @@ BUILD_TIMEOUT_S = 300  # the build takes about a second; a stuck compiler must n
 
 class NativeKernelError(RuntimeError):
     """The native kernel cannot be built or loaded here."""
+
+
+Loaded = TypeVar("Loaded")
+
+
+def load_or_error(load: Callable[[], Loaded]) -> Loaded | NativeKernelError:
+    """`load()`, or the NativeKernelError saying why it failed (whatever the build or the loader raised)."""
+    try:
+        return load()
+    except NativeKernelError as exc:
+        return exc
+    except Exception as exc:
+        return NativeKernelError(f"{type(exc).__name__}: {exc}")
 
 
 def _compiler() -> str:
@@ -69,17 +85,22 @@ def _torch_uses_libgomp() -> bool:
 
 
 def build_native_kernel(directory: Path | None = None) -> Path:
-    """Compile the kernel (once: the result is cached by content) and return the shared library's path."""
+    """Compile the MALoRA delta kernel (once: the result is cached by content) and return the library's path."""
+    return build_library(SOURCE, directory)
+
+
+def build_library(source_path: Path, directory: Path | None = None) -> Path:
+    """Compile one C++ source of this folder into a shared library (once: cached by content); its path."""
     compiler = _compiler()
     version = _run_compiler([compiler, "--version"])[1]
     flags = (*FLAGS, "-fopenmp") if _torch_uses_libgomp() else (*FLAGS, "-Wno-unknown-pragmas")
     if "-fopenmp" not in flags:
         log.warning("torch's OpenMP runtime is not libgomp.so.1: the native MALoRA kernel runs single-threaded")
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     directory = directory or cache_root() / "kernels"
-    target = directory / f"malora_cpu-{key}.so"
+    target = directory / f"{source_path.stem}-{key}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -88,12 +109,12 @@ def build_native_kernel(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(prefix=target.stem, suffix=".so.partial", dir=directory)
     os.close(fd)
     try:
-        code, _, err = _run_compiler([compiler, *flags, str(SOURCE), "-o", partial])
+        code, _, err = _run_compiler([compiler, *flags, str(source_path), "-o", partial])
         if code != 0:
-            raise NativeKernelError(f"{compiler} failed to build {SOURCE.name}:\n{err.strip()[-2000:]}")
+            raise NativeKernelError(f"{compiler} failed to build {source_path.name}:\n{err.strip()[-2000:]}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    log.info("built the native MALoRA kernel: %s", target)
+    log.info("built the native library %s", target)
     return target

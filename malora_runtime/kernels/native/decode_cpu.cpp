@@ -1,0 +1,444 @@
+// The small operations of a Llama-style decoder layer at decode, one call each, on CPU (float32 or bfloat16 rows).
+//
+// Why: a decode step of a small model at one row is mostly not its products. Through torch each layer runs
+// ~35 small ops (RMS norm as six, rotary as fourteen, a gather of the context's K/V, SDPA, casts), each a
+// dispatcher trip of a few microseconds and an allocation: ~12 ms of a 30 ms step of the default model
+// (docs/BENCHMARKS.md, "Single-stream latency"). Here each is one pass over its rows:
+//   add_rms_norm     h += delta (optional), out = RMSNorm(h) * w
+//   rope_store       rotary on q and k in place, then k and v written into the paged KV pool
+//   decode_attention every row's query heads over its own context, read in place through its block table
+//   silu_mul         out = silu(gate) * up
+//   gemv             y = x W^T (* per-row scales) for a few rows, W row-major in float32, bfloat16 or int8: the
+//                    base model's products at one row, where oneDNN's call costs ~35 us however small the weight
+//                    (so q, k and v, and gate and up, are one product each over weights stored side by side)
+// Rounding follows transformers' eager modules step by step (each product of the bfloat16 forward is rounded
+// to bfloat16 where theirs is), so the fast path and the eager one agree to a rounding step, not only in value.
+// Arithmetic is float32; plain loops that the compiler vectorises (-O3 -march=native).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// How rows of each dtype are read, written and rounded (to what a tensor of that dtype would hold).
+struct F32 {
+  using T = float;
+  static float get(float v) { return v; }
+  static float put(float v) { return v; }
+  static float round(float v) { return v; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static float get(uint16_t v) { return bf16_to_float(v); }
+  static uint16_t put(float v) { return float_to_bf16(v); }
+  static float round(float v) { return bf16_to_float(float_to_bf16(v)); }
+};
+
+
+// ---- gemv: y[r, o] = (sum_i x[r, i] W[o, i]) * scale[o] for a few rows of x ---------------------------------
+// Weights stream from memory once per call (the point at one row); every row of x shares each loaded vector.
+// Sums of products in float32, rounded once into y. Blocks are templates over J output rows and R rows of x, so
+// their J x R accumulators stay in registers.
+
+constexpr int kOutBlock = 8;  // output rows a block reads at once (measured: 4 streamed ~1.2x slower)
+
+inline float weight_value(float v) { return v; }
+inline float weight_value(uint16_t v) { return bf16_to_float(v); }
+inline float weight_value(int8_t v) { return static_cast<float>(v); }
+
+#if defined(__AVX512F__)
+template <class WT>
+inline __m512 load_weights(const WT* p) {  // 16 weights as float32
+  if constexpr (std::is_same_v<WT, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<WT, uint16_t>) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+}
+#endif
+
+// Output rows w[0..J) for R rows of x (float32, row stride ld_x): out[r * ld_out + j].
+template <int J, int R, class WT>
+void gemv_block_float(const float* x, int64_t ld_x, const WT* w, int64_t in, float* out, int64_t ld_out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc[J][R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  for (; i + 16 <= in; i += 16) {
+    __m512 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * ld_x + i);
+    for (int j = 0; j < J; ++j) {
+      const __m512 wv = load_weights(w + j * in + i);
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_fmadd_ps(wv, xv[r], acc[j][r]);
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) out[r * ld_out + j] = _mm512_reduce_add_ps(acc[j][r]);
+#else
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) out[r * ld_out + j] = 0.f;
+#endif
+  for (; i < in; ++i)  // the tail (all of it without AVX-512)
+    for (int j = 0; j < J; ++j)
+      for (int r = 0; r < R; ++r) out[r * ld_out + j] += weight_value(w[j * in + i]) * x[r * ld_x + i];
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 weights times bfloat16 rows: pairs of exact products summed in float32 by one instruction per 32
+// weights, no widening; the tail through a masked load.
+template <int J, int R>
+void gemv_block_bf16(const uint16_t* x, int64_t ld_x, const uint16_t* w, int64_t in, float* out, int64_t ld_out) {
+  __m512 acc[J][R];
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(x + r * ld_x + i);
+    for (int j = 0; j < J; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + j * in + i);
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
+    }
+  }
+  if (i < in) {
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << (in - i)) - 1);
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * ld_x + i);
+    for (int j = 0; j < J; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * in + i);
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[r]);
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int r = 0; r < R; ++r) out[r * ld_out + j] = _mm512_reduce_add_ps(acc[j][r]);
+}
+#endif
+
+// Output rows [o0, o0 + count) for R rows of x: J at a time (8, or 4 with more than two rows of x: J x R
+// accumulators must fit the 32 vector registers), then one at a time.
+template <int R, class XT, class WT>
+void gemv_rows(const XT* x, int64_t ld_x, const WT* w, int64_t in, int64_t o0, int64_t count, float* out) {
+  constexpr int J = R <= 2 ? kOutBlock : kOutBlock / 2;
+  for (int64_t j = 0; j < count;) {
+    const WT* wj = w + (o0 + j) * in;
+    float* oj = out + j;
+    const bool full = count - j >= J;
+    if constexpr (std::is_same_v<XT, float>) {
+      if (full) gemv_block_float<J, R>(x, ld_x, wj, in, oj, kOutBlock);
+      else gemv_block_float<1, R>(x, ld_x, wj, in, oj, kOutBlock);
+    } else {
+#if defined(__AVX512BF16__)
+      if (full) gemv_block_bf16<J, R>(x, ld_x, wj, in, oj, kOutBlock);
+      else gemv_block_bf16<1, R>(x, ld_x, wj, in, oj, kOutBlock);
+#endif
+    }
+    j += full ? J : 1;
+  }
+}
+
+// y [rows, out] (row stride ld_y, dtype D) = x [rows, in] (row stride ld_x, dtype D) W^T, W [out, in] of WT.
+template <class D, class WT>
+void gemv(const typename D::T* x, int64_t ld_x, const WT* w, const float* scales, const float* bias,
+          typename D::T* y, int64_t ld_y, int64_t rows, int64_t in, int64_t out, int threads) {
+  constexpr bool kPairs =  // bfloat16 rows and weights: the dot-product instruction on x as it is
+#if defined(__AVX512BF16__)
+      std::is_same_v<typename D::T, uint16_t> && std::is_same_v<WT, uint16_t>;
+#else
+      false;
+#endif
+  // Otherwise x as float32 once (a few KiB), so the inner loop reads one layout whatever the rows' dtype.
+  std::vector<float> xf(kPairs ? 0 : static_cast<size_t>(rows * in));
+  if (!kPairs)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < in; ++i) xf[r * in + i] = D::get(x[r * ld_x + i]);
+  constexpr int64_t kChunk = 64;  // output rows per work item
+  const int64_t chunks = (out + kChunk - 1) / kChunk;
+  // A team only where the weight is large enough to pay for the fork (a few us).
+  const int team = out * in >= (1 << 17) ? threads : 1;
+#pragma omp parallel num_threads(team)
+  {
+    float partial[4 * kOutBlock];
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t first = c * kChunk, last = std::min(out, first + kChunk);
+      for (int64_t o0 = first; o0 < last; o0 += kOutBlock) {
+        const int64_t count = std::min<int64_t>(kOutBlock, last - o0);
+        for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+          const int64_t n = std::min<int64_t>(4, rows - r0);
+          auto block = [&](auto xr, int64_t ld) {
+            switch (n) {
+              case 1: gemv_rows<1>(xr, ld, w, in, o0, count, partial); break;
+              case 2: gemv_rows<2>(xr, ld, w, in, o0, count, partial); break;
+              case 3: gemv_rows<3>(xr, ld, w, in, o0, count, partial); break;
+              default: gemv_rows<4>(xr, ld, w, in, o0, count, partial); break;
+            }
+          };
+          if constexpr (kPairs) block(reinterpret_cast<const uint16_t*>(x) + r0 * ld_x, ld_x);
+          else block(static_cast<const float*>(xf.data()) + r0 * in, in);
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = 0; j < count; ++j) {
+              const float scaled = partial[r * kOutBlock + j] * (scales != nullptr ? scales[o0 + j] : 1.f);
+              y[(r0 + r) * ld_y + o0 + j] = D::put(bias != nullptr ? scaled + bias[o0 + j] : scaled);
+            }
+        }
+      }
+    }
+  }
+}
+
+template <class D>
+void add_rms_norm(typename D::T* h, const typename D::T* delta, const typename D::T* weight, typename D::T* out,
+                  int64_t rows, int64_t dim, float eps) {
+  std::vector<float> row(dim);
+  for (int64_t i = 0; i < rows; ++i) {
+    typename D::T* hi = h + i * dim;
+    float sum = 0.f;
+    for (int64_t j = 0; j < dim; ++j) {
+      float v = D::get(hi[j]);
+      if (delta != nullptr) {  // the residual add, rounded as the model's own `residual + hidden` is
+        v = D::round(v + D::get(delta[i * dim + j]));
+        hi[j] = D::put(v);
+      }
+      row[j] = v;
+      sum += v * v;
+    }
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+    typename D::T* oi = out + i * dim;
+    for (int64_t j = 0; j < dim; ++j) oi[j] = D::put(D::get(weight[j]) * D::round(row[j] * inv));
+  }
+}
+
+template <class D>
+void rotate(typename D::T* x, const typename D::T* cos, const typename D::T* sin, int64_t heads, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    typename D::T* xh = x + h * head_dim;
+    float rotated[512];
+    for (int64_t j = 0; j < head_dim; ++j) {
+      const float v = D::get(xh[j]);
+      const float partner = j < half ? -D::get(xh[j + half]) : D::get(xh[j - half]);
+      rotated[j] = D::round(D::round(v * D::get(cos[j])) + D::round(partner * D::get(sin[j])));
+    }
+    for (int64_t j = 0; j < head_dim; ++j) xh[j] = D::put(rotated[j]);
+  }
+}
+
+template <class D>
+void rope_store(typename D::T* q, typename D::T* k, const typename D::T* v, const typename D::T* cos,
+                const typename D::T* sin, typename D::T* k_cache, typename D::T* v_cache, const int64_t* kv_indices,
+                int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t ld_q, int64_t ld_kv) {
+  const int64_t kv_width = kv_heads * head_dim;
+  for (int64_t i = 0; i < rows; ++i) {
+    rotate<D>(q + i * ld_q, cos + i * head_dim, sin + i * head_dim, heads, head_dim);
+    rotate<D>(k + i * ld_kv, cos + i * head_dim, sin + i * head_dim, kv_heads, head_dim);
+    std::memcpy(k_cache + kv_indices[i] * kv_width, k + i * ld_kv, kv_width * sizeof(typename D::T));
+    std::memcpy(v_cache + kv_indices[i] * kv_width, v + i * ld_kv, kv_width * sizeof(typename D::T));
+  }
+}
+
+// One row's `group` query heads that share KV head `g`, over keys [first, length) of its context.
+template <class D>
+void attend_group(const typename D::T* q, const typename D::T* k_cache, const typename D::T* v_cache,
+                  const int32_t* table, int64_t block_size, int64_t first, int64_t length, int64_t g, int64_t group,
+                  int64_t kv_heads, int64_t head_dim, float scale, typename D::T* out, std::vector<float>& scores) {
+  const int64_t kv_width = kv_heads * head_dim, span = length - first;
+  scores.resize(static_cast<size_t>(group * span));
+  float query[8][256];
+  for (int64_t h = 0; h < group; ++h)
+    for (int64_t j = 0; j < head_dim; ++j) query[h][j] = D::get(q[(g * group + h) * head_dim + j]) * scale;
+  std::vector<float> maxima(group, -INFINITY);
+  for (int64_t p = first; p < length; ++p) {
+    const typename D::T* key = k_cache + (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size)
+                                             * kv_width + g * head_dim;
+    float kf[256];
+    for (int64_t j = 0; j < head_dim; ++j) kf[j] = D::get(key[j]);
+    for (int64_t h = 0; h < group; ++h) {
+      float dot = 0.f;
+      for (int64_t j = 0; j < head_dim; ++j) dot += query[h][j] * kf[j];
+      scores[h * span + p - first] = dot;
+      maxima[h] = std::max(maxima[h], dot);
+    }
+  }
+  float acc[8][256];
+  std::vector<float> totals(group, 0.f);
+  for (int64_t h = 0; h < group; ++h) {
+    std::fill(acc[h], acc[h] + head_dim, 0.f);
+    for (int64_t p = 0; p < span; ++p) {
+      const float e = std::exp(scores[h * span + p] - maxima[h]);
+      scores[h * span + p] = e;
+      totals[h] += e;
+    }
+  }
+  for (int64_t p = first; p < length; ++p) {
+    const typename D::T* value = v_cache + (static_cast<int64_t>(table[p / block_size]) * block_size
+                                            + p % block_size) * kv_width + g * head_dim;
+    float vf[256];
+    for (int64_t j = 0; j < head_dim; ++j) vf[j] = D::get(value[j]);
+    for (int64_t h = 0; h < group; ++h) {
+      // SDPA's CPU kernel rounds the unnormalised weights to the rows' dtype before their product with V.
+      const float w = D::round(scores[h * span + p - first]);
+      for (int64_t j = 0; j < head_dim; ++j) acc[h][j] += w * vf[j];
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    const float inv = 1.f / totals[h];
+    for (int64_t j = 0; j < head_dim; ++j) out[(g * group + h) * head_dim + j] = D::put(acc[h][j] * inv);
+  }
+}
+
+template <class D>
+void decode_attention(const typename D::T* q, const typename D::T* k_cache, const typename D::T* v_cache,
+                      const int32_t* tables, int64_t ld_table, const int64_t* lengths, int64_t rows, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale,
+                      int64_t ld_q, typename D::T* out, int threads) {
+  const int64_t group = heads / kv_heads, tasks = rows * kv_heads;
+  int64_t work = 0;
+  for (int64_t i = 0; i < rows; ++i) work += lengths[i];
+  // Fork a team only for enough keys to pay for it (a one-row step of a short context runs on this thread).
+  const int team = work * heads * head_dim >= (1 << 18) ? threads : 1;
+#pragma omp parallel num_threads(team)
+  {
+    std::vector<float> scores;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t i = t / kv_heads, g = t % kv_heads, length = lengths[i];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
+      attend_group<D>(q + i * ld_q, k_cache, v_cache, tables + i * ld_table, block_size, first, length,
+                      g, group, kv_heads, head_dim, scale, out + i * heads * head_dim, scores);
+    }
+  }
+}
+
+template <class D>
+void silu_mul(const typename D::T* gate, const typename D::T* up, typename D::T* out, int64_t rows, int64_t width,
+              int64_t ld_in) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < width; ++j) {
+      const float g = D::get(gate[i * ld_in + j]);
+      const float activated = D::round(g / (1.f + std::exp(-g)));
+      out[i * width + j] = D::put(activated * D::get(up[i * ld_in + j]));
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 float32, 1 bfloat16. Every entry returns 0, or -1 for a dtype or shape it does not take.
+
+int malora_add_rms_norm(void* h, const void* delta, const void* weight, void* out, int64_t rows, int64_t dim,
+                        float eps, int dtype) {
+  if (dtype == 0)
+    add_rms_norm<F32>(static_cast<float*>(h), static_cast<const float*>(delta), static_cast<const float*>(weight),
+                      static_cast<float*>(out), rows, dim, eps);
+  else if (dtype == 1)
+    add_rms_norm<BF16>(static_cast<uint16_t*>(h), static_cast<const uint16_t*>(delta),
+                       static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows, dim, eps);
+  else
+    return -1;
+  return 0;
+}
+
+int malora_rope_store(void* q, void* k, const void* v, const void* cos, const void* sin, void* k_cache,
+                      void* v_cache, const int64_t* kv_indices, int64_t rows, int64_t heads, int64_t kv_heads,
+                      int64_t head_dim, int64_t ld_q, int64_t ld_kv, int dtype) {
+  if (head_dim > 512 || head_dim % 2) return -1;
+  if (dtype == 0)
+    rope_store<F32>(static_cast<float*>(q), static_cast<float*>(k), static_cast<const float*>(v),
+                    static_cast<const float*>(cos), static_cast<const float*>(sin), static_cast<float*>(k_cache),
+                    static_cast<float*>(v_cache), kv_indices, rows, heads, kv_heads, head_dim, ld_q, ld_kv);
+  else if (dtype == 1)
+    rope_store<BF16>(static_cast<uint16_t*>(q), static_cast<uint16_t*>(k), static_cast<const uint16_t*>(v),
+                     static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin),
+                     static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache), kv_indices, rows, heads, kv_heads,
+                     head_dim, ld_q, ld_kv);
+  else
+    return -1;
+  return 0;
+}
+
+int malora_decode_attention(const void* q, int64_t ld_q, const void* k_cache, const void* v_cache,
+                            const int32_t* tables, int64_t ld_table, const int64_t* lengths, int64_t rows,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t window,
+                            float scale, void* out, int dtype, int threads) {
+  if (head_dim > 256 || kv_heads <= 0 || heads % kv_heads || heads / kv_heads > 8) return -1;
+  if (dtype == 0)
+    decode_attention<F32>(static_cast<const float*>(q), static_cast<const float*>(k_cache),
+                          static_cast<const float*>(v_cache), tables, ld_table, lengths, rows, heads, kv_heads,
+                          head_dim, block_size, window, scale, ld_q, static_cast<float*>(out), threads);
+  else if (dtype == 1)
+    decode_attention<BF16>(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_cache),
+                           static_cast<const uint16_t*>(v_cache), tables, ld_table, lengths, rows, heads, kv_heads,
+                           head_dim, block_size, window, scale, ld_q, static_cast<uint16_t*>(out), threads);
+  else
+    return -1;
+  return 0;
+}
+
+int malora_silu_mul(const void* gate, const void* up, void* out, int64_t rows, int64_t width, int64_t ld_in,
+                    int dtype) {
+  if (dtype == 0)
+    silu_mul<F32>(static_cast<const float*>(gate), static_cast<const float*>(up), static_cast<float*>(out), rows,
+                  width, ld_in);
+  else if (dtype == 1)
+    silu_mul<BF16>(static_cast<const uint16_t*>(gate), static_cast<const uint16_t*>(up), static_cast<uint16_t*>(out),
+                   rows, width, ld_in);
+  else
+    return -1;
+  return 0;
+}
+
+// weight_dtype: 0 float32, 1 bfloat16, 2 int8 (then `scales` [out] float32 multiply each output; else null);
+// bias [out] float32 or null.
+int malora_gemv(const void* x, int64_t ld_x, const void* w, int weight_dtype, const float* scales,
+                const float* bias, void* y, int64_t ld_y, int64_t rows, int64_t in, int64_t out, int dtype,
+                int threads) {
+  if (rows < 0 || in < 1 || out < 0) return -1;
+  auto run = [&](auto d) {
+    using D = decltype(d);
+    const auto* xt = static_cast<const typename D::T*>(x);
+    auto* yt = static_cast<typename D::T*>(y);
+    if (weight_dtype == 0)
+      gemv<D>(xt, ld_x, static_cast<const float*>(w), scales, bias, yt, ld_y, rows, in, out, threads);
+    else if (weight_dtype == 1)
+      gemv<D>(xt, ld_x, static_cast<const uint16_t*>(w), scales, bias, yt, ld_y, rows, in, out, threads);
+    else
+      gemv<D>(xt, ld_x, static_cast<const int8_t*>(w), scales, bias, yt, ld_y, rows, in, out, threads);
+  };
+  if (weight_dtype < 0 || weight_dtype > 2) return -1;
+  if (dtype == 0) run(F32{});
+  else if (dtype == 1) run(BF16{});
+  else return -1;
+  return 0;
+}
+
+int malora_decode_abi_version() { return 2; }
+
+}  // extern "C"

@@ -1,0 +1,147 @@
+"""A decode step for Llama-style models (Llama, Mistral, Qwen2) with one native call per small operation.
+
+Why: at one row a decode step of the default model spent ~12 of its ~30 ms outside the linear layers, in ~35
+small torch ops per layer (docs/BENCHMARKS.md, "Single-stream latency"). This path runs the same layers in
+four native calls per layer beside the products (`kernels.native.decode_ops`: residual add + RMS norm, rotary +
+KV write, paged attention read in place, SiLU * up), and calls the model's own projection modules for the
+products, so packed, quantized and MALoRA-wrapped linears (every adapter, every kernel backend) work unchanged.
+
+transformers' forward with the paged attention (`ModelRunner._forward`) stays the reference and the path for
+every step with a prefill and every other model; the runner compares the two at start-up and uses this one only
+where they agree (`ModelRunner.probe`). Rounding follows the eager modules step by step, so in float32 they agree
+to float error and in bfloat16 to a rounding step at near-ties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..engine.attention import KVPool
+from ..kernels.native.decode_ops import (
+    DTYPES,
+    MAX_GROUP,
+    MAX_HEAD_DIM,
+    DecodeBatch,
+    add_rms_norm,
+    decode_attention,
+    rope_store,
+    silu_mul,
+)
+from .fused_products import FusedProduct
+
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+GEMV_MAX_ROWS = 4
+"""Steps of up to this many rows run the base products through the native GEMV (fused q/k/v and gate/up); larger
+ones through the projections' packed oneDNN weights, whose cost grows little with rows (docs/BENCHMARKS.md)."""
+
+
+@dataclass(frozen=True)
+class LayerProducts:
+    """A decoder layer's four native products."""
+
+    qkv: FusedProduct
+    o: FusedProduct
+    gate_up: FusedProduct
+    down: FusedProduct
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> LayerProducts:
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls(FusedProduct.of(attn, ["q_proj", "k_proj", "v_proj"]), FusedProduct.of(attn, ["o_proj"]),
+                   FusedProduct.of(mlp, ["gate_proj", "up_proj"]), FusedProduct.of(mlp, ["down_proj"]))
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot decode through the fast path, or None when its structure fits."""
+    config = model.config
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} is not a decoder of the Llama form"
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype not in DTYPES:
+        return f"the fast decode path runs on the CPU in float32 or bfloat16, not {param.device.type} {param.dtype}"
+    names = {type(layer).__name__ for layer in layers}
+    if not names <= set(SUPPORTED_LAYERS):
+        return f"decoder layers {sorted(names)} (the fast decode path knows {', '.join(SUPPORTED_LAYERS)})"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r} (the fast decode path computes SiLU)"
+    attn = layers[0].self_attn
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attn.head_dim
+    if heads % kv_heads or heads // kv_heads > MAX_GROUP or head_dim > MAX_HEAD_DIM or head_dim % 2:
+        return f"{heads} heads over {kv_heads} KV heads of width {head_dim}"
+    return None
+
+
+class FastDecoder:
+    """Decode steps of one model over its runner's KV pool."""
+
+    def __init__(self, model: nn.Module, pool: KVPool) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
+        self.model = model
+        self.inner = model.model
+        self.pool = pool
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.eps = [(layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
+                    for layer in self.inner.layers]
+        self.final_eps = self.inner.norm.variance_epsilon
+        self.windows = [self._window(layer) for layer in self.inner.layers]
+        self.products = [LayerProducts.of(layer) for layer in self.inner.layers]
+        self.head = FusedProduct.of(model, ["lm_head"])
+        self.q_width = self.heads * self.inner.layers[0].self_attn.head_dim
+        self.kv_width = self.kv_heads * self.inner.layers[0].self_attn.head_dim
+
+    def _window(self, layer: nn.Module) -> int | None:
+        # As each family's attention passes it to the attention function (Mistral: the config's for every layer;
+        # Qwen2: per layer type).
+        if type(layer).__name__ == "MistralDecoderLayer":
+            return getattr(self.model.config, "sliding_window", None)
+        return getattr(layer.self_attn, "sliding_window", None)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch,
+                logit_rows: list[int] | None) -> torch.Tensor:
+        """ids, positions [rows] int64 -> float32 logits of `logit_rows` (all rows when None) [n, vocab]."""
+        threads = torch.get_num_threads()
+        hidden = self.inner.embed_tokens(ids).contiguous()  # [rows, D], a fresh tensor: updated in place below
+        cos, sin = self.inner.rotary_emb(hidden, positions[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [rows, hd], in the model's dtype
+        normed = torch.empty_like(hidden)
+        native = ids.shape[0] <= GEMV_MAX_ROWS
+        delta: torch.Tensor | None = None
+        for index, layer in enumerate(self.inner.layers):
+            eps_in, eps_post = self.eps[index]
+            k_cache, v_cache = self.pool.keys[index], self.pool.values[index]
+            add_rms_norm(hidden, delta, layer.input_layernorm.weight, normed, eps_in)
+            if native:
+                products = self.products[index]
+                qkv = products.qkv(normed, threads)
+                q, k = qkv[:, :self.q_width], qkv[:, self.q_width:self.q_width + self.kv_width]
+                v = qkv[:, self.q_width + self.kv_width:]
+            else:
+                attn = layer.self_attn
+                q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+            rope_store(q, k, v, cos, sin, k_cache, v_cache, batch, self.heads, self.kv_heads)
+            attended = torch.empty(q.shape, dtype=q.dtype)
+            decode_attention(q, k_cache, v_cache, batch, layer.self_attn.scaling, self.windows[index], attended,
+                             threads)
+            out = products.o(attended, threads) if native else layer.self_attn.o_proj(attended)
+            add_rms_norm(hidden, out, layer.post_attention_layernorm.weight, normed, eps_post)
+            if native:
+                gate_up = products.gate_up(normed, threads)
+                width = gate_up.shape[1] // 2
+                gate, up = gate_up[:, :width], gate_up[:, width:]
+            else:
+                gate, up = layer.mlp.gate_proj(normed), layer.mlp.up_proj(normed)
+            activated = torch.empty(gate.shape, dtype=gate.dtype)
+            silu_mul(gate, up, activated)
+            delta = products.down(activated, threads) if native else layer.mlp.down_proj(activated)
+        add_rms_norm(hidden, delta, self.inner.norm.weight, normed, self.final_eps)
+        rows = normed if logit_rows is None else normed[logit_rows]
+        return (self.head(rows, threads) if native else self.model.lm_head(rows)).float()
