@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -71,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "repacking crashes: it did on this project's sandboxed Xeon)")
     target.add_argument("--compare-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="start malora-serve in --dtype and again in this dtype, the same load on each")
+    target.add_argument("--quantization", choices=["none", "int8"], default="none",
+                        help="the started malora-serve's --quantization (the --compare-dtype one runs without)")
+    target.add_argument("--server-args", default="", metavar="ARGS",
+                        help="more flags for the started malora-serve, e.g. '--fast-decode false'")
+    target.add_argument("--compare-server-args", default="", metavar="ARGS",
+                        help="more flags for the --compare-dtype malora-serve")
     target.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="comparisons: malora-serve's dtype, and transformers' (auto: what the server picks "
                         "here)")
@@ -212,9 +219,14 @@ def contenders(args: argparse.Namespace, dtype: str) -> list[Contender]:
 
     model_dir = str(materialize(resolve_model(None)))
     malora = [sys.executable, "-m", "server.main", "--model", model_dir, "--log-level", "warning"]
-    found = [Contender(f"malora-{dtype}", [*malora, "--dtype", dtype], "/ready", {"PYTHONPATH": str(REPO_ROOT)})]
+    main_flags = [*(["--quantization", args.quantization] if args.quantization != "none" else []),
+                  *shlex.split(args.server_args)]
+    found = [Contender(" ".join([f"malora-{dtype}", *main_flags]), [*malora, "--dtype", dtype, *main_flags], "/ready",
+                       {"PYTHONPATH": str(REPO_ROOT)})]
     if args.compare_dtype:
-        found.append(Contender(f"malora-{args.compare_dtype}", [*malora, "--dtype", args.compare_dtype], "/ready",
+        compare_flags = shlex.split(args.compare_server_args)
+        found.append(Contender(" ".join([f"malora-{args.compare_dtype}", *compare_flags]),
+                               [*malora, "--dtype", args.compare_dtype, *compare_flags], "/ready",
                                {"PYTHONPATH": str(REPO_ROOT)}))
     if args.compare_transformers:
         transformers_cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
@@ -251,7 +263,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix="malora-bench-serve-"))
     report: dict[str, Any] = {"dtype": dtype, "logs": str(logs), "servers": {}, "comparisons": {}}
     for contender in contenders(args, dtype):
-        process, url = start_server(contender.cmd, contender.ready, logs / f"{contender.name}.log", contender.env)
+        log_name = re.sub(r"[^\w.-]+", "_", contender.name)  # names hold the flags: spaces, dashes
+        process, url = start_server(contender.cmd, contender.ready, logs / f"{log_name}.log", contender.env)
         try:
             target = LoadTarget(url, extra={"temperature": args.temperature,
                                             "ignore_eos": True if args.ignore_eos else None})

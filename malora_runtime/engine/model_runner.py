@@ -270,7 +270,8 @@ class ModelRunner:
         ids = torch.tensor([chunk.token_ids[0] for chunk in chunks], dtype=torch.int64)
         try:
             return self.fast_decoder.forward(ids, position_tensor, batch,
-                                             None if len(logit_rows) == len(chunks) else logit_rows)
+                                             None if len(logit_rows) == len(chunks) else logit_rows,
+                                             step.token_slots.any_adapter)
         finally:
             step.clear()
 

@@ -25,8 +25,12 @@ from ..kernels.native.decode_ops import (
     MAX_GROUP,
     MAX_HEAD_DIM,
     DecodeBatch,
+    LayerArgs,
+    ProductArgs,
+    StepArgs,
     add_rms_norm,
     decode_attention,
+    decode_layer,
     rope_store,
     silu_mul,
 )
@@ -96,6 +100,19 @@ class FastDecoder:
         self.head = FusedProduct.of(model, ["lm_head"])
         self.q_width = self.heads * self.inner.layers[0].self_attn.head_dim
         self.kv_width = self.kv_heads * self.inner.layers[0].self_attn.head_dim
+        self.layer_args = [self._layer_args(index, layer) for index, layer in enumerate(self.inner.layers)]
+
+    def _layer_args(self, index: int, layer: nn.Module) -> LayerArgs:
+        products = self.products[index]
+        for norm in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight):
+            if not norm.is_contiguous():
+                raise ValueError("the fast decode path reads the norms' weights in place: they must be contiguous")
+        return LayerArgs(
+            layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+            self.pool.keys[index].data_ptr(), self.pool.values[index].data_ptr(),
+            *(ProductArgs.of(p.weight) for p in (products.qkv, products.o, products.gate_up, products.down)),
+            *self.eps[index], layer.self_attn.scaling, self.heads, self.kv_heads, layer.self_attn.head_dim,
+            products.gate_up.weight.out_features // 2, self.windows[index] or 0)
 
     def _window(self, layer: nn.Module) -> int | None:
         # As each family's attention passes it to the attention function (Mistral: the config's for every layer;
@@ -106,14 +123,48 @@ class FastDecoder:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch,
-                logit_rows: list[int] | None) -> torch.Tensor:
-        """ids, positions [rows] int64 -> float32 logits of `logit_rows` (all rows when None) [n, vocab]."""
+                logit_rows: list[int] | None, adapter_tokens: bool) -> torch.Tensor:
+        """ids, positions [rows] int64 -> float32 logits of `logit_rows` (all rows when None) [n, vocab].
+        `adapter_tokens`: whether any row has an adapter (then each projection's delta is added after its product;
+        without, few rows run each layer in one native call)."""
         threads = torch.get_num_threads()
         hidden = self.inner.embed_tokens(ids).contiguous()  # [rows, D], a fresh tensor: updated in place below
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [rows, hd], in the model's dtype
         normed = torch.empty_like(hidden)
         native = ids.shape[0] <= GEMV_MAX_ROWS
+        if native and not adapter_tokens:
+            delta = self._whole_layers(hidden, cos, sin, batch, normed, threads)
+        else:
+            delta = self._layer_by_op(hidden, cos, sin, batch, normed, native, threads)
+        add_rms_norm(hidden, delta, self.inner.norm.weight, normed, self.final_eps)
+        rows = normed if logit_rows is None else normed[logit_rows]
+        return (self.head(rows, threads) if native else self.model.lm_head(rows)).float()
+
+    def _whole_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch,
+                      normed: torch.Tensor, threads: int) -> torch.Tensor:
+        """Every layer in one native call each; returns the last layer's MLP output."""
+        rows, dtype = hidden.shape[0], hidden.dtype
+        first = self.products[0]
+        scratch = {name: torch.empty(rows, width, dtype=dtype) for name, width in (
+            ("qkv", first.qkv.weight.out_features), ("attended", self.q_width), ("o", hidden.shape[1]),
+            ("gate_up", first.gate_up.weight.out_features), ("activated", first.gate_up.weight.out_features // 2))}
+        step = StepArgs(hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), batch.kv_indices.data_ptr(),
+                        batch.tables.data_ptr(), batch.lengths.data_ptr(), normed.data_ptr(),
+                        *(scratch[name].data_ptr() for name in ("qkv", "attended", "o", "gate_up", "activated")),
+                        rows, hidden.shape[1], batch.tables.stride(0), batch.block_size)
+        outputs = (torch.empty_like(hidden), torch.empty_like(hidden))  # each layer reads one, writes the other
+        delta = None
+        for index, args in enumerate(self.layer_args):
+            out = outputs[index % 2]
+            decode_layer(args, step, delta, out, dtype, threads)
+            delta = out
+        return delta
+
+    def _layer_by_op(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch,
+                     normed: torch.Tensor, native: bool, threads: int) -> torch.Tensor:
+        """Every layer op by op, the products through the projections' modules (many rows) or the fused native
+        products with each adapted projection's delta added (few rows); returns the last layer's MLP output."""
         delta: torch.Tensor | None = None
         for index, layer in enumerate(self.inner.layers):
             eps_in, eps_post = self.eps[index]
@@ -142,6 +193,4 @@ class FastDecoder:
             activated = torch.empty(gate.shape, dtype=gate.dtype)
             silu_mul(gate, up, activated)
             delta = products.down(activated, threads) if native else layer.mlp.down_proj(activated)
-        add_rms_norm(hidden, delta, self.inner.norm.weight, normed, self.final_eps)
-        rows = normed if logit_rows is None else normed[logit_rows]
-        return (self.head(rows, threads) if native else self.model.lm_head(rows)).float()
+        return delta

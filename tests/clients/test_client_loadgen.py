@@ -112,17 +112,19 @@ def test_errors_are_counted_not_raised(server):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_serve_compares_dtypes_side_by_side(malora, tmp_path):
-    """`--compare-dtype`: this server started twice (bfloat16, then float32), the same load on each, their ratios."""
+    """`--compare-dtype`: this server started twice (bfloat16 with int8 products, then float32 through transformers'
+    forward), the same load on each, their ratios."""
     out = tmp_path / "compare.json"
-    run = malora("bench", "serve", "--dtype", "bfloat16", "--compare-dtype", "float32", "--num-requests", "4",
-                 "--concurrency", "2", "--output-len", "6", "--ignore-eos", "--warmup", "1", "--no-progress",
-                 "--json", str(out))
+    run = malora("bench", "serve", "--dtype", "bfloat16", "--quantization", "int8", "--compare-dtype", "float32",
+                 "--compare-server-args", "--fast-decode false", "--num-requests", "4", "--concurrency", "2",
+                 "--output-len", "6", "--ignore-eos", "--warmup", "1", "--no-progress", "--json", str(out))
     report = json.loads(out.read_text())
-    assert list(report["servers"]) == ["malora-bfloat16", "malora-float32"]
+    ours, theirs = "malora-bfloat16 --quantization int8", "malora-float32 --fast-decode false"
+    assert list(report["servers"]) == [ours, theirs]
     assert all(s["completed"] == 4 and s["output_tokens"] == 24 for s in report["servers"].values())
-    ratios = report["comparisons"]["malora-float32"]
+    ratios = report["comparisons"][theirs]
     assert ratios["output_throughput"] > 0 and ratios["itl_p50"] > 0
-    assert "malora-bfloat16 / malora-float32: output throughput" in run.stdout
+    assert f"{ours} / {theirs}: output throughput" in run.stdout
 
 
 def test_bench_serve_refuses_a_llama_server_that_is_not_executable(malora, tmp_path):

@@ -2,8 +2,9 @@
 
 - each family it runs (Llama, Qwen2 with q/k/v biases, Mistral with a sliding window shorter than the text), in
   float32: the same tokens and logprobs (to float error: 1e-4, or 3e-5 relative) as the reference engine, with two
-  MALoRA adapters on all seven projections and the base in one batch, steps of 6 down to 1 rows (the native GEMV
-  at <= 4 rows, the packed products above) and a request joining mid-decode (a step with a prefill runs the
+  MALoRA adapters on all seven projections and the base in one batch (each projection's delta added after its
+  product), and without adapters (each layer one native call at few rows), steps of 6 down to 1 rows (the native
+  GEMV at <= 4 rows, the packed products above) and a request joining mid-decode (a step with a prefill runs the
   reference path);
 - the real model in bfloat16 and with --quantization int8, teacher-forced token by token through the decode path:
   top-1 agreement and mean |d logprob| of the text's tokens against float32, as the bfloat16 quality test measures
@@ -42,17 +43,16 @@ def fast_family_dirs(tokenizer, tmp_path_factory):
     return {family: save_tiny_model(family, tokenizer, root / family) for family in [*FAST_FAMILIES, "phi3"]}
 
 
-def serve(directory, fast: bool, dtype: str = "float32") -> tuple[LLMEngine, dict[str, list[int]], dict]:
-    engine = LLMEngine.from_config(EngineConfig(model=str(directory), dtype=dtype, num_kv_blocks=64,
-                                                fast_decode=fast))
+def serve(directory, fast: bool, adapters: bool) -> tuple[LLMEngine, dict[str, list[int]], dict]:
+    engine = LLMEngine.from_config(EngineConfig(model=str(directory), num_kv_blocks=64, fast_decode=fast))
     shapes = linear_shapes(engine.runner.model)
     for seed, name in ((1, "a"), (2, "b")):
         engine.add_adapter(name, random_adapter(shapes, "tiny", PROJECTIONS, 4, 4, 8, 2, seed=seed,
                                                 dtype="float32", output_scale=2.0))
-    names = [None, "a", "b"]
+    names = [None, "a", "b"] if adapters else [None]
     for i, prompt in enumerate(PROMPTS):  # 4 to 24 tokens: the batch shrinks from 6 rows to 1
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=4 + 4 * i, temperature=0.0, ignore_eos=True,
-                                                           logprobs=1), names[i % 3])
+                                                           logprobs=1), names[i % len(names)])
     tokens: dict[str, list[int]] = {}
     logprobs: dict[str, list[float]] = {}
     steps = 0
@@ -60,17 +60,18 @@ def serve(directory, fast: bool, dtype: str = "float32") -> tuple[LLMEngine, dic
         steps += 1
         if steps == 6:  # joins mid-decode: its prefill step runs the reference path for everyone
             engine.add_request("late", "Joining late", SamplingParams(max_tokens=8, temperature=0.0,
-                                                                      ignore_eos=True, logprobs=1), "a")
+                                                                      ignore_eos=True, logprobs=1), names[-1])
         for output in engine.step():
             tokens.setdefault(output.request_id, []).extend(output.outputs[0].token_ids)
             logprobs.setdefault(output.request_id, []).extend(t.logprob for t in output.outputs[0].logprobs or [])
     return engine, tokens, logprobs
 
 
+@pytest.mark.parametrize("adapters", [True, False], ids=["adapters", "base"])  # base: each layer in one native call
 @pytest.mark.parametrize("family", FAST_FAMILIES)
-def test_fast_decode_serves_what_the_reference_path_serves(fast_family_dirs, family):
-    reference, want_tokens, want_logprobs = serve(fast_family_dirs[family], fast=False)
-    engine, tokens, logprobs = serve(fast_family_dirs[family], fast=True)
+def test_fast_decode_serves_what_the_reference_path_serves(fast_family_dirs, family, adapters):
+    reference, want_tokens, want_logprobs = serve(fast_family_dirs[family], fast=False, adapters=adapters)
+    engine, tokens, logprobs = serve(fast_family_dirs[family], fast=True, adapters=adapters)
     assert reference.runner.fast_decoder is None and engine.runner.fast_decoder is not None
     assert tokens == want_tokens
     for request, values in want_logprobs.items():

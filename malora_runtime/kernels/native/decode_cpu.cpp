@@ -263,6 +263,112 @@ void rope_store(typename D::T* q, typename D::T* k, const typename D::T* v, cons
   }
 }
 
+#if defined(__AVX512F__)
+// exp(x) for 16 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7, below
+// float32's own rounding of what follows); inputs below -87 give 0, as the softmax's masked-out scores need.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <class D>
+inline __m512 load16(const typename D::T* p) {
+  if constexpr (std::is_same_v<typename D::T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <class D>
+inline __m512 round16(__m512 v) {  // to what the rows' dtype holds (bfloat16: nearest even), as float32
+  if constexpr (std::is_same_v<typename D::T, float>) {
+    return v;
+  } else {
+    __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+}
+
+// attend_group with head_dim a multiple of 16 (<= 256): keys and values read as vectors, exps 16 at a time.
+template <class D>
+void attend_group_vectors(const typename D::T* q, const typename D::T* k_cache, const typename D::T* v_cache,
+                          const int32_t* table, int64_t block_size, int64_t first, int64_t length, int64_t g,
+                          int64_t group, int64_t kv_heads, int64_t head_dim, float scale, typename D::T* out,
+                          std::vector<float>& scores) {
+  const int64_t kv_width = kv_heads * head_dim, span = length - first, nv = head_dim / 16;
+  const int64_t padded = (span + 15) / 16 * 16;
+  scores.resize(static_cast<size_t>(group * padded));
+  __m512 query[8][16];
+  for (int64_t h = 0; h < group; ++h)
+    for (int64_t v = 0; v < nv; ++v)
+      query[h][v] = _mm512_mul_ps(load16<D>(q + (g * group + h) * head_dim + 16 * v), _mm512_set1_ps(scale));
+  for (int64_t p = first; p < length; ++p) {
+    const typename D::T* key = k_cache + (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size)
+                                             * kv_width + g * head_dim;
+    __m512 kv[16];
+    for (int64_t v = 0; v < nv; ++v) kv[v] = load16<D>(key + 16 * v);
+    for (int64_t h = 0; h < group; ++h) {
+      __m512 acc = _mm512_mul_ps(query[h][0], kv[0]);
+      for (int64_t v = 1; v < nv; ++v) acc = _mm512_fmadd_ps(query[h][v], kv[v], acc);
+      scores[h * padded + p - first] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  float totals[8];
+  for (int64_t h = 0; h < group; ++h) {
+    float* s = scores.data() + h * padded;
+    for (int64_t p = span; p < padded; ++p) s[p] = -INFINITY;
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (int64_t p = 0; p < padded; p += 16) best = _mm512_max_ps(best, _mm512_loadu_ps(s + p));
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t p = 0; p < padded; p += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + p), top));  // the padding's -inf gives 0
+      sum = _mm512_add_ps(sum, e);
+      // SDPA's CPU kernel rounds the unnormalised weights to the rows' dtype before their product with V.
+      _mm512_storeu_ps(s + p, round16<D>(e));
+    }
+    totals[h] = _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[8][16];
+  for (int64_t h = 0; h < group; ++h)
+    for (int64_t v = 0; v < nv; ++v) acc[h][v] = _mm512_setzero_ps();
+  for (int64_t p = first; p < length; ++p) {
+    const typename D::T* value = v_cache + (static_cast<int64_t>(table[p / block_size]) * block_size
+                                            + p % block_size) * kv_width + g * head_dim;
+    __m512 vv[16];
+    for (int64_t v = 0; v < nv; ++v) vv[v] = load16<D>(value + 16 * v);
+    for (int64_t h = 0; h < group; ++h) {
+      const __m512 w = _mm512_set1_ps(scores[h * padded + p - first]);
+      for (int64_t v = 0; v < nv; ++v) acc[h][v] = _mm512_fmadd_ps(w, vv[v], acc[h][v]);
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    const __m512 inv = _mm512_set1_ps(1.f / totals[h]);
+    float row[16];
+    for (int64_t v = 0; v < nv; ++v) {
+      _mm512_storeu_ps(row, _mm512_mul_ps(acc[h][v], inv));
+      for (int j = 0; j < 16; ++j) out[(g * group + h) * head_dim + 16 * v + j] = D::put(row[j]);
+    }
+  }
+}
+#endif
+
 // One row's `group` query heads that share KV head `g`, over keys [first, length) of its context.
 template <class D>
 void attend_group(const typename D::T* q, const typename D::T* k_cache, const typename D::T* v_cache,
@@ -330,6 +436,13 @@ void decode_attention(const typename D::T* q, const typename D::T* k_cache, cons
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t i = t / kv_heads, g = t % kv_heads, length = lengths[i];
       const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
+#if defined(__AVX512F__)
+      if (head_dim % 16 == 0) {
+        attend_group_vectors<D>(q + i * ld_q, k_cache, v_cache, tables + i * ld_table, block_size, first, length,
+                                g, group, kv_heads, head_dim, scale, out + i * heads * head_dim, scores);
+        continue;
+      }
+#endif
       attend_group<D>(q + i * ld_q, k_cache, v_cache, tables + i * ld_table, block_size, first, length,
                       g, group, kv_heads, head_dim, scale, out + i * heads * head_dim, scores);
     }
@@ -339,12 +452,100 @@ void decode_attention(const typename D::T* q, const typename D::T* k_cache, cons
 template <class D>
 void silu_mul(const typename D::T* gate, const typename D::T* up, typename D::T* out, int64_t rows, int64_t width,
               int64_t ld_in) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < width; ++j) {
+  for (int64_t i = 0; i < rows; ++i) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= width; j += 16) {  // silu(g) = g / (1 + e^-g), rounded, then times up, rounded
+      const __m512 g = load16<D>(gate + i * ld_in + j);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+      const __m512 activated = round16<D>(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+      float row[16];
+      _mm512_storeu_ps(row, _mm512_mul_ps(activated, load16<D>(up + i * ld_in + j)));
+      for (int k = 0; k < 16; ++k) out[i * width + j + k] = D::put(row[k]);
+    }
+#endif
+    for (; j < width; ++j) {
       const float g = D::get(gate[i * ld_in + j]);
       const float activated = D::round(g / (1.f + std::exp(-g)));
       out[i * width + j] = D::put(activated * D::get(up[i * ld_in + j]));
     }
+  }
+}
+
+
+// ---- a whole decoder layer in one call, for steps with no adapter token -------------------------------------------
+
+struct Product {  // a GEMV weight: [out, in] of weight_dtype (0 float32, 1 bfloat16, 2 int8 with scales), bias or null
+  const void* weight;
+  const float* scales;
+  const float* bias;
+  int64_t in, out;
+  int64_t weight_dtype;
+};
+
+struct LayerArgs {  // fixed for the model's life: mirrors decode_ops.LayerArgs
+  const void* input_norm;
+  const void* post_norm;
+  void* k_cache;
+  void* v_cache;
+  Product qkv, o, gate_up, down;
+  double eps_in, eps_post, scale;
+  int64_t heads, kv_heads, head_dim, intermediate, window;
+};
+
+struct StepArgs {  // per step: mirrors decode_ops.StepArgs
+  void* hidden;  // [rows, dim], the residual stream, updated in place
+  const void* cos;
+  const void* sin;
+  const int64_t* kv_indices;
+  const int32_t* tables;
+  const int64_t* lengths;
+  // scratch, [rows, width] each: normed (dim), qkv, attended (heads * head_dim), o (dim), gate_up, activated
+  void* normed;
+  void* qkv;
+  void* attended;
+  void* o;
+  void* gate_up;
+  void* activated;
+  int64_t rows, dim, ld_table, block_size;
+};
+
+template <class D>
+void product(const Product& p, const typename D::T* x, typename D::T* y, int64_t rows, int threads) {
+  if (p.weight_dtype == 0)
+    gemv<D>(x, p.in, static_cast<const float*>(p.weight), p.scales, p.bias, y, p.out, rows, p.in, p.out, threads);
+  else if (p.weight_dtype == 1)
+    gemv<D>(x, p.in, static_cast<const uint16_t*>(p.weight), p.scales, p.bias, y, p.out, rows, p.in, p.out, threads);
+  else
+    gemv<D>(x, p.in, static_cast<const int8_t*>(p.weight), p.scales, p.bias, y, p.out, rows, p.in, p.out, threads);
+}
+
+// The layer's sublayers as the per-op path runs them: `delta` (the previous layer's MLP output, or null for the
+// first layer) is added into the residual stream first; the layer's own MLP output is left in `out_delta`.
+template <class D>
+void decode_layer(const LayerArgs& a, const StepArgs& s, const typename D::T* delta, typename D::T* out_delta,
+                  int threads) {
+  using T = typename D::T;
+  const int64_t rows = s.rows, q_width = a.heads * a.head_dim, kv_width = a.kv_heads * a.head_dim;
+  T* hidden = static_cast<T*>(s.hidden);
+  T* normed = static_cast<T*>(s.normed);
+  T* qkv = static_cast<T*>(s.qkv);
+  T* attended = static_cast<T*>(s.attended);
+  T* gate_up = static_cast<T*>(s.gate_up);
+  add_rms_norm<D>(hidden, delta, static_cast<const T*>(a.input_norm), normed, rows, s.dim, static_cast<float>(a.eps_in));
+  product<D>(a.qkv, normed, qkv, rows, threads);
+  rope_store<D>(qkv, qkv + q_width, qkv + q_width + kv_width, static_cast<const T*>(s.cos),
+                static_cast<const T*>(s.sin), static_cast<T*>(a.k_cache), static_cast<T*>(a.v_cache), s.kv_indices, rows,
+                a.heads, a.kv_heads, a.head_dim, a.qkv.out, a.qkv.out);
+  decode_attention<D>(qkv, static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache), s.tables, s.ld_table,
+                      s.lengths, rows, a.heads, a.kv_heads, a.head_dim, s.block_size, a.window,
+                      static_cast<float>(a.scale), a.qkv.out, attended, threads);
+  product<D>(a.o, attended, static_cast<T*>(s.o), rows, threads);
+  add_rms_norm<D>(hidden, static_cast<const T*>(s.o), static_cast<const T*>(a.post_norm), normed, rows, s.dim,
+                  static_cast<float>(a.eps_post));
+  product<D>(a.gate_up, normed, gate_up, rows, threads);
+  silu_mul<D>(gate_up, gate_up + a.intermediate, static_cast<T*>(s.activated), rows, a.intermediate, a.gate_up.out);
+  product<D>(a.down, static_cast<const T*>(s.activated), out_delta, rows, threads);
 }
 
 }  // namespace
@@ -439,6 +640,18 @@ int malora_gemv(const void* x, int64_t ld_x, const void* w, int weight_dtype, co
   return 0;
 }
 
-int malora_decode_abi_version() { return 2; }
+int malora_decode_layer(const LayerArgs* layer, const StepArgs* step, const void* delta, void* out_delta, int dtype,
+                        int threads) {
+  if (dtype == 0)
+    decode_layer<F32>(*layer, *step, static_cast<const float*>(delta), static_cast<float*>(out_delta), threads);
+  else if (dtype == 1)
+    decode_layer<BF16>(*layer, *step, static_cast<const uint16_t*>(delta), static_cast<uint16_t*>(out_delta),
+                       threads);
+  else
+    return -1;
+  return 0;
+}
+
+int malora_decode_abi_version() { return 3; }
 
 }  // extern "C"

@@ -17,7 +17,7 @@ import torch
 from .build import NativeKernelError, build_library, load_or_error
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
-ABI_VERSION = 2
+ABI_VERSION = 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_GROUP = 8  # query heads per KV head the attention takes
 MAX_HEAD_DIM = 256
@@ -41,6 +41,7 @@ class DecodeOps:
             "malora_decode_attention": [p, i64, p, p, p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, i32, i32],
             "malora_silu_mul": [p, p, p, i64, i64, i64, i32],
             "malora_gemv": [p, i64, p, i32, p, p, p, i64, i64, i64, i64, i32, i32],
+            "malora_decode_layer": [p, p, p, p, i32, i32],
         }
         for name, argtypes in signatures.items():
             function = getattr(library, name)
@@ -244,3 +245,46 @@ def gemv(x: torch.Tensor, weight: GemvWeight, out: torch.Tensor, threads: int) -
                                      None if scales is None else scales.data_ptr(),
                                      None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows,
                                      weight.in_features, weight.out_features, code, threads)
+
+
+class ProductArgs(ctypes.Structure):
+    """Mirrors `struct Product` in decode_cpu.cpp: a GemvWeight by address."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64), ("weight_dtype", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, weight: GemvWeight) -> ProductArgs:
+        return cls(weight.weight.data_ptr(), None if weight.scales is None else weight.scales.data_ptr(),
+                   None if weight.bias is None else weight.bias.data_ptr(), weight.in_features, weight.out_features,
+                   WEIGHT_DTYPES[weight.weight.dtype])
+
+
+class LayerArgs(ctypes.Structure):
+    """Mirrors `struct LayerArgs`: a decoder layer's weights, caches and shape, by address. Whoever builds one keeps
+    the tensors it points at alive and unchanged (the fast decoder holds them for the model's life)."""
+
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p), ("qkv", ProductArgs), ("o", ProductArgs), ("gate_up", ProductArgs),
+                ("down", ProductArgs), ("eps_in", ctypes.c_double), ("eps_post", ctypes.c_double),
+                ("scale", ctypes.c_double), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("window", ctypes.c_int64)]
+
+
+class StepArgs(ctypes.Structure):
+    """Mirrors `struct StepArgs`: one step's rows, the residual stream, rotary tables, KV indices and scratch."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("hidden", "cos", "sin", "kv_indices", "tables", "lengths",
+                                                      "normed", "qkv", "attended", "o", "gate_up", "activated")] + [
+        (name, ctypes.c_int64) for name in ("rows", "dim", "ld_table", "block_size")]
+
+
+def decode_layer(layer: LayerArgs, step: StepArgs, delta: torch.Tensor | None, out_delta: torch.Tensor,
+                 dtype: torch.dtype, threads: int) -> None:
+    """One whole decoder layer in one native call (`decode_layer` in decode_cpu.cpp), for steps with no adapter
+    token: hidden += delta (the previous layer's MLP output; None for the first layer), then attention and MLP as the
+    per-op path runs them, the MLP output written to out_delta. Unchecked: the caller (models.fast_decode) builds
+    every tensor the structs point at with the shapes the structs say."""
+    decode_ops().library.malora_decode_layer(ctypes.byref(layer), ctypes.byref(step),
+                                             None if delta is None else delta.data_ptr(), out_delta.data_ptr(),
+                                             DTYPES[dtype], threads)
