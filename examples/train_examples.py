@@ -9,9 +9,10 @@ margin `tests/training/test_examples_served.py` requires of the served adapter.
     .venv/bin/python examples/train_examples.py --only json
     .venv/bin/python examples/train_examples.py --served   # no training: each card's served accuracy per dtype
 
-`--served` starts `malora-serve` on the adapters once per dtype (float32, bfloat16) and records in every card
-`served_accuracy: {dtype: accuracy}` (what a client gets from a server in that dtype; float32 matches the offline
-`adapter_accuracy`); `tests/training/test_examples_served.py` holds bfloat16 within 0.05 of float32.
+`--served` starts `malora-serve` on the adapters once per serving mode (float32, bfloat16, bfloat16 with
+`--quantization int8`) and records in every card `served_accuracy: {mode: accuracy}` (what a client gets from a
+server in that mode; float32 matches the offline `adapter_accuracy`); `tests/training/test_examples_served.py` holds
+bfloat16 within 0.05 of float32.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ MAX_TOKENS = 32
 EVAL_COUNT = 30
 TRAIN_COUNT = 2000
 MARGIN_SLACK = 0.15
-SERVED_DTYPES = ("float32", "bfloat16")
+SERVED_MODES = {"float32": ["--dtype", "float32"], "bfloat16": ["--dtype", "bfloat16"],
+                "bfloat16-int8": ["--dtype", "bfloat16", "--quantization", "int8"]}
 """The test requires adapter - base >= (measured gap - this), rounded down to 0.05."""
 
 
@@ -117,13 +119,13 @@ def build(name: str, example: Example, model, tokenizer, model_name: str, out_ro
     return card
 
 
-def record_served_accuracy(out_root: Path, dtypes: tuple[str, ...] = SERVED_DTYPES) -> None:
-    """Serve every adapter under `out_root` once per dtype and write each card's `served_accuracy`."""
+def record_served_accuracy(out_root: Path, modes: dict[str, list[str]] = SERVED_MODES) -> None:
+    """Serve every adapter under `out_root` once per mode and write each card's `served_accuracy`."""
     cards = sorted(out_root.glob("*/card.json"))
     measured: dict[Path, dict[str, float]] = {path: {} for path in cards}
-    for dtype in dtypes:
+    for dtype, flags in modes.items():
         process, url = start_server([sys.executable, "-m", "server.main", "--adapter-root", str(out_root),
-                                     "--dtype", dtype, "--log-level", "warning"], "/ready",
+                                     *flags, "--log-level", "warning"], "/ready",
                                     Path(tempfile.gettempdir()) / f"malora-served-{dtype}.log", {})
         try:
             for path in cards:
@@ -141,11 +143,11 @@ def record_served_accuracy(out_root: Path, dtypes: tuple[str, ...] = SERVED_DTYP
 
 
 def write_index(out_root: Path) -> None:
-    rows = ["| adapter | task | eval items | base accuracy | adapter accuracy | served float32 / bfloat16 "
-            "| test margin | size (fp16) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| adapter | task | eval items | base accuracy | adapter accuracy | served float32 / bfloat16 / "
+            "bfloat16 + int8 | test margin | size (fp16) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for card_path in sorted(out_root.glob("*/card.json")):
         c = json.loads(card_path.read_text())
-        served = " / ".join(f"{c.get('served_accuracy', {}).get(d, float('nan')):.2f}" for d in SERVED_DTYPES)
+        served = " / ".join(f"{c.get('served_accuracy', {}).get(d, float('nan')):.2f}" for d in SERVED_MODES)
         rows.append(f"| `{c['name']}` | {c['description']} | {c['eval_items']} | {c['base_accuracy']:.2f} | "
                     f"{c['adapter_accuracy']:.2f} | {served} | {c['required_margin']:.2f} | "
                     f"{c['size_bytes'] / 1e6:.1f} MB |")

@@ -124,7 +124,7 @@ class ModelRunner:
         if reason is not None:
             log.info("fast decode path off: %s", reason)
             return None
-        return FastDecoder(self.model, self.pool)
+        return FastDecoder(self.model, self.pool, self.context)
 
     def probe(self) -> None:
         """Before serving: prefill two tokens, decode a third, and compare with the model's own forward. A model
@@ -270,8 +270,7 @@ class ModelRunner:
         ids = torch.tensor([chunk.token_ids[0] for chunk in chunks], dtype=torch.int64)
         try:
             return self.fast_decoder.forward(ids, position_tensor, batch,
-                                             None if len(logit_rows) == len(chunks) else logit_rows,
-                                             step.token_slots.any_adapter)
+                                             None if len(logit_rows) == len(chunks) else logit_rows)
         finally:
             step.clear()
 

@@ -14,18 +14,23 @@ to float error and in bfloat16 to a rounding step at near-ties.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..context import StepContext
 from ..engine.attention import KVPool
+from ..kernels.native import BLOCK, bank_view_of, native_kernel, plan_for
 from ..kernels.native.decode_ops import (
     DTYPES,
     MAX_GROUP,
     MAX_HEAD_DIM,
+    PROJECTIONS,
     DecodeBatch,
     LayerArgs,
+    LayerDeltas,
     ProductArgs,
     StepArgs,
     add_rms_norm,
@@ -34,6 +39,7 @@ from ..kernels.native.decode_ops import (
     rope_store,
     silu_mul,
 )
+from ..layers import MaloraLinear
 from .fused_products import FusedProduct
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
@@ -83,13 +89,14 @@ def unsupported_reason(model: nn.Module) -> str | None:
 class FastDecoder:
     """Decode steps of one model over its runner's KV pool."""
 
-    def __init__(self, model: nn.Module, pool: KVPool) -> None:
+    def __init__(self, model: nn.Module, pool: KVPool, context: StepContext) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
         self.model = model
         self.inner = model.model
         self.pool = pool
+        self.context = context  # the runner's: which rows have adapters, the delta backend, the routing sink
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.eps = [(layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
@@ -101,6 +108,12 @@ class FastDecoder:
         self.q_width = self.heads * self.inner.layers[0].self_attn.head_dim
         self.kv_width = self.kv_heads * self.inner.layers[0].self_attn.head_dim
         self.layer_args = [self._layer_args(index, layer) for index, layer in enumerate(self.inner.layers)]
+        intermediate = self.products[0].gate_up.weight.out_features // 2
+        columns = (0, self.q_width, self.q_width + self.kv_width, 0, 0, intermediate, 0)
+        # Per layer, each projection as (parent, attribute, first column of its product): the modules are looked up
+        # per step, as adapters wrap their target modules when first loaded.
+        self.projections = [[(layer.self_attn if name in PROJECTIONS[:4] else layer.mlp, name, column)
+                             for name, column in zip(PROJECTIONS, columns)] for layer in self.inner.layers]
 
     def _layer_args(self, index: int, layer: nn.Module) -> LayerArgs:
         products = self.products[index]
@@ -123,26 +136,61 @@ class FastDecoder:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch,
-                logit_rows: list[int] | None, adapter_tokens: bool) -> torch.Tensor:
-        """ids, positions [rows] int64 -> float32 logits of `logit_rows` (all rows when None) [n, vocab].
-        `adapter_tokens`: whether any row has an adapter (then each projection's delta is added after its product;
-        without, few rows run each layer in one native call)."""
+                logit_rows: list[int] | None) -> torch.Tensor:
+        """ids, positions [rows] int64 -> float32 logits of `logit_rows` (all rows when None) [n, vocab], the rows'
+        adapters as the step context says. Few rows run each layer in one native call, adapters' deltas included
+        (through the native delta kernel); more rows, or deltas on another backend, one op at a time."""
         threads = torch.get_num_threads()
         hidden = self.inner.embed_tokens(ids).contiguous()  # [rows, D], a fresh tensor: updated in place below
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [rows, hd], in the model's dtype
         normed = torch.empty_like(hidden)
         native = ids.shape[0] <= GEMV_MAX_ROWS
-        if native and not adapter_tokens:
-            delta = self._whole_layers(hidden, cos, sin, batch, normed, threads)
+        deltas = self._delta_calls() if native else None
+        if native and deltas is not False:
+            delta = self._whole_layers(hidden, cos, sin, batch, normed, deltas, threads)
         else:
             delta = self._layer_by_op(hidden, cos, sin, batch, normed, native, threads)
         add_rms_norm(hidden, delta, self.inner.norm.weight, normed, self.final_eps)
         rows = normed if logit_rows is None else normed[logit_rows]
         return (self.head(rows, threads) if native else self.model.lm_head(rows)).float()
 
+    def _delta_calls(self) -> list[ctypes.Array] | None | bool:
+        """Per layer, the native delta kernel's call for each adapted projection this step; None when no row has an
+        adapter; False when the deltas run on another backend (then the layers run op by op)."""
+        step = self.context
+        slots = step.token_slots
+        if slots is None or not slots.any_adapter:
+            return None
+        kernel = native_kernel() if step.backend == "native" else None
+        if kernel is None:
+            return False
+        address = ctypes.cast(kernel.delta, ctypes.c_void_p).value
+        routing = step.routing
+        layers = []
+        for projections in self.projections:
+            calls = LayerDeltas()
+            for index, (parent, name, column) in enumerate(projections):
+                module = parent._modules[name]
+                if not isinstance(module, MaloraLinear) or module.bank is None:
+                    continue
+                bank = module.bank
+                plan = plan_for(slots, bank)  # kept alive by the step's TokenSlots
+                if plan.num_items == 0:
+                    continue
+                counts = routing.sink(module.path, "native") if routing is not None else None
+                call = calls[index]
+                call.kernel, call.bank, call.n_items, call.block = address, bank_view_of(bank).address, \
+                    plan.num_items, BLOCK
+                call.order, call.items = plan.pointers
+                call.column = column
+                if counts is not None:
+                    call.counts, call.ld_counts = counts.data_ptr(), counts.stride(0)
+            layers.append(calls)
+        return layers
+
     def _whole_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch,
-                      normed: torch.Tensor, threads: int) -> torch.Tensor:
+                      normed: torch.Tensor, deltas: list[ctypes.Array] | None, threads: int) -> torch.Tensor:
         """Every layer in one native call each; returns the last layer's MLP output."""
         rows, dtype = hidden.shape[0], hidden.dtype
         first = self.products[0]
@@ -157,7 +205,7 @@ class FastDecoder:
         delta = None
         for index, args in enumerate(self.layer_args):
             out = outputs[index % 2]
-            decode_layer(args, step, delta, out, dtype, threads)
+            decode_layer(args, step, delta, out, None if deltas is None else deltas[index], dtype, threads)
             delta = out
         return delta
 

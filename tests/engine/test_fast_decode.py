@@ -2,10 +2,10 @@
 
 - each family it runs (Llama, Qwen2 with q/k/v biases, Mistral with a sliding window shorter than the text), in
   float32: the same tokens and logprobs (to float error: 1e-4, or 3e-5 relative) as the reference engine, with two
-  MALoRA adapters on all seven projections and the base in one batch (each projection's delta added after its
-  product), and without adapters (each layer one native call at few rows), steps of 6 down to 1 rows (the native
-  GEMV at <= 4 rows, the packed products above) and a request joining mid-decode (a step with a prefill runs the
-  reference path);
+  MALoRA adapters on all seven projections and the base in one batch (at few rows each layer one native call,
+  each projection's delta added after its product by the native delta kernel; or op by op with the torch delta
+  path), and without adapters, steps of 6 down to 1 rows (the native GEMV at <= 4 rows, the packed products above)
+  and a request joining mid-decode (a step with a prefill runs the reference path);
 - the real model in bfloat16 and with --quantization int8, teacher-forced token by token through the decode path:
   top-1 agreement and mean |d logprob| of the text's tokens against float32, as the bfloat16 quality test measures
   the whole-sequence forward;
@@ -67,9 +67,14 @@ def serve(directory, fast: bool, adapters: bool) -> tuple[LLMEngine, dict[str, l
     return engine, tokens, logprobs
 
 
-@pytest.mark.parametrize("adapters", [True, False], ids=["adapters", "base"])  # base: each layer in one native call
+@pytest.mark.parametrize(("adapters", "backend"), [(True, "native"), (True, "cpu"), (False, "native")],
+                         ids=["adapters", "adapters-torch-delta", "base"])
 @pytest.mark.parametrize("family", FAST_FAMILIES)
-def test_fast_decode_serves_what_the_reference_path_serves(fast_family_dirs, family, adapters):
+def test_fast_decode_serves_what_the_reference_path_serves(fast_family_dirs, family, adapters, backend,
+                                                          monkeypatch):
+    # native: each layer one native call at few rows, deltas included; the torch delta path: op by op, each
+    # projection's delta added into its columns of the fused product.
+    monkeypatch.setenv("MALORA_KERNEL_BACKEND", backend)
     reference, want_tokens, want_logprobs = serve(fast_family_dirs[family], fast=False, adapters=adapters)
     engine, tokens, logprobs = serve(fast_family_dirs[family], fast=True, adapters=adapters)
     assert reference.runner.fast_decoder is None and engine.runner.fast_decoder is not None

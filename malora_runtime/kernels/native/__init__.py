@@ -119,6 +119,11 @@ class NativeBankView:
         return cls(struct, ctypes.addressof(struct), tables, n_max)
 
 
+def bank_view_of(bank: SlotBank) -> NativeBankView:
+    """The bank's descriptor for the kernel, rebuilt after a slot write."""
+    return bank.derived("native", lambda: NativeBankView.build(bank))
+
+
 MIN_BLOCK = 8
 
 
@@ -150,7 +155,8 @@ class NativePlan:
         return cls(items, items.shape[0], order, (order.data_ptr(), items.data_ptr()), token_slots.num_tokens)
 
 
-def _plan(token_slots: TokenSlots, bank: SlotBank) -> NativePlan:
+def plan_for(token_slots: TokenSlots, bank: SlotBank) -> NativePlan:
+    """The step's work items for `bank`, built once per step and set of active slots."""
     key = ("native", bank.active_slots)
     plan = token_slots.plans.get(key)
     if plan is None:
@@ -181,10 +187,10 @@ def add_malora_delta_native(
         raise ValueError(f"the native kernel runs on CPU tensors: x on {x.device}, y on {y.device}, "
                          f"the bank on {bank.device}")
     kernel = kernel or require_native_kernel()
-    plan = _plan(token_slots, bank)
+    plan = plan_for(token_slots, bank)
     if plan.num_items == 0:
         return
-    bank_view: NativeBankView = bank.derived("native", lambda: NativeBankView.build(bank))
+    bank_view = bank_view_of(bank)
     if not (x.dim() == 2 and y.dim() == 2 and x.shape[1] == bank.d_in and y.shape[1] == bank.d_out
             and x.shape[0] == y.shape[0] == plan.num_tokens):
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit the bank "

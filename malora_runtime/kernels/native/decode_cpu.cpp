@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
@@ -473,7 +474,26 @@ void silu_mul(const typename D::T* gate, const typename D::T* up, typename D::T*
 }
 
 
-// ---- a whole decoder layer in one call, for steps with no adapter token -------------------------------------------
+// ---- a whole decoder layer in one call ------------------------------------------------------------------------
+
+// The MALoRA delta kernel's entry point (`malora_delta` in malora_cpu.cpp, a library of its own), called through
+// the address the caller passes: y[rows] += the delta of each row's adapter slot.
+typedef int (*DeltaKernel)(const void* bank, const void* x, int64_t ldx, void* y, int64_t ldy, int rows_dtype,
+                           const int64_t* order, const int64_t* items, int64_t n_items, int64_t block,
+                           int64_t* counts, int64_t ld_counts, int num_threads);
+
+struct DeltaCall {  // one adapted projection's delta this step: mirrors decode_ops.DeltaCall
+  DeltaKernel kernel;  // null: no delta for this projection this step
+  const void* bank;
+  const int64_t* order;
+  const int64_t* items;
+  int64_t n_items, block;
+  int64_t* counts;
+  int64_t ld_counts;
+  int64_t column;  // the projection's first column in its product's output
+};
+
+enum Projection { kQ, kK, kV, kO, kGate, kUp, kDown, kProjections };
 
 struct Product {  // a GEMV weight: [out, in] of weight_dtype (0 float32, 1 bfloat16, 2 int8 with scales), bias or null
   const void* weight;
@@ -520,11 +540,29 @@ void product(const Product& p, const typename D::T* x, typename D::T* y, int64_t
     gemv<D>(x, p.in, static_cast<const int8_t*>(p.weight), p.scales, p.bias, y, p.out, rows, p.in, p.out, threads);
 }
 
+// Each adapted projection's delta into its columns of the product's output y (row stride ld_y), x its input.
+template <class D>
+int add_deltas(const DeltaCall* calls, std::initializer_list<int> which, const typename D::T* x, int64_t ld_x,
+               typename D::T* y, int64_t ld_y, int threads) {
+  if (calls == nullptr) return 0;
+  constexpr int rows_dtype = std::is_same_v<typename D::T, float> ? 0 : 1;
+  for (int p : which) {
+    const DeltaCall& c = calls[p];
+    if (c.kernel == nullptr) continue;
+    const int status = c.kernel(c.bank, x, ld_x, y + c.column, ld_y, rows_dtype, c.order, c.items, c.n_items,
+                                c.block, c.counts, c.ld_counts, threads);
+    if (status != 0) return status;
+  }
+  return 0;
+}
+
 // The layer's sublayers as the per-op path runs them: `delta` (the previous layer's MLP output, or null for the
 // first layer) is added into the residual stream first; the layer's own MLP output is left in `out_delta`.
+// `calls` (kProjections of them, or null): the MALoRA deltas, each added right after its product. Returns the
+// delta kernel's status (0: done).
 template <class D>
-void decode_layer(const LayerArgs& a, const StepArgs& s, const typename D::T* delta, typename D::T* out_delta,
-                  int threads) {
+int decode_layer(const LayerArgs& a, const StepArgs& s, const typename D::T* delta, typename D::T* out_delta,
+                 const DeltaCall* calls, int threads) {
   using T = typename D::T;
   const int64_t rows = s.rows, q_width = a.heads * a.head_dim, kv_width = a.kv_heads * a.head_dim;
   T* hidden = static_cast<T*>(s.hidden);
@@ -534,6 +572,8 @@ void decode_layer(const LayerArgs& a, const StepArgs& s, const typename D::T* de
   T* gate_up = static_cast<T*>(s.gate_up);
   add_rms_norm<D>(hidden, delta, static_cast<const T*>(a.input_norm), normed, rows, s.dim, static_cast<float>(a.eps_in));
   product<D>(a.qkv, normed, qkv, rows, threads);
+  int status = add_deltas<D>(calls, {kQ, kK, kV}, normed, s.dim, qkv, a.qkv.out, threads);
+  if (status != 0) return status;
   rope_store<D>(qkv, qkv + q_width, qkv + q_width + kv_width, static_cast<const T*>(s.cos),
                 static_cast<const T*>(s.sin), static_cast<T*>(a.k_cache), static_cast<T*>(a.v_cache), s.kv_indices, rows,
                 a.heads, a.kv_heads, a.head_dim, a.qkv.out, a.qkv.out);
@@ -541,11 +581,17 @@ void decode_layer(const LayerArgs& a, const StepArgs& s, const typename D::T* de
                       s.lengths, rows, a.heads, a.kv_heads, a.head_dim, s.block_size, a.window,
                       static_cast<float>(a.scale), a.qkv.out, attended, threads);
   product<D>(a.o, attended, static_cast<T*>(s.o), rows, threads);
+  status = add_deltas<D>(calls, {kO}, attended, q_width, static_cast<T*>(s.o), a.o.out, threads);
+  if (status != 0) return status;
   add_rms_norm<D>(hidden, static_cast<const T*>(s.o), static_cast<const T*>(a.post_norm), normed, rows, s.dim,
                   static_cast<float>(a.eps_post));
   product<D>(a.gate_up, normed, gate_up, rows, threads);
+  status = add_deltas<D>(calls, {kGate, kUp}, normed, s.dim, gate_up, a.gate_up.out, threads);
+  if (status != 0) return status;
   silu_mul<D>(gate_up, gate_up + a.intermediate, static_cast<T*>(s.activated), rows, a.intermediate, a.gate_up.out);
   product<D>(a.down, static_cast<const T*>(s.activated), out_delta, rows, threads);
+  return add_deltas<D>(calls, {kDown}, static_cast<const T*>(s.activated), a.intermediate, out_delta, a.down.out,
+                       threads);
 }
 
 }  // namespace
@@ -640,18 +686,18 @@ int malora_gemv(const void* x, int64_t ld_x, const void* w, int weight_dtype, co
   return 0;
 }
 
-int malora_decode_layer(const LayerArgs* layer, const StepArgs* step, const void* delta, void* out_delta, int dtype,
-                        int threads) {
+// Returns 0, -1 for a dtype it does not take, or the delta kernel's nonzero status.
+int malora_decode_layer(const LayerArgs* layer, const StepArgs* step, const void* delta, void* out_delta,
+                        const DeltaCall* calls, int dtype, int threads) {
   if (dtype == 0)
-    decode_layer<F32>(*layer, *step, static_cast<const float*>(delta), static_cast<float*>(out_delta), threads);
-  else if (dtype == 1)
-    decode_layer<BF16>(*layer, *step, static_cast<const uint16_t*>(delta), static_cast<uint16_t*>(out_delta),
-                       threads);
-  else
-    return -1;
-  return 0;
+    return decode_layer<F32>(*layer, *step, static_cast<const float*>(delta), static_cast<float*>(out_delta), calls,
+                             threads);
+  if (dtype == 1)
+    return decode_layer<BF16>(*layer, *step, static_cast<const uint16_t*>(delta), static_cast<uint16_t*>(out_delta),
+                              calls, threads);
+  return -1;
 }
 
-int malora_decode_abi_version() { return 3; }
+int malora_decode_abi_version() { return 4; }
 
 }  // extern "C"

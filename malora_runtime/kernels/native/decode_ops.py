@@ -17,7 +17,7 @@ import torch
 from .build import NativeKernelError, build_library, load_or_error
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
-ABI_VERSION = 3
+ABI_VERSION = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_GROUP = 8  # query heads per KV head the attention takes
 MAX_HEAD_DIM = 256
@@ -41,7 +41,7 @@ class DecodeOps:
             "malora_decode_attention": [p, i64, p, p, p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, i32, i32],
             "malora_silu_mul": [p, p, p, i64, i64, i64, i32],
             "malora_gemv": [p, i64, p, i32, p, p, p, i64, i64, i64, i64, i32, i32],
-            "malora_decode_layer": [p, p, p, p, i32, i32],
+            "malora_decode_layer": [p, p, p, p, p, i32, i32],
         }
         for name, argtypes in signatures.items():
             function = getattr(library, name)
@@ -279,12 +279,31 @@ class StepArgs(ctypes.Structure):
         (name, ctypes.c_int64) for name in ("rows", "dim", "ld_table", "block_size")]
 
 
+class DeltaCall(ctypes.Structure):
+    """Mirrors `struct DeltaCall`: one adapted projection's MALoRA delta this step, through the delta kernel's
+    entry point (`kernels.native`): its bank descriptor, the step's work items, where routing is counted, and the
+    projection's first column in its (fused) product. A null `kernel`: no delta."""
+
+    _fields_ = [("kernel", ctypes.c_void_p), ("bank", ctypes.c_void_p), ("order", ctypes.c_void_p),
+                ("items", ctypes.c_void_p), ("n_items", ctypes.c_int64), ("block", ctypes.c_int64),
+                ("counts", ctypes.c_void_p), ("ld_counts", ctypes.c_int64), ("column", ctypes.c_int64)]
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # `enum Projection`
+LayerDeltas = DeltaCall * len(PROJECTIONS)
+
+
 def decode_layer(layer: LayerArgs, step: StepArgs, delta: torch.Tensor | None, out_delta: torch.Tensor,
-                 dtype: torch.dtype, threads: int) -> None:
-    """One whole decoder layer in one native call (`decode_layer` in decode_cpu.cpp), for steps with no adapter
-    token: hidden += delta (the previous layer's MLP output; None for the first layer), then attention and MLP as the
-    per-op path runs them, the MLP output written to out_delta. Unchecked: the caller (models.fast_decode) builds
-    every tensor the structs point at with the shapes the structs say."""
-    decode_ops().library.malora_decode_layer(ctypes.byref(layer), ctypes.byref(step),
-                                             None if delta is None else delta.data_ptr(), out_delta.data_ptr(),
-                                             DTYPES[dtype], threads)
+                 deltas: ctypes.Array | None, dtype: torch.dtype, threads: int) -> None:
+    """One whole decoder layer in one native call (`decode_layer` in decode_cpu.cpp): hidden += delta (the
+    previous layer's MLP output; None for the first layer), then attention and MLP as the per-op path runs them,
+    each adapted projection's MALoRA delta (`deltas`, or None: no adapter token) added after its product, the MLP
+    output written to out_delta. Unchecked: the caller (models.fast_decode) builds every tensor the structs point
+    at with the shapes the structs say. Raises ValueError when the delta kernel meets a weight dtype it does not
+    read."""
+    status = decode_ops().library.malora_decode_layer(
+        ctypes.byref(layer), ctypes.byref(step), None if delta is None else delta.data_ptr(), out_delta.data_ptr(),
+        None if deltas is None else ctypes.byref(deltas), DTYPES[dtype], threads)
+    if status != 0:
+        raise ValueError(f"the native decode layer failed (status {status}): an adapter of a weight dtype the "
+                         "delta kernel does not read")
