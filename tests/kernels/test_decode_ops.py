@@ -80,8 +80,9 @@ def test_gemv_refuses_what_it_cannot_read():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_delta", [False, True])
-def test_add_rms_norm_matches_the_models_norm(dtype, with_delta):
-    rows, dim, eps = 3, 577, 1e-5
+@pytest.mark.parametrize("dim", [576, 577])  # vectors of 16, and the scalar path
+def test_add_rms_norm_matches_the_models_norm(dtype, with_delta, dim):
+    rows, eps = 3, 1e-5
     hidden = torch.randn(rows, dim).to(dtype)
     delta = torch.randn(rows, dim).to(dtype) if with_delta else None
     weight = (torch.rand(dim) + 0.5).to(dtype)
@@ -114,8 +115,9 @@ def random_batch(lengths: list[int], block_size: int, num_blocks: int) -> Decode
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_store_rotates_q_and_k_and_writes_k_and_v(dtype):
-    heads, kv_heads, head_dim, block_size = 6, 2, 24, 4
+@pytest.mark.parametrize("head_dim", [64, 24])  # halves of 16 lanes, and the scalar path
+def test_rope_store_rotates_q_and_k_and_writes_k_and_v(dtype, head_dim):
+    heads, kv_heads, block_size = 6, 2, 4
     batch = random_batch([1, 7, 13], block_size, 12)
     rows, kv_width = 3, kv_heads * head_dim
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim).to(dtype)  # one fused product's output

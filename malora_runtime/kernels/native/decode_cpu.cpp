@@ -59,6 +59,59 @@ struct BF16 {
 };
 
 
+#if defined(__AVX512F__)
+// exp(x) for 16 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7, below
+// float32's own rounding of what follows); inputs below -87 give 0, as the softmax's masked-out scores need.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <class D>
+inline __m512 load16(const typename D::T* p) {
+  if constexpr (std::is_same_v<typename D::T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <class D>
+inline __m512 round16(__m512 v) {  // to what the rows' dtype holds (bfloat16: nearest even), as float32
+  if constexpr (std::is_same_v<typename D::T, float>) {
+    return v;
+  } else {
+    __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+}
+
+template <class D>
+inline void store16(typename D::T* p, __m512 v) {  // v rounded to the dtype first
+  if constexpr (std::is_same_v<typename D::T, float>) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round16<D>(v)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+  }
+}
+#endif
+
 // ---- gemv: y[r, o] = (sum_i x[r, i] W[o, i]) * scale[o] for a few rows of x ---------------------------------
 // Weights stream from memory once per call (the point at one row); every row of x shares each loaded vector.
 // Sums of products in float32, rounded once into y. Blocks are templates over J output rows and R rows of x, so
@@ -220,6 +273,25 @@ void add_rms_norm(typename D::T* h, const typename D::T* delta, const typename D
   std::vector<float> row(dim);
   for (int64_t i = 0; i < rows; ++i) {
     typename D::T* hi = h + i * dim;
+#if defined(__AVX512F__)
+    if (dim % 16 == 0) {
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t j = 0; j < dim; j += 16) {
+        __m512 v = load16<D>(hi + j);
+        if (delta != nullptr) {
+          v = round16<D>(_mm512_add_ps(v, load16<D>(delta + i * dim + j)));
+          store16<D>(hi + j, v);
+        }
+        _mm512_storeu_ps(row.data() + j, v);
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(dim) + eps));
+      for (int64_t j = 0; j < dim; j += 16)
+        store16<D>(out + i * dim + j,
+                   _mm512_mul_ps(load16<D>(weight + j), round16<D>(_mm512_mul_ps(_mm512_loadu_ps(row.data() + j), inv))));
+      continue;
+    }
+#endif
     float sum = 0.f;
     for (int64_t j = 0; j < dim; ++j) {
       float v = D::get(hi[j]);
@@ -239,6 +311,24 @@ void add_rms_norm(typename D::T* h, const typename D::T* delta, const typename D
 template <class D>
 void rotate(typename D::T* x, const typename D::T* cos, const typename D::T* sin, int64_t heads, int64_t head_dim) {
   const int64_t half = head_dim / 2;
+#if defined(__AVX512F__)
+  if (half % 16 == 0) {
+    for (int64_t h = 0; h < heads; ++h) {
+      typename D::T* xh = x + h * head_dim;
+      for (int64_t j = 0; j < half; j += 16) {
+        const __m512 lo = load16<D>(xh + j), hi = load16<D>(xh + half + j);
+        const __m512 new_lo = _mm512_add_ps(round16<D>(_mm512_mul_ps(lo, load16<D>(cos + j))),
+                                            round16<D>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi),
+                                                                     load16<D>(sin + j))));
+        const __m512 new_hi = _mm512_add_ps(round16<D>(_mm512_mul_ps(hi, load16<D>(cos + half + j))),
+                                            round16<D>(_mm512_mul_ps(lo, load16<D>(sin + half + j))));
+        store16<D>(xh + j, new_lo);
+        store16<D>(xh + half + j, new_hi);
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t h = 0; h < heads; ++h) {
     typename D::T* xh = x + h * head_dim;
     float rotated[512];
@@ -265,47 +355,6 @@ void rope_store(typename D::T* q, typename D::T* k, const typename D::T* v, cons
 }
 
 #if defined(__AVX512F__)
-// exp(x) for 16 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7, below
-// float32's own rounding of what follows); inputs below -87 give 0, as the softmax's masked-out scores need.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-template <class D>
-inline __m512 load16(const typename D::T* p) {
-  if constexpr (std::is_same_v<typename D::T, float>) {
-    return _mm512_loadu_ps(p);
-  } else {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-
-template <class D>
-inline __m512 round16(__m512 v) {  // to what the rows' dtype holds (bfloat16: nearest even), as float32
-  if constexpr (std::is_same_v<typename D::T, float>) {
-    return v;
-  } else {
-    __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-    return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-  }
-}
-
 // attend_group with head_dim a multiple of 16 (<= 256): keys and values read as vectors, exps 16 at a time.
 template <class D>
 void attend_group_vectors(const typename D::T* q, const typename D::T* k_cache, const typename D::T* v_cache,
