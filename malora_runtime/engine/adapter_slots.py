@@ -85,6 +85,9 @@ class AdapterSlots:
         self._pending_layers: dict[str, torch.Tensor] = {}
         self._harvested_layers: dict[str, dict[str, list[int]]] = {}
         self._layers: dict[str, MaloraLinear] | None = None
+        # Bumped at every write into the banks (and every wrap of a layer): what was derived from them before
+        # (the fast decode path's kernel calls) is stale after.
+        self.generation = 0
 
     # ---- queries ----
     def state(self, name: str) -> SlotState | None:
@@ -290,6 +293,7 @@ class AdapterSlots:
         """Free `slot`: its routing counts harvested, every bank's slot deactivated; returns its cache key."""
         state = self.slots[slot]
         assert state is not None
+        self.generation += 1
         self._collect_counts()
         self._harvest_slot(slot, state)
         for layer in self.layers().values():
@@ -300,6 +304,7 @@ class AdapterSlots:
 
     def _write(self, slot: int, adapter: MaloraAdapter) -> int:
         """Point every layer's slot at `adapter`'s modules; returns the bytes of the copies the banks made."""
+        self.generation += 1
         copied = 0
         if not self.layers().keys() >= adapter.modules.keys():
             wrap_linears(self.model, adapter.modules, self.context)

@@ -124,7 +124,7 @@ class ModelRunner:
         if reason is not None:
             log.info("fast decode path off: %s", reason)
             return None
-        return FastDecoder(self.model, self.pool, self.context)
+        return FastDecoder(self.model, self.pool, self.context, lambda: self.adapters.generation)
 
     def probe(self) -> None:
         """Before serving: prefill two tokens, decode a third, and compare with the model's own forward. A model
@@ -264,13 +264,14 @@ class ModelRunner:
         batch = DecodeBatch.checked(kv_indices, tables, position_tensor + 1, bs, self.pool.keys[0].shape[0])
         logit_rows = [i for i, chunk in enumerate(chunks) if chunk.needs_logits]
         step = self.context
-        step.token_slots = TokenSlots.from_list([chunk.adapter_slot for chunk in chunks], self.device)
+        row_slots = tuple(chunk.adapter_slot for chunk in chunks)
+        step.token_slots = TokenSlots.from_list(list(row_slots), self.device)
         step.backend = choose_backend(position_tensor) if step.token_slots.any_adapter else None
         step.routing = self.routing if self.routing.enabled else None
         ids = torch.tensor([chunk.token_ids[0] for chunk in chunks], dtype=torch.int64)
         try:
             return self.fast_decoder.forward(ids, position_tensor, batch,
-                                             None if len(logit_rows) == len(chunks) else logit_rows)
+                                             None if len(logit_rows) == len(chunks) else logit_rows, row_slots)
         finally:
             step.clear()
 

@@ -15,6 +15,7 @@ to float error and in bfloat16 to a rounding step at near-ties.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..context import StepContext
 from ..engine.attention import KVPool
-from ..kernels.native import BLOCK, bank_view_of, native_kernel, plan_for
+from ..kernels.native import BLOCK, NativeKernel, bank_view_of, native_kernel, plan_for
 from ..kernels.native.decode_ops import (
     DTYPES,
     MAX_GROUP,
@@ -43,6 +44,7 @@ from ..layers import MaloraLinear
 from .fused_products import FusedProduct
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+DELTA_CALLS_CACHED = 16  # (slot generation, rows' slots) keys: a steady decode reuses one
 GEMV_MAX_ROWS = 4
 """Steps of up to this many rows run the base products through the native GEMV (fused q/k/v and gate/up); larger
 ones through the projections' packed oneDNN weights, whose cost grows little with rows (docs/BENCHMARKS.md)."""
@@ -89,7 +91,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
 class FastDecoder:
     """Decode steps of one model over its runner's KV pool."""
 
-    def __init__(self, model: nn.Module, pool: KVPool, context: StepContext) -> None:
+    def __init__(self, model: nn.Module, pool: KVPool, context: StepContext,
+                 slot_generation: Callable[[], int] = lambda: 0) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -97,6 +100,10 @@ class FastDecoder:
         self.inner = model.model
         self.pool = pool
         self.context = context  # the runner's: which rows have adapters, the delta backend, the routing sink
+        # Changes at every write into the adapter banks: the delta calls of one (generation, rows' slots) are the
+        # same every step (their plans, descriptors and counters stay put), so they are built once.
+        self.slot_generation = slot_generation
+        self._delta_calls_cache: dict[tuple, list[ctypes.Array]] = {}
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.eps = [(layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
@@ -136,17 +143,18 @@ class FastDecoder:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch,
-                logit_rows: list[int] | None) -> torch.Tensor:
+                logit_rows: list[int] | None, row_slots: tuple[int, ...] = ()) -> torch.Tensor:
         """ids, positions [rows] int64 -> float32 logits of `logit_rows` (all rows when None) [n, vocab], the rows'
         adapters as the step context says. Few rows run each layer in one native call, adapters' deltas included
-        (through the native delta kernel); more rows, or deltas on another backend, one op at a time."""
+        (through the native delta kernel); more rows, or deltas on another backend, one op at a time. `row_slots`:
+        each row's adapter slot, as the step context's TokenSlots holds them (the key of the cached delta calls)."""
         threads = torch.get_num_threads()
         hidden = self.inner.embed_tokens(ids).contiguous()  # [rows, D], a fresh tensor: updated in place below
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [rows, hd], in the model's dtype
         normed = torch.empty_like(hidden)
         native = ids.shape[0] <= GEMV_MAX_ROWS
-        deltas = self._delta_calls() if native else None
+        deltas = self._delta_calls(row_slots) if native else None
         if native and deltas is not False:
             delta = self._whole_layers(hidden, cos, sin, batch, normed, deltas, threads)
         else:
@@ -155,7 +163,7 @@ class FastDecoder:
         rows = normed if logit_rows is None else normed[logit_rows]
         return (self.head(rows, threads) if native else self.model.lm_head(rows)).float()
 
-    def _delta_calls(self) -> list[ctypes.Array] | None | bool:
+    def _delta_calls(self, row_slots: tuple[int, ...]) -> list[ctypes.Array] | None | bool:
         """Per layer, the native delta kernel's call for each adapted projection this step; None when no row has an
         adapter; False when the deltas run on another backend (then the layers run op by op)."""
         step = self.context
@@ -165,27 +173,42 @@ class FastDecoder:
         kernel = native_kernel() if step.backend == "native" else None
         if kernel is None:
             return False
+        key = (self.slot_generation(), row_slots, step.routing is not None)
+        cached = self._delta_calls_cache.get(key)
+        if cached is None:
+            if len(self._delta_calls_cache) >= DELTA_CALLS_CACHED:
+                self._delta_calls_cache.clear()
+            cached = self._delta_calls_cache[key] = self._build_delta_calls(kernel)
+        return cached
+
+    def _build_delta_calls(self, kernel: NativeKernel) -> list[ctypes.Array]:
+        step = self.context
+        slots = step.token_slots
+        assert slots is not None
         address = ctypes.cast(kernel.delta, ctypes.c_void_p).value
         routing = step.routing
-        layers = []
+        layers: list[ctypes.Array] = []
+        keep: list[object] = []
         for projections in self.projections:
             calls = LayerDeltas()
+            calls.keep = keep
             for index, (parent, name, column) in enumerate(projections):
                 module = parent._modules[name]
                 if not isinstance(module, MaloraLinear) or module.bank is None:
                     continue
                 bank = module.bank
-                plan = plan_for(slots, bank)  # kept alive by the step's TokenSlots
+                plan = plan_for(slots, bank)
                 if plan.num_items == 0:
                     continue
                 counts = routing.sink(module.path, "native") if routing is not None else None
+                view = bank_view_of(bank)
                 call = calls[index]
-                call.kernel, call.bank, call.n_items, call.block = address, bank_view_of(bank).address, \
-                    plan.num_items, BLOCK
+                call.kernel, call.bank, call.n_items, call.block = address, view.address, plan.num_items, BLOCK
                 call.order, call.items = plan.pointers
                 call.column = column
                 if counts is not None:
                     call.counts, call.ld_counts = counts.data_ptr(), counts.stride(0)
+                keep.extend((plan, view, counts))  # what the calls point into, alive as long as they are cached
             layers.append(calls)
         return layers
 
