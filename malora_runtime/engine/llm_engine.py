@@ -235,7 +235,8 @@ class LLMEngine:
         those requests fail (re-running rewrites the same K/V, so the others are unaffected)."""
         try:
             logits = self.runner.run([Chunk(s.seq.token_ids[s.start:s.end], s.start, s.seq.block_table,
-                                            s.seq.adapter_slot, s.sample) for s in items])
+                                            s.seq.adapter_slot, s.sample, prompt=s.end <= s.seq.num_prompt_tokens)
+                                      for s in items])
         except Exception as exc:
             if len(items) == 1:
                 request_id = items[0].seq.request_id

@@ -43,6 +43,9 @@ class Chunk:
     block_table: list[int]
     adapter_slot: int
     needs_logits: bool
+    prompt: bool = False
+    """Computes prompt tokens (a prefill chunk, however short). Such a step runs transformers' forward even for one
+    token, so a prompt's first output token does not depend on how much of the prompt the prefix cache held."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,7 @@ class ModelRunner:
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
-        if self.fast_decoder is not None and all(len(chunk.token_ids) == 1 for chunk in chunks):
+        if self.fast_decoder is not None and all(len(chunk.token_ids) == 1 and not chunk.prompt for chunk in chunks):
             return self._fast_forward(chunks)
         return self._forward(*self.prepare(chunks))
 

@@ -141,3 +141,27 @@ def test_the_decode_path_keeps_the_real_models_quality(default_model, quantizati
     figures = f"top-1 agreement {agreement:.4f}, mean |d logprob| {difference:.4f} over {len(targets)} tokens"
     assert agreement >= min_top1, figures
     assert difference <= max_difference, figures
+
+
+
+def test_a_prompt_the_prefix_cache_holds_but_one_token_gives_the_same_output():
+    """The second run of a prompt finds all but its last token in the prefix cache: that one-token chunk is prompt,
+    computed by transformers' forward as the first run's whole prefill was, so the outputs are identical (through
+    the fast path its logprobs differed in bfloat16, and at a near-tie the token: a client test saw it)."""
+    model, tokenizer, source = load_model(None, dtype=torch.bfloat16)
+    engine = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16", num_kv_blocks=64, block_size=16), source.name)
+    assert engine.runner.fast_decoder is not None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=True,
+                                           add_generation_prompt=True, return_dict=False)
+    assert len(prompt) == 33  # two whole blocks cached, one token left
+    runs = []
+    for attempt in range(2):
+        engine.add_request(f"r{attempt}", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                                 logprobs=1))
+        tokens, logprobs = [], []
+        while engine.has_unfinished():
+            for output in engine.step():
+                tokens += output.outputs[0].token_ids
+                logprobs += [t.logprob for t in output.outputs[0].logprobs or []]
+        runs.append((tokens, logprobs))
+    assert runs[0] == runs[1]
