@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-shapes", action="store_true", help="d: adapters of four different shapes")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the model's dtype for every path (bfloat16 adds c32, the engine in float32)")
+    parser.add_argument("--quantization", default="none", choices=("none", "int8"),
+                        help="the engine's --quantization (bfloat16 only; the c32 engine runs without)")
     parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="d: the adapters' dtype (`malora adapter init` writes float16)")
 
@@ -144,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
             results["a"] = _hf_generate(peft_model, prompts, n_new, warmup, adapter_names=names)
             log.info("a  transformers + PEFT mixed adapters: %.1f tok/s", results["a"])
             del peft_model
-        config = EngineConfig(device=args.device, dtype=args.dtype, max_loaded_adapters=max(32, args.batch))
+        config = EngineConfig(device=args.device, dtype=args.dtype, max_loaded_adapters=max(32, args.batch),
+                              quantization=None if args.quantization == "none" else args.quantization)
         engine = LLMEngine(model, tokenizer, config, source.name)
         shapes = linear_shapes(model)
         for i, path in enumerate(lora_dirs):

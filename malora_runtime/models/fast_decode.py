@@ -111,7 +111,11 @@ class FastDecoder:
         self.final_eps = self.inner.norm.variance_epsilon
         self.windows = [self._window(layer) for layer in self.inner.layers]
         self.products = [LayerProducts.of(layer) for layer in self.inner.layers]
-        self.head = FusedProduct.of(model, ["lm_head"])
+        # The output head (49152 x 576 on the default model, the step's largest weight) through the GEMV only where
+        # that measured faster: int8 (1.0-1.5x torch's int8 kernel at 1-2 rows); in bfloat16 and float32 oneDNN's
+        # packed product streams it ~1.6x faster (scripts/quant-linear-time.py).
+        head = FusedProduct.of(model, ["lm_head"])
+        self.head = head if head.weight.weight.dtype == torch.int8 else None
         self.q_width = self.heads * self.inner.layers[0].self_attn.head_dim
         self.kv_width = self.kv_heads * self.inner.layers[0].self_attn.head_dim
         self.layer_args = [self._layer_args(index, layer) for index, layer in enumerate(self.inner.layers)]
@@ -161,7 +165,7 @@ class FastDecoder:
             delta = self._layer_by_op(hidden, cos, sin, batch, normed, native, threads)
         add_rms_norm(hidden, delta, self.inner.norm.weight, normed, self.final_eps)
         rows = normed if logit_rows is None else normed[logit_rows]
-        return (self.head(rows, threads) if native else self.model.lm_head(rows)).float()
+        return (self.head(rows, threads) if native and self.head is not None else self.model.lm_head(rows)).float()
 
     def _delta_calls(self, row_slots: tuple[int, ...]) -> list[ctypes.Array] | None | bool:
         """Per layer, the native delta kernel's call for each adapted projection this step; None when no row has an
