@@ -135,4 +135,6 @@ def test_served_in_bfloat16_within_005_of_float32(card_path, bfloat16_server):
     accuracy = EvalReport(answers, [reference_answer(r) for r in records]).accuracy
     assert abs(accuracy - card["adapter_accuracy"]) <= 0.05 + 1e-9, (accuracy, card["adapter_accuracy"])
     assert card["served_accuracy"]["float32"] == card["adapter_accuracy"]
+    # Each serving mode is on the card (`examples/train_examples.py --served`), bfloat16 + int8 products too.
+    assert abs(card["served_accuracy"]["bfloat16-int8"] - card["adapter_accuracy"]) <= 0.05 + 1e-9
     assert abs(accuracy - card["served_accuracy"]["bfloat16"]) <= 0.05 + 1e-9, "the card's bfloat16 figure is stale"
