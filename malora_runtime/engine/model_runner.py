@@ -247,10 +247,23 @@ class ModelRunner:
             cache.view(self.num_blocks, self.block_size, *cache.shape[1:]).index_fill_(0, index, 0)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Execute one step; returns float32 logits [number of chunks needing logits, vocab]."""
-        if self.fast_decoder is not None and all(len(chunk.token_ids) == 1 and not chunk.prompt for chunk in chunks):
+        """Execute one step; returns float32 logits [number of chunks needing logits, vocab].
+
+        With the fast decode path, a step's decode chunks run through it and its prompt chunks through transformers'
+        forward, a step with both as two forwards: a sequence's decode then never depends on whether another
+        request's prefill shared its step (the fast path gives each row the same result at 1 to 4 rows)."""
+        if self.fast_decoder is None:
+            return self._forward(*self.prepare(chunks))
+        decoding = [len(chunk.token_ids) == 1 and not chunk.prompt for chunk in chunks]
+        if all(decoding):
             return self._fast_forward(chunks)
-        return self._forward(*self.prepare(chunks))
+        if not any(decoding):
+            return self._forward(*self.prepare(chunks))
+        decode_part = self._fast_forward([c for c, d in zip(chunks, decoding) if d])
+        prompt_part = self._forward(*self.prepare([c for c, d in zip(chunks, decoding) if not d]))
+        decode_rows, prompt_rows = iter(decode_part), iter(prompt_part)
+        rows = [next(decode_rows if d else prompt_rows) for c, d in zip(chunks, decoding) if c.needs_logits]
+        return torch.stack(rows) if rows else decode_part[:0]
 
     @torch.inference_mode()
     def _fast_forward(self, chunks: list[Chunk]) -> torch.Tensor:
