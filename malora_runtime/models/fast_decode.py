@@ -92,7 +92,7 @@ class FastDecoder:
     """Decode steps of one model over its runner's KV pool."""
 
     def __init__(self, model: nn.Module, pool: KVPool, context: StepContext,
-                 slot_generation: Callable[[], int] = lambda: 0) -> None:
+                 slot_generation: Callable[[], int]) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)

@@ -29,7 +29,7 @@ import torch
 
 from ..slot_bank import SlotBank
 from ..token_slots import TokenSlots
-from .build import NativeKernelError, build_native_kernel, load_or_error
+from .build import NativeKernelError, build_native_kernel, load_or_error, loaded_or_raise
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ def native_kernel() -> NativeKernel | None:
 
 def require_native_kernel() -> NativeKernel:
     """The kernel, or NativeKernelError saying why it cannot be built or loaded."""
-    loaded = _load()
-    if isinstance(loaded, NativeKernelError):
-        raise loaded
-    return loaded
+    return loaded_or_raise(_load())
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,13 @@ def load_or_error(load: Callable[[], Loaded]) -> Loaded | NativeKernelError:
         return NativeKernelError(f"{type(exc).__name__}: {exc}")
 
 
+def loaded_or_raise(loaded: Loaded | NativeKernelError) -> Loaded:
+    """What `load_or_error` loaded, or its error raised."""
+    if isinstance(loaded, NativeKernelError):
+        raise loaded
+    return loaded
+
+
 def _compiler() -> str:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):

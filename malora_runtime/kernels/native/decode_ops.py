@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .build import NativeKernelError, build_library, load_or_error
+from .build import NativeKernelError, build_library, load_or_error, loaded_or_raise
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 ABI_VERSION = 4
@@ -56,10 +56,7 @@ def _load() -> DecodeOps | NativeKernelError:
 
 def decode_ops() -> DecodeOps:
     """The library, built and loaded on first call; NativeKernelError saying why where it cannot be."""
-    loaded = _load()
-    if isinstance(loaded, NativeKernelError):
-        raise loaded
-    return loaded
+    return loaded_or_raise(_load())
 
 
 @dataclass(frozen=True)
