@@ -60,7 +60,7 @@ def create_app(engine: EngineClient | None, settings: ServerSettings, adapters: 
     app.state.models = ModelsServing(state, int(time.time()))
     app.state.adapters = AdaptersServing(state)
     metrics = ServerMetrics(state.base_model if engine is not None else "base",
-                            settings.metrics_max_adapters)
+                            settings.metrics_max_adapters, settings.vllm_compatible_metrics)
     app.state.telemetry = Telemetry(state, metrics)
     install_error_handlers(app)
     app.include_router(router)

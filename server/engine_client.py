@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from malora_runtime.adapters.format import MaloraAdapter
 from malora_runtime.adapters.registry import HostAdapter
 from malora_runtime.engine.async_engine import RequestRecord
-from malora_runtime.engine.outputs import EngineStats, RequestOutput, ResidentAdapter, StepRecord
+from malora_runtime.engine.outputs import AdapterActivity, EngineStats, RequestOutput, ResidentAdapter, StepRecord
 from malora_runtime.sampling_params import SamplingParams
 
 StepListener = Callable[[StepRecord], None]
@@ -52,6 +52,14 @@ class EngineClient(Protocol):
 
     def resident_adapters(self) -> dict[str, ResidentAdapter]:
         """The adapter versions in engine slots now, by name."""
+        ...
+
+    def adapter_activity(self) -> AdapterActivity:
+        """The adapters of running requests and of waiting ones (queued, or waiting for a free slot), now."""
+        ...
+
+    def drain_activation_seconds(self) -> list[float]:
+        """Seconds of each adapter activation into a slot since the last call."""
         ...
 
     async def harvest_routing(self) -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:

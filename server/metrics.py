@@ -24,6 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from malora_runtime.engine.async_engine import RequestRecord
 from malora_runtime.engine.outputs import StepRecord
 
+from .vllm_metrics import VllmMetrics
+
 OTHER = "other"
 # Log-spaced buckets wide enough for a GPU (milliseconds) and this CPU (tens of seconds).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -64,7 +66,7 @@ class AdapterLabels:
 
 
 class ServerMetrics:
-    def __init__(self, base_model: str, max_adapter_labels: int = 100) -> None:
+    def __init__(self, base_model: str, max_adapter_labels: int = 100, vllm_compatible: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.base_model = base_model
         self.label = AdapterLabels(max_adapter_labels)
@@ -99,6 +101,8 @@ class ServerMetrics:
                                          "(off the engine thread)", buckets=GRAMMAR_BUCKETS, registry=r)
         self.grammar_mask = Histogram("malora_grammar_mask_seconds", "Masking the constrained rows' logits, per "
                                       "engine step that has any", buckets=GRAMMAR_BUCKETS, registry=r)
+        # The vLLM names Kubernetes' inference gateway reads (vllm_metrics.py), beside these.
+        self.vllm = VllmMetrics(r) if vllm_compatible else None
         self._routing: dict[str, list[float]] = {}
         # Per adapter, the last LAYER_WINDOW seconds of per-layer routing harvests (the dashboard's by-layer view).
         self._layer_routing: deque[tuple[float, str, dict[str, list[int]]]] = deque()
@@ -161,6 +165,12 @@ class ServerMetrics:
     def observe_adapter_loads(self, seconds: list[float]) -> None:
         for value in seconds:
             self.adapter_load_seconds.observe(value)
+        if self.vllm is not None:
+            self.vllm.observe_loads("cpu", seconds)
+
+    def observe_adapter_activations(self, seconds: list[float]) -> None:
+        if self.vllm is not None:
+            self.vllm.observe_loads("gpu", seconds)
 
     def routing_snapshot(self) -> dict[str, list[float]]:
         return {name: list(values) for name, values in self._routing.items()}

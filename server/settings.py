@@ -60,6 +60,8 @@ class ServerSettings:
     log_level: str = "info"
     metrics_max_adapters: int = 100
     """Distinct adapter label values in /metrics; further adapters are summed under `other`."""
+    vllm_compatible_metrics: bool = True
+    """/metrics also exports the `vllm:*` gauges the Gateway API Inference Extension's endpoint picker reads."""
     request_timeout: float = 1800.0
     """Seconds a request may run; then it ends with an error and frees its KV blocks."""
     max_stop_strings: int = 16
@@ -171,6 +173,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     add("--log-level", "logging level", defaults.log_level)
     add("--metrics-max-adapters", "distinct adapter labels in /metrics (the rest are summed as 'other')",
         defaults.metrics_max_adapters, int)
+    add("--vllm-compatible-metrics", "also export the vllm:* metrics that Kubernetes' inference gateway (endpoint "
+        "picker) reads: queue, KV use, running/waiting adapters, adapter residency", defaults.vllm_compatible_metrics,
+        _bool, nargs="?", const=True)
     add("--request-timeout", "seconds a request may run before it is stopped with an error", defaults.request_timeout,
         float)
     add("--max-stop-strings", "stop strings in one request", defaults.max_stop_strings, int)
@@ -286,7 +291,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         api_keys=api_keys, admin_key=args.admin_key or None,
         open_health=args.open_health, max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
-        metrics_max_adapters=args.metrics_max_adapters, request_timeout=args.request_timeout,
+        metrics_max_adapters=args.metrics_max_adapters, vllm_compatible_metrics=args.vllm_compatible_metrics,
+        request_timeout=args.request_timeout,
         max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length,
         max_stop_token_ids=args.max_stop_token_ids, max_response_tokens=args.max_response_tokens,
         health_stall_seconds=args.health_stall_seconds, allow_unauthenticated=args.allow_unauthenticated,

@@ -8,13 +8,22 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
+from malora_runtime.adapters.format import AdapterConfig
 from malora_runtime.adapters.manager import Tier
+from malora_runtime.engine.outputs import EngineStats
 
 from .metrics import ServerMetrics, counter, gauge
 from .serving import ServerState
+from .vllm_metrics import LEVEL_CPU, LEVEL_GPU, ResidentLora, VllmSnapshot
+from .vllm_metrics import families as vllm_families
 
 ROUTING_INTERVAL = 1.0  # seconds: the device-side counters are read at most this often
 TIERS = tuple(tier.value for tier in Tier)
+
+
+def max_rank(config: AdapterConfig) -> int:
+    """The largest expert rank r of an adapter's modules."""
+    return max((spec.r for spec in config.modules.values()), default=0)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -49,6 +58,8 @@ class Telemetry:
             self.metrics.observe_layer_routing(by_layer)
         if self.state.adapters is not None:
             self.metrics.observe_adapter_loads(self.state.adapters.drain_load_seconds())
+        if engine is not None:
+            self.metrics.observe_adapter_activations(engine.drain_activation_seconds())
 
     def is_known_model(self, name: str) -> bool:
         if self.state.engine is not None and name in (self.state.base_model, self.state.engine.model_name):
@@ -107,6 +118,8 @@ class Telemetry:
             counter("malora_adapter_reloads", "Adapters reloaded as a new version", counts.reloads if counts else 0),
             counter("malora_adapter_unloads", "Adapters unloaded", counts.unloads if counts else 0),
             counter("malora_adapter_evictions", "Adapters evicted from a device slot", stats.num_adapter_evictions),
+            counter("malora_adapter_activations", "Adapter versions written into a device slot (cold activations)",
+                    stats.num_adapter_activations),
             counter("malora_adapter_host_evictions", "Adapters evicted from host memory",
                     counts.host_evictions if counts else 0),
         ]
@@ -124,7 +137,30 @@ class Telemetry:
             copies = gauge("malora_adapter_device_copy_bytes", "Bytes of device copies of adapters in slots (a GPU; "
                            "0 where the kernels read them in host memory)", stats.adapter_device_copy_bytes)
             families += [memory, budget, copies, *self._source_families()]
+        if self.metrics.vllm is not None:
+            families += vllm_families(self.vllm_snapshot(stats))
         return families
+
+    def vllm_snapshot(self, stats: EngineStats) -> VllmSnapshot:
+        """The vLLM-compatible figures, from `stats` and the adapters' current places (vllm_metrics.py)."""
+        engine = self.state.engine
+        assert engine is not None
+        activity = engine.adapter_activity()
+        resident = engine.resident_adapters()
+        loras = [ResidentLora(name, LEVEL_GPU, r.pinned, max_rank(r.config)) for name, r in sorted(resident.items())]
+        registry = self.state.adapters.registry if self.state.adapters is not None else None
+        if registry is not None:
+            for name in sorted(registry.host_names()):
+                host = registry.host_entry(name)
+                if name not in resident and host is not None:
+                    loras.append(ResidentLora(name, LEVEL_CPU, registry.is_pinned(name), max_rank(host.adapter.config)))
+        return VllmSnapshot(
+            num_running=stats.num_running, num_waiting=stats.num_waiting + stats.num_waiting_for_adapter,
+            kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
+            block_size=self.state.settings.engine.block_size, running_adapters=activity.running,
+            waiting_adapters=activity.waiting, num_slots=self.state.settings.engine.max_loaded_adapters,
+            resident=tuple(loras), time=time.time(),
+        )
 
     def _source_families(self) -> list[Any]:
         """Per adapter from a source: its latest fetch time; the cache's bytes."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,11 @@ class AdapterSlots:
     slots: list[SlotState | None] = field(default_factory=list)
     current: dict[str, int] = field(default_factory=dict)  # name -> slot of its newest version
     num_evictions: int = 0
+    num_activations: int = 0
+    """Adapter versions written into a slot (cold activations: a version already in its slot is not counted)."""
+    activation_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    """Seconds of each activation (packing, evictions, bank writes), drained by the metrics layer from another
+    thread: a deque, whose append and popleft are atomic."""
     memory_budget: int | None = None
     """Bytes of adapters in slots at most (each counted once, at its packed size); LRU eviction keeps them within."""
 
@@ -154,6 +160,7 @@ class AdapterSlots:
         if state is not None and state.version == version:
             state.pinned = state.pinned or pinned
             return self.current[name], []
+        started = time.perf_counter()
         adapter = pack_adapter(adapter)
         num_bytes = adapter.num_bytes()
         dropped: list[int] = []
@@ -173,6 +180,8 @@ class AdapterSlots:
         self.current[name] = slot
         if previous is not None:
             dropped.extend(self._retire(previous))
+        self.num_activations += 1
+        self.activation_seconds.append(time.perf_counter() - started)
         log.info("adapter %s v%d active in slot %d (%d modules, %.1f MiB)", name, version, slot,
                  len(adapter.modules), num_bytes / 2**20)
         return slot, dropped

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ..sampling_params import SamplingParams
 from .adapter_slots import NoFreeSlotError
 from .errors import EngineShutdownError, RequestFailedError, UnknownAdapterError
 from .llm_engine import LLMEngine
-from .outputs import EngineStats, RequestOutput, ResidentAdapter, StepRecord
+from .outputs import AdapterActivity, EngineStats, RequestOutput, ResidentAdapter, StepRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,6 +60,8 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.num_waiting_for_adapter = 0
+        # Requests waiting for a free slot, by adapter name (touched on the event loop's thread only).
+        self._waiting_for_slot: Counter[str] = Counter()
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -317,6 +320,7 @@ class AsyncEngine:
             self.engine.add_request(request_id, prompt, params, name)
 
         waiting = False
+        name = adapter.name if isinstance(adapter, HostAdapter) else adapter or ""
         try:
             while True:
                 try:
@@ -326,10 +330,14 @@ class AsyncEngine:
                     if not waiting:
                         waiting = True
                         self.num_waiting_for_adapter += 1
+                        self._waiting_for_slot[name] += 1
                     await asyncio.sleep(SLOT_RETRY_SECONDS)
         finally:
             if waiting:
                 self.num_waiting_for_adapter -= 1
+                self._waiting_for_slot[name] -= 1
+                if self._waiting_for_slot[name] <= 0:
+                    del self._waiting_for_slot[name]
 
     async def add_adapter(self, name: str, adapter: MaloraAdapter, version: int = 0, pinned: bool = False) -> int:
         return await self.run_on_engine(lambda: self.engine.add_adapter(name, adapter, version, pinned))
@@ -346,6 +354,23 @@ class AsyncEngine:
     def resident_adapters(self) -> dict[str, ResidentAdapter]:
         """The adapter versions that sit in engine slots now, by name (a snapshot)."""
         return self.engine.resident_adapters()
+
+    def adapter_activity(self) -> AdapterActivity:
+        """The adapters of running requests, and of waiting ones: queued in the engine or waiting for a free slot."""
+        engine = self.engine.adapter_activity()
+        waiting = {*engine.waiting, *(name for name, count in list(self._waiting_for_slot.items()) if count > 0)}
+        return AdapterActivity(engine.running, tuple(sorted(waiting)))
+
+    def drain_activation_seconds(self) -> list[float]:
+        """Seconds of each adapter activation into a slot since the last call (for a latency histogram)."""
+        pending = self.engine.runner.adapters.activation_seconds
+        drained = []
+        while pending:
+            try:
+                drained.append(pending.popleft())
+            except IndexError:
+                break
+        return drained
 
     async def harvest_routing(self) -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:
         """(tokens per expert by adapter, summed over layers; the same per adapted layer) since the last harvest."""

@@ -20,7 +20,7 @@ from .adapter_slots import NoFreeSlotError
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineRequestError, PromptTooLongError, UnknownAdapterError
 from .model_runner import Chunk, ModelRunner
-from .outputs import CompletionOutput, EngineStats, RequestOutput, ResidentAdapter
+from .outputs import AdapterActivity, CompletionOutput, EngineStats, RequestOutput, ResidentAdapter
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, TokenLogprobs
@@ -343,6 +343,13 @@ class LLMEngine:
                 self._drop_cache_keys(self.runner.adapters.release(request.adapter_slot))
         return list(by_request.values())
 
+    def adapter_activity(self) -> AdapterActivity:
+        """The adapters of running and of waiting sequences (a snapshot, safe to read from another thread: copying
+        the scheduler's queues into tuples runs in C, under the GIL, never while the engine thread moves a sequence)."""
+        running = {seq.adapter_name for seq in tuple(self.scheduler.running) if seq.adapter_name is not None}
+        waiting = {seq.adapter_name for seq in tuple(self.scheduler.waiting) if seq.adapter_name is not None}
+        return AdapterActivity(tuple(sorted(running)), tuple(sorted(waiting)))
+
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         return EngineStats(
@@ -353,4 +360,5 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries, num_adapter_evictions=self.runner.adapters.num_evictions,
             adapter_slot_bytes=self.runner.adapters.active_bytes, adapter_slot_budget=self.config.adapter_bank_memory,
             adapter_device_copy_bytes=self.runner.adapters.device_copy_bytes,
+            num_adapter_activations=self.runner.adapters.num_activations,
         )

@@ -49,6 +49,15 @@ class EngineStats:
     adapter_slot_bytes: int = 0  # bytes of the adapters in slots, packed (the CPU reads them in host memory)
     adapter_slot_budget: int | None = None  # the budget for those bytes (EngineConfig.adapter_bank_memory)
     adapter_device_copy_bytes: int = 0  # bytes of device copies of adapters in slots (a GPU); 0 on the CPU
+    num_adapter_activations: int = 0  # adapter versions written into a slot, cumulative
+
+
+@dataclass(frozen=True)
+class AdapterActivity:
+    """The adapters that requests in the engine use now, each name once, sorted."""
+
+    running: tuple[str, ...]  # of sequences in the running batch
+    waiting: tuple[str, ...]  # of sequences queued (preempted ones too) or requests waiting for a free slot
 
 
 @dataclass(frozen=True)
