@@ -29,6 +29,32 @@ def _native_kernel_missing() -> bool:
 requires_native = pytest.mark.skipif(_native_kernel_missing(), reason="the native kernel cannot be built here")
 
 
+def _bf16_packing_refusal() -> str | None:
+    from malora_runtime.models.packed_linear import packing_refusal
+
+    return packing_refusal(torch.bfloat16)
+
+
+# For tests of the packed bfloat16 products (and `--quantization int8`, built on them): skipped, with oneDNN's own
+# reason, on a CPU where oneDNN does not pack bfloat16 (AVX2-only, or under MALORA_MAX_ISA=avx2); the refusal
+# itself is tested there.
+BF16_PACKING_REFUSAL = _bf16_packing_refusal()
+requires_bf16_packing = pytest.mark.skipif(BF16_PACKING_REFUSAL is not None,
+                                           reason=f"oneDNN does not pack bfloat16 on this CPU: {BF16_PACKING_REFUSAL}")
+
+
+def _native_bf16_missing() -> bool:
+    from malora_runtime.cpu_features import cpu_features
+
+    return not cpu_features().native_bfloat16
+
+
+# For tests of what only a CPU with native bfloat16 does (AVX512_BF16 / AMX: `--dtype auto` picks bfloat16, the
+# native bfloat16 dot products): skipped elsewhere, with the reason.
+requires_native_bf16 = pytest.mark.skipif(_native_bf16_missing(),
+                                          reason="the CPU (or its MALORA_MAX_ISA cap) has no native bfloat16")
+
+
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -18,7 +18,7 @@ from ..kernels.token_slots import NO_SLOT, TokenSlots
 from ..models.compat import check_config, conv1d_to_linear, probe_failure, probe_tokens, reference_forward
 from ..models.fast_decode import FastDecoder, unsupported_reason
 from ..models.packed_linear import PACKABLE_DTYPES, pack_linears
-from ..models.quantized_linear import quantize_linears
+from ..models.quantized_linear import check_quantization, quantize_linears
 from ..patching import wrapped_layers
 from .adapter_slots import AdapterSlots
 from .allocator import keep_freed_memory
@@ -101,9 +101,8 @@ class ModelRunner:
                                      memory_budget=config.adapter_bank_memory)
         if config.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
-        if config.quantization is not None and (self.device.type != "cpu" or self.dtype != torch.bfloat16):
-            raise ValueError(f"--quantization {config.quantization} needs the CPU and --dtype bfloat16: in float32 "
-                             "the int8 product measured slower than the float32 one (64 against 49 ms a step)")
+        if config.quantization is not None:
+            check_quantization(config.quantization, self.device, self.dtype)
         if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype in PACKABLE_DTYPES:
             log.info("packed %d base linear layers for oneDNN", pack_linears(model))
             if config.quantization is not None:

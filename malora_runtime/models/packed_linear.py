@@ -12,6 +12,7 @@ packed copy that its forward uses. The packed copy is not updated if `weight` is
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -32,6 +33,22 @@ PACKING_BATCH_HINT = 32
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=PACKING_BATCH_HINT)
+
+
+@functools.cache
+def packing_refusal(dtype: torch.dtype) -> str | None:
+    """Why oneDNN does not pack `dtype` weights on this CPU, or None where it does. Asked of oneDNN itself (a
+    16x16 weight), not inferred from CPU flags: bfloat16 packing needs AVX512BW/VL/DQ or AVX-NE-CONVERT, so an
+    AVX2-only CPU (or a `MALORA_MAX_ISA=avx2` cap) is refused."""
+    if not onednn_linear_available():
+        return "oneDNN is not available in this torch"
+    if dtype not in PACKABLE_DTYPES:
+        return f"oneDNN packs {', '.join(map(str, PACKABLE_DTYPES))} weights, not {dtype}"
+    try:
+        pack_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
 
 
 class PackedLinear(nn.Linear):
@@ -63,10 +80,15 @@ def pack_linears(model: nn.Module) -> int:
     if not onednn_linear_available():
         log.info("oneDNN is not available: base linears use torch's default matmul")
         return 0
+    refused = {dtype: packing_refusal(dtype) for dtype in PACKABLE_DTYPES}
+    for dtype, reason in refused.items():
+        if reason is not None and any(type(m) is nn.Linear and m.weight.dtype == dtype for m in model.modules()):
+            log.info("oneDNN does not pack %s weights on this CPU (%s): those linears use torch's default matmul",
+                     dtype, reason)
     count = 0
     for module in model.modules():
         if (type(module) is nn.Linear and module.weight.device.type == "cpu"
-                and module.weight.dtype in PACKABLE_DTYPES):
+                and module.weight.dtype in PACKABLE_DTYPES and refused[module.weight.dtype] is None):
             try:
                 PackedLinear.convert(module)
             except RuntimeError as exc:  # e.g. a CPU oneDNN has no kernel for: serve with torch's matmul

@@ -16,6 +16,7 @@ from malora_runtime.models.packed_linear import PackedLinear, pack_linears
 from malora_runtime.offline import greedy_generate
 from malora_runtime.patching import linear_shapes, set_adapter
 from malora_runtime.sampling_params import SamplingParams
+from tests.conftest import BF16_PACKING_REFUSAL
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Water boils at",
            "The quick brown fox", "SELECT * FROM", "Roses are red,", "My favourite colour is"]
@@ -61,7 +62,8 @@ def test_the_default_model_in_bfloat16_matches_generate(bf16_model):
     engine_model, _, _ = load_model(None, dtype=torch.bfloat16)
     engine = LLMEngine(engine_model, tokenizer, EngineConfig(dtype="bfloat16"), source.name)
     engine.add_adapter("fp16", adapter)
-    assert isinstance(engine_model.model.layers[0].mlp.up_proj, PackedLinear)
+    # Packed where oneDNN packs bfloat16 (not on an AVX2-only CPU: there torch's matmul, as in the reference).
+    assert isinstance(engine_model.model.layers[0].mlp.up_proj, PackedLinear) == (BF16_PACKING_REFUSAL is None)
     assert engine.runner.pool.keys[0].dtype == torch.bfloat16  # the paged KV cache: twice the blocks per byte
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     names = [None if i % 2 == 0 else "fp16" for i in range(len(PROMPTS))]

@@ -73,8 +73,8 @@ class NativeKernel:
 
 
 @functools.cache
-def _load() -> NativeKernel | NativeKernelError:
-    return load_or_error(lambda: NativeKernel.load(build_native_kernel()))  # an error: serve without the kernel
+def _load(level: str | None = None) -> NativeKernel | NativeKernelError:
+    return load_or_error(lambda: NativeKernel.load(build_native_kernel(level=level)))  # an error: serve without it
 
 
 def native_kernel() -> NativeKernel | None:
@@ -88,9 +88,10 @@ def native_kernel() -> NativeKernel | None:
     return loaded
 
 
-def require_native_kernel() -> NativeKernel:
-    """The kernel, or NativeKernelError saying why it cannot be built or loaded."""
-    return loaded_or_raise(_load())
+def require_native_kernel(level: str | None = None) -> NativeKernel:
+    """The kernel built for instruction-set `level` (default: the served one), or NativeKernelError saying why it
+    cannot be built or loaded."""
+    return loaded_or_raise(_load(level))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
-"""Building the native libraries (the MALoRA delta kernel, the decode ops): each compiled once per machine by the
-system's C++ compiler (`$CXX`, else `c++`) into `$MALORA_CACHE/kernels/`, under a name that hashes the source, the
-flags, the compiler's version and the CPU's feature flags (it is built with -march=native); concurrent builders
-rename a finished library into place.
+"""Building the native libraries (the MALoRA delta kernel, the decode ops): each compiled once per machine and
+instruction-set level by the system's C++ compiler (`$CXX`, else `c++`) into `$MALORA_CACHE/kernels/`, under a name
+that hashes the source, the flags, the compiler's version and the CPU's feature flags; concurrent builders rename a
+finished library into place.
+
+The served level (`cpu_features`) is built with -march=native; a lower level (a `MALORA_MAX_ISA` cap, or a test
+that checks every level this CPU can run against the scalar one) with that level's -march, so its preprocessor
+paths are exactly the ones a CPU of that level takes.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from ...cache import cache_root
+from ...cpu_features import cpu_features
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("malora_cpu.cpp")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17")
 BUILD_TIMEOUT_S = 300  # the build takes about a second; a stuck compiler must not hold the server's start
 
 
@@ -57,14 +62,6 @@ def _compiler() -> str:
     raise NativeKernelError("no C++ compiler found (set CXX, or install g++)")
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next((line for line in handle if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
 def _run_compiler(command: list[str]) -> tuple[int, str, str]:
     """(return code, stdout, stderr). The compiler runs in its own process group, so a timeout stops
     the whole pipeline (the driver's cc1plus and ld too), not only the driver."""
@@ -91,23 +88,29 @@ def _torch_uses_libgomp() -> bool:
         return False
 
 
-def build_native_kernel(directory: Path | None = None) -> Path:
+def build_native_kernel(directory: Path | None = None, level: str | None = None) -> Path:
     """Compile the MALoRA delta kernel (once: the result is cached by content) and return the library's path."""
-    return build_library(SOURCE, directory)
+    return build_library(SOURCE, directory, level)
 
 
-def build_library(source_path: Path, directory: Path | None = None) -> Path:
-    """Compile one C++ source of this folder into a shared library (once: cached by content); its path."""
+def build_library(source_path: Path, directory: Path | None = None, level: str | None = None) -> Path:
+    """Compile one C++ source of this folder into a shared library for instruction-set `level` (default: the served
+    one; `cpu_features`), once: cached by content; its path."""
+    features = cpu_features()
+    level = level or features.level
+    if level not in features.levels:
+        raise NativeKernelError(f"this CPU runs the levels {', '.join(features.levels)}, not {level}")
     compiler = _compiler()
     version = _run_compiler([compiler, "--version"])[1]
-    flags = (*FLAGS, "-fopenmp") if _torch_uses_libgomp() else (*FLAGS, "-Wno-unknown-pragmas")
+    flags = (*FLAGS, *features.march(level))
+    flags = (*flags, "-fopenmp") if _torch_uses_libgomp() else (*flags, "-Wno-unknown-pragmas")
     if "-fopenmp" not in flags:
         log.warning("torch's OpenMP runtime is not libgomp.so.1: the native MALoRA kernel runs single-threaded")
     source = source_path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+                                     " ".join(sorted(features.flags)).encode()])).hexdigest()[:16]
     directory = directory or cache_root() / "kernels"
-    target = directory / f"{source_path.stem}-{key}.so"
+    target = directory / f"{source_path.stem}-{level}-{key}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)

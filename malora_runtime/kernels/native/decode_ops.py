@@ -50,13 +50,14 @@ class DecodeOps:
 
 
 @functools.cache
-def _load() -> DecodeOps | NativeKernelError:
-    return load_or_error(lambda: DecodeOps.load(build_library(SOURCE)))
+def _load(level: str | None = None) -> DecodeOps | NativeKernelError:
+    return load_or_error(lambda: DecodeOps.load(build_library(SOURCE, level=level)))
 
 
-def decode_ops() -> DecodeOps:
-    """The library, built and loaded on first call; NativeKernelError saying why where it cannot be."""
-    return loaded_or_raise(_load())
+def decode_ops(level: str | None = None) -> DecodeOps:
+    """The library for instruction-set `level` (default: the served one; `cpu_features`), built and loaded on first
+    call; NativeKernelError saying why where it cannot be."""
+    return loaded_or_raise(_load(level))
 
 
 @dataclass(frozen=True)
