@@ -104,7 +104,14 @@ def _convert_gguf(source: ModelSource, target: Path, dtype: torch.dtype) -> None
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process (a second server, a test worker) converted the same file first: its finished copy
+            # holds the same weights, so keep it and drop ours.
+            if not (target / "config.json").is_file():
+                raise
+            log.info("%s was converted by another process meanwhile; using its copy", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
