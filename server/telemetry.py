@@ -15,7 +15,6 @@ from malora_runtime.engine.outputs import EngineStats
 from .metrics import ServerMetrics, counter, gauge
 from .serving import ServerState
 from .vllm_metrics import LEVEL_CPU, LEVEL_GPU, ResidentLora, VllmSnapshot
-from .vllm_metrics import families as vllm_families
 
 ROUTING_INTERVAL = 1.0  # seconds: the device-side counters are read at most this often
 TIERS = tuple(tier.value for tier in Tier)
@@ -138,7 +137,7 @@ class Telemetry:
                            "0 where the kernels read them in host memory)", stats.adapter_device_copy_bytes)
             families += [memory, budget, copies, *self._source_families()]
         if self.metrics.vllm is not None:
-            families += vllm_families(self.vllm_snapshot(stats))
+            families += self.metrics.vllm.families(self.vllm_snapshot(stats))
         return families
 
     def vllm_snapshot(self, stats: EngineStats) -> VllmSnapshot:

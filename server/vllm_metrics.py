@@ -8,6 +8,11 @@ time in Unix seconds), splits `running_lora_adapters` and `waiting_lora_adapters
 reads `max_lora` as an integer; it scores a pod 1.0 where the adapter runs, 0.8 where running plus waiting adapters
 are fewer than `max_lora` (a free slot), 0.6 where the adapter waits.
 
+The picker skips series whose two lists are both empty and, finding none left, keeps the adapters it last saw: in
+vLLM every label combination ever set stays exported, so the last non-empty one outlives an idle spell. Here too:
+besides the current series (value: now), `/metrics` keeps the last series that named an adapter, with the time it
+was last current, so an idle replica still draws its adapters' requests, also from a picker that just started.
+
 Here `running_lora_adapters` names the adapters of sequences in the running batch, and `waiting_lora_adapters`
 those of sequences queued in the engine (preempted ones too) or of requests waiting for a free adapter slot (vLLM
 repeats one set in both). `max_lora` is the adapter slots that can take an adapter for a request: every slot but
@@ -66,6 +71,11 @@ class VllmSnapshot:
     time: float  # Unix seconds: the value of vllm:lora_requests_info
 
     @property
+    def lora_labels(self) -> tuple[str, str, str]:
+        """(max_lora, running_lora_adapters, waiting_lora_adapters) as label values."""
+        return str(self.max_lora), ",".join(self.running_adapters), ",".join(self.waiting_adapters)
+
+    @property
     def max_lora(self) -> int:
         """Slots that can hold an adapter for a request: all but those of pinned adapters with no request."""
         busy = {*self.running_adapters, *self.waiting_adapters}
@@ -74,9 +84,11 @@ class VllmSnapshot:
 
 
 class VllmMetrics:
-    """The one vLLM-compatible metric observed as it happens (load times); the rest are `families` of a snapshot."""
+    """The one vLLM-compatible metric observed as it happens (load times), and the last `vllm:lora_requests_info`
+    series that named an adapter; the rest are `families` of a snapshot."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.last_active: tuple[tuple[str, str, str], float] | None = None  # (label values, last time current)
         self.load_seconds = Histogram("vllm:lora_adapter_load_seconds", "Adapter load time: level=cpu a read from "
                                       "disk into host memory, level=gpu an activation into an engine slot",
                                       ["level"], buckets=LOAD_BUCKETS, registry=registry)
@@ -88,7 +100,18 @@ class VllmMetrics:
             self.load_seconds.labels(level).observe(value)
 
 
-def families(snapshot: VllmSnapshot) -> list[GaugeMetricFamily]:
+    def families(self, snapshot: VllmSnapshot) -> list[GaugeMetricFamily]:
+        """The families of `snapshot`, `vllm:lora_requests_info` with the last series that named an adapter."""
+        labels = snapshot.lora_labels
+        if labels[1] or labels[2]:
+            self.last_active = labels, snapshot.time
+            return families(snapshot)
+        return families(snapshot, self.last_active)
+
+
+def families(snapshot: VllmSnapshot, last_active: tuple[tuple[str, str, str], float] | None = None
+             ) -> list[GaugeMetricFamily]:
+    """The families of `snapshot`; `last_active`, another `vllm:lora_requests_info` series (labels, time) to keep."""
     s = snapshot
     usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
     cache = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache's configuration (value 1)",
@@ -97,7 +120,9 @@ def families(snapshot: VllmSnapshot) -> list[GaugeMetricFamily]:
     lora = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting adapters (comma-separated names) and "
                              "the adapter slots; the value is the update time in Unix seconds",
                              labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-    lora.add_metric([str(s.max_lora), ",".join(s.running_adapters), ",".join(s.waiting_adapters)], s.time)
+    if last_active is not None:
+        lora.add_metric(list(last_active[0]), last_active[1])
+    lora.add_metric(list(s.lora_labels), s.time)
     loaded = GaugeMetricFamily("vllm:lora_adapter_loaded", "1 for each resident adapter: level=gpu in an engine slot, "
                                "level=cpu in host memory and no slot", labels=["adapter_name", "level", "pinned",
                                                                                "rank"])

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.vllm_metrics import LEVEL_CPU, LEVEL_GPU, ResidentLora, VllmSnapshot, families
+from server.vllm_metrics import LEVEL_CPU, LEVEL_GPU, ResidentLora, VllmMetrics, VllmSnapshot, families
 from tests.server.server_helpers import API_KEY, LiveServer, start_server, stop_server, wait_idle, wait_ready
 
 ADMIN = "vllm-metrics-admin-key"
@@ -73,10 +73,21 @@ def only(families_: dict[str, Family], name: str) -> tuple[dict[str, str], float
 
 
 def lists(families_: dict[str, Family]) -> tuple[list[str], list[str]]:
-    """(running, waiting) as the picker reads them: the series with the latest value, split on "," ("" = none)."""
+    """(running, waiting) of the current series (the latest value), split on "," ("" = none)."""
     labels = max(families_["vllm:lora_requests_info"].samples, key=lambda s: s[2])[1]
+    return split(labels)
+
+
+def split(labels: dict[str, str]) -> tuple[list[str], list[str]]:
     return ([a for a in labels["running_lora_adapters"].split(",") if a],
             [a for a in labels["waiting_lora_adapters"].split(",") if a])
+
+
+def picker_view(families_: dict[str, Family]) -> tuple[list[str], list[str]] | None:
+    """What the picker takes: of the series naming an adapter, the one with the latest value (None: none does, and
+    it keeps what it saw before)."""
+    named = [s for s in families_["vllm:lora_requests_info"].samples if any(split(s[1]))]
+    return split(max(named, key=lambda s: s[2])[1]) if named else None
 
 
 def residency(families_: dict[str, Family]) -> dict[str, tuple[str, str, str]]:
@@ -101,6 +112,7 @@ def test_names_types_and_labels_are_the_pickers(vllm_server):
     cache, value = only(found, "vllm:cache_config_info")
     _, total = only(found, "malora_kv_blocks_total")
     assert cache == {"block_size": "16", "num_gpu_blocks": str(int(total))} and value == 1
+    assert picker_view(found) is None
     info, updated = only(found, "vllm:lora_requests_info")
     assert info == {"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}
     assert before - 1 <= updated <= time.time() + 1  # the update time, in Unix seconds
@@ -139,10 +151,10 @@ def test_running_and_waiting_adapters_are_listed_apart(vllm_server):
         deadline = time.monotonic() + 30
         while True:
             found = scrape(url)
-            if lists(found) == (["alpha", "beta"], ["alpha", "gamma"]) or time.monotonic() > deadline:
+            if picker_view(found) == (["alpha", "beta"], ["alpha", "gamma"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert lists(found) == (["alpha", "beta"], ["alpha", "gamma"])
+        assert picker_view(found) == lists(found) == (["alpha", "beta"], ["alpha", "gamma"])
         assert only(found, "vllm:num_requests_running")[1] == 2
         assert only(found, "vllm:num_requests_waiting")[1] == 2  # one queued in the engine, one for a slot
         assert 0 < only(found, "vllm:kv_cache_usage_perc")[1] < 1
@@ -154,7 +166,10 @@ def test_running_and_waiting_adapters_are_listed_apart(vllm_server):
     with vllm_server.http() as h:
         wait_idle(h, timeout=60)
     found = scrape(url)
-    assert lists(found) == ([], [])
+    assert lists(found) == ([], [])  # now: nothing runs or waits
+    # The last series that named adapters stays, older, for the picker (it skips series with both lists empty).
+    assert len(found["vllm:lora_requests_info"].samples) == 2
+    assert picker_view(found) == (["alpha", "beta"], ["alpha", "gamma"])
     # gamma got a slot once the first two ended: beta (idle, least recently used; alpha was held by the queued
     # request) went back to host memory.
     assert residency(found) == {"alpha": (LEVEL_GPU, "false", "4"), "beta": (LEVEL_CPU, "false", "2"),
@@ -184,9 +199,27 @@ def test_max_lora_leaves_out_slots_of_idle_pinned_adapters():
     assert "'max_lora': '3'" in text and "vllm:kv_cache_usage_perc {} 0.25" in text
 
 
-def test_the_flag_turns_the_vllm_names_off(tmp_path):
+def test_the_last_series_naming_adapters_outlives_an_idle_spell():
+    from prometheus_client import CollectorRegistry
+
+    metrics = VllmMetrics(CollectorRegistry())
+
+    def series(running: tuple[str, ...], when: float) -> list[tuple[dict[str, str], float]]:
+        snapshot = VllmSnapshot(len(running), 0, 0, 8, 16, running, (), 2, (), when)
+        (info,) = [f for f in metrics.families(snapshot) if f.name == "vllm:lora_requests_info"]
+        return [(sample.labels, sample.value) for sample in info.samples]
+
+    empty = {"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    assert series((), 1.0) == [(empty, 1.0)]
+    assert series(("a",), 2.0) == [({**empty, "running_lora_adapters": "a"}, 2.0)]
+    assert series((), 3.0) == [({**empty, "running_lora_adapters": "a"}, 2.0), (empty, 3.0)]
+    assert series(("b",), 4.0) == [({**empty, "running_lora_adapters": "b"}, 4.0)]
+
+
+def test_the_flag_turns_the_vllm_names_off(tiny_model_dir, tmp_path):
     log = tmp_path / "server.log"
-    process, url = start_server(["--vllm-compatible-metrics", "false", "--log-level", "warning"], log,
+    process, url = start_server(["--model", str(tiny_model_dir), "--vllm-compatible-metrics", "false",
+                                 "--log-level", "warning"], log,
                                 env={"MALORA_API_KEY": API_KEY})
     try:
         wait_ready(process, url, log)
