@@ -3,6 +3,7 @@ and the dashboard's JSON summary."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -17,6 +18,9 @@ from .serving import ServerState
 from .vllm_metrics import LEVEL_CPU, LEVEL_GPU, ResidentLora, VllmSnapshot
 
 ROUTING_INTERVAL = 1.0  # seconds: the device-side counters are read at most this often
+# Seconds between scans of the adapter roots for the disk tier: a scan stats every adapter directory (50 ms for
+# 1,000 of them here), too much for every scrape of a picker that polls at 20 Hz; it runs in a worker thread.
+DISK_SCAN_INTERVAL = 10.0
 TIERS = tuple(tier.value for tier in Tier)
 
 
@@ -37,6 +41,8 @@ class Telemetry:
         self.state = state
         self.metrics = metrics
         self._last_routing = 0.0
+        self._last_disk_scan = -DISK_SCAN_INTERVAL
+        self._on_disk: list[str] = []  # adapter names found under the roots by the last scan
         metrics.set_state_collector(self._families)
         metrics.is_known = self.is_known_model
         state.on_constrained = metrics.observe_constrained
@@ -57,6 +63,9 @@ class Telemetry:
             self.metrics.observe_layer_routing(by_layer)
         if self.state.adapters is not None:
             self.metrics.observe_adapter_loads(self.state.adapters.drain_load_seconds())
+            if now - self._last_disk_scan >= DISK_SCAN_INTERVAL:
+                self._last_disk_scan = now
+                self._on_disk = list(await asyncio.to_thread(self.state.adapters.registry.discover))
         if engine is not None:
             self.metrics.observe_adapter_activations(engine.drain_activation_seconds())
 
@@ -66,9 +75,14 @@ class Telemetry:
         return self.state.adapters is not None and self.state.adapters.is_known_model(name)
 
     def adapter_tiers(self) -> dict[str, str]:
-        """Where each known adapter is: `device` (a slot), `cpu` (host memory) or `disk`."""
+        """Where each known adapter is: `device` (a slot), `cpu` (host memory) or `disk` (as of the last scan)."""
         adapters = self.state.adapters
-        return {name: tier.value for name, tier in adapters.tiers().items()} if adapters is not None else {}
+        if adapters is None:
+            return {}
+        registry = adapters.registry
+        unloaded = registry.unloaded_names()  # since the scan too
+        on_disk = [name for name in self._on_disk if name not in unloaded] + list(registry.registered_paths())
+        return {name: tier.value for name, tier in adapters.tiers(on_disk).items()}
 
     def adapter_memory(self) -> dict[str, int | None]:
         """Bytes held by adapters in slots and in host memory (not in a slot), with their budgets."""

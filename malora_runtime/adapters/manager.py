@@ -14,6 +14,7 @@ between makes the request fail as unknown (`HostAdapter.unloaded`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -257,9 +258,10 @@ class AdapterManager:
                        - self.registry.unloaded_names())
         return [self.view(n, on_disk, resident) for n in names]
 
-    def tiers(self) -> dict[str, Tier]:
-        """The tier of every known adapter."""
-        tiers = {name: Tier.DISK for name in [*self.registry.discover(), *self.registry.last_fetch]}
+    def tiers(self, on_disk: Iterable[str] | None = None) -> dict[str, Tier]:
+        """The tier of every known adapter; `on_disk`: the names `registry.discover()` found (scanned now if None)."""
+        disk = self.registry.discover() if on_disk is None else on_disk
+        tiers = {name: Tier.DISK for name in [*disk, *self.registry.last_fetch]}
         tiers.update({name: Tier.HOST for name in self.registry.host_names()})
         tiers.update({name: Tier.DEVICE for name in self.engine.resident_adapters()})
         return tiers
