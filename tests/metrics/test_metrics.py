@@ -139,7 +139,7 @@ def test_expert_routing_is_counted_per_adapter(metrics_server, traffic) -> None:
 
 
 def promql_metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\bmalora_[a-z_]+\b", expr))
+    return set(re.findall(r"\b(?:malora_|vllm:)[a-z_]+\b", expr))
 
 
 def test_every_grafana_expression_names_an_exposed_metric(metrics_server, traffic) -> None:
