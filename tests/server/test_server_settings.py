@@ -27,6 +27,14 @@ def test_defaults_env_and_flags():
     assert s.max_admitted == 8 + s.max_waiting
 
 
+def test_vllm_compatible_metrics_default_on_and_turned_off_by_flag_or_env():
+    assert parse_settings([], env={}).vllm_compatible_metrics is True
+    assert parse_settings(["--vllm-compatible-metrics", "false"], env={}).vllm_compatible_metrics is False
+    assert parse_settings([], env={"MALORA_VLLM_COMPATIBLE_METRICS": "0"}).vllm_compatible_metrics is False
+    on = parse_settings(["--vllm-compatible-metrics"], env={"MALORA_VLLM_COMPATIBLE_METRICS": "false"})
+    assert on.vllm_compatible_metrics is True
+
+
 @pytest.mark.parametrize("argv", [["--adapter", "nodir"], ["--adapter", "a=/x", "--adapter", "a=/y"],
                                   ["--port", "-1"], ["--max-num-seqs", "0"], ["--port", "abc"]])
 def test_bad_flags_exit_2(argv, capsys):
