@@ -22,8 +22,23 @@
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+// The vector paths: one register of the widest instruction set this library is built for (the build picks the
+// level: -march per level, `cpu_features.py`), as GCC vector types, so one source serves AVX-512 (16 floats), AVX2
+// with FMA (8) and NEON (4); the few operations GCC has no operator for (fused multiply-add, rounding to an
+// integer, reductions) are intrinsics below. The scalar build (no MALORA_LANES) takes the plain loops: the reference
+// every vector level is tested against.
+#if defined(__AVX512F__)
+#define MALORA_LANES 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MALORA_LANES 8
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define MALORA_LANES 4
 #endif
 
 namespace {
@@ -59,55 +74,124 @@ struct BF16 {
 };
 
 
-#if defined(__AVX512F__)
-// exp(x) for 16 floats: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7, below
+#if defined(MALORA_LANES)
+constexpr int kLanes = MALORA_LANES;
+typedef float VF __attribute__((vector_size(kLanes * 4)));
+typedef int32_t VI __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t VU __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t VH __attribute__((vector_size(kLanes * 2)));
+typedef int8_t VB __attribute__((vector_size(kLanes)));
+#if MALORA_LANES == 16
+typedef __m512 Native;
+#elif MALORA_LANES == 8
+typedef __m256 Native;
+#else
+typedef float32x4_t Native;
+#endif
+
+inline VF vset(float v) { return VF{} + v; }
+inline VF vload(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+inline VF vmax(VF a, VF b) { return a > b ? a : b; }
+inline VF vmin(VF a, VF b) { return a < b ? a : b; }
+
+inline VF vfma(VF a, VF b, VF c) {  // a * b + c, rounded once
+#if MALORA_LANES == 16
+  return (VF)_mm512_fmadd_ps((Native)a, (Native)b, (Native)c);
+#elif MALORA_LANES == 8
+  return (VF)_mm256_fmadd_ps((Native)a, (Native)b, (Native)c);
+#else
+  return (VF)vfmaq_f32((Native)c, (Native)a, (Native)b);
+#endif
+}
+
+inline VF vround(VF v) {  // to the nearest integer, ties to even
+#if MALORA_LANES == 16
+  return (VF)_mm512_roundscale_ps((Native)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif MALORA_LANES == 8
+  return (VF)_mm256_round_ps((Native)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  return (VF)vrndnq_f32((Native)v);
+#endif
+}
+
+inline float vsum(VF v) {
+#if MALORA_LANES == 16
+  return _mm512_reduce_add_ps((Native)v);
+#elif MALORA_LANES == 8
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128((Native)v), _mm256_extractf128_ps((Native)v, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+#else
+  return vaddvq_f32((Native)v);
+#endif
+}
+
+inline float vmaximum(VF v) {
+#if MALORA_LANES == 16
+  return _mm512_reduce_max_ps((Native)v);
+#else
+  float best = v[0];
+  for (int i = 1; i < kLanes; ++i) best = std::max(best, v[i]);
+  return best;
+#endif
+}
+
+// exp(x) per lane: 2^n * e^r with |r| <= ln2/2, a degree-6 polynomial for e^r (relative error ~2e-7, below
 // float32's own rounding of what follows); inputs below -87 give 0, as the softmax's masked-out scores need.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+inline VF vexp(VF x) {
+  x = vmin(vmax(x, vset(-87.f)), vset(88.f));
+  const VF n = vround(x * 1.44269504088896341f);
+  VF r = vfma(n, vset(-0.693359375f), x);
+  r = vfma(n, vset(2.12194440e-4f), r);
+  VF p = vset(1.f / 720);
+  p = vfma(p, r, vset(1.f / 120));
+  p = vfma(p, r, vset(1.f / 24));
+  p = vfma(p, r, vset(1.f / 6));
+  p = vfma(p, r, vset(0.5f));
+  p = vfma(p, r, vset(1.f));
+  p = vfma(p, r, vset(1.f));
+#if MALORA_LANES == 16
+  return (VF)_mm512_scalef_ps((Native)p, (Native)n);
+#else
+  // p * 2^n through the exponent bits: n is in [-126, 127] and p in [0.7, 1.42], so the result stays normal.
+  return (VF)((VI)p + (__builtin_convertvector(n, VI) << 23));
+#endif
 }
 
 template <class D>
-inline __m512 load16(const typename D::T* p) {
+inline VF vload_rows(const typename D::T* p) {  // kLanes elements of the rows' dtype, as float32
   if constexpr (std::is_same_v<typename D::T, float>) {
-    return _mm512_loadu_ps(p);
+    return vload(p);
   } else {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    VH h;
+    std::memcpy(&h, p, sizeof h);
+    return (VF)(__builtin_convertvector(h, VU) << 16);
   }
 }
 
 template <class D>
-inline __m512 round16(__m512 v) {  // to what the rows' dtype holds (bfloat16: nearest even), as float32
+inline VF vround_rows(VF v) {  // to what the rows' dtype holds (bfloat16: nearest even), as float32
   if constexpr (std::is_same_v<typename D::T, float>) {
     return v;
   } else {
-    __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-    return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    VU bits = (VU)v;
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (VF)(bits & 0xffff0000u);
   }
 }
 
 template <class D>
-inline void store16(typename D::T* p, __m512 v) {  // v rounded to the dtype first
+inline void vstore_rows(typename D::T* p, VF v) {  // v rounded to the dtype first
   if constexpr (std::is_same_v<typename D::T, float>) {
-    _mm512_storeu_ps(p, v);
+    vstore(p, v);
   } else {
-    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round16<D>(v)), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+    const VH h = __builtin_convertvector((VU)vround_rows<D>(v) >> 16, VH);
+    std::memcpy(p, &h, sizeof h);
   }
 }
 #endif
@@ -123,46 +207,59 @@ inline float weight_value(float v) { return v; }
 inline float weight_value(uint16_t v) { return bf16_to_float(v); }
 inline float weight_value(int8_t v) { return static_cast<float>(v); }
 
-#if defined(__AVX512F__)
+#if defined(MALORA_LANES)
 template <class WT>
-inline __m512 load_weights(const WT* p) {  // 16 weights as float32
+inline VF load_weights(const WT* p) {  // kLanes weights as float32
   if constexpr (std::is_same_v<WT, float>) {
-    return _mm512_loadu_ps(p);
+    return vload(p);
   } else if constexpr (std::is_same_v<WT, uint16_t>) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    VH h;
+    std::memcpy(&h, p, sizeof h);
+    return (VF)(__builtin_convertvector(h, VU) << 16);
   } else {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    VB b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, VF);
   }
 }
+
+// Accumulators a block may hold in registers: 32 vector registers on AVX-512 and NEON (whose vectors are 4
+// floats: 16 of them), 16 on AVX2.
+#if MALORA_LANES == 8
+constexpr int kAccumulators = 8;
+#else
+constexpr int kAccumulators = 16;
+#endif
+#else
+constexpr int kAccumulators = 16;
 #endif
 
 // Output rows w[0..J) for R rows of x (float32, row stride ld_x): out[r * ld_out + j].
 template <int J, int R, class WT>
 void gemv_block_float(const float* x, int64_t ld_x, const WT* w, int64_t in, float* out, int64_t ld_out) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 acc[J][R];
+#if defined(MALORA_LANES)
+  VF acc[J][R];
   for (int j = 0; j < J; ++j)
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  for (; i + 16 <= in; i += 16) {
-    __m512 xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * ld_x + i);
+    for (int r = 0; r < R; ++r) acc[j][r] = VF{};
+  for (; i + kLanes <= in; i += kLanes) {
+    VF xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = vload(x + r * ld_x + i);
     for (int j = 0; j < J; ++j) {
       // The next block's rows, one block ahead: each row is a short stream (576 int8 weights are 9 cache lines),
       // too short for the hardware prefetcher to ramp up on by itself.
-      _mm_prefetch(reinterpret_cast<const char*>(w + (J + j) * in + i), _MM_HINT_T0);
-      const __m512 wv = load_weights(w + j * in + i);
-      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_fmadd_ps(wv, xv[r], acc[j][r]);
+      __builtin_prefetch(w + (J + j) * in + i, 0, 3);
+      const VF wv = load_weights(w + j * in + i);
+      for (int r = 0; r < R; ++r) acc[j][r] = vfma(wv, xv[r], acc[j][r]);
     }
   }
   for (int j = 0; j < J; ++j)
-    for (int r = 0; r < R; ++r) out[r * ld_out + j] = _mm512_reduce_add_ps(acc[j][r]);
+    for (int r = 0; r < R; ++r) out[r * ld_out + j] = vsum(acc[j][r]);
 #else
   for (int j = 0; j < J; ++j)
     for (int r = 0; r < R; ++r) out[r * ld_out + j] = 0.f;
 #endif
-  for (; i < in; ++i)  // the tail (all of it without AVX-512)
+  for (; i < in; ++i)  // the tail (all of it in the scalar build)
     for (int j = 0; j < J; ++j)
       for (int r = 0; r < R; ++r) out[r * ld_out + j] += weight_value(w[j * in + i]) * x[r * ld_x + i];
 }
@@ -199,11 +296,12 @@ void gemv_block_bf16(const uint16_t* x, int64_t ld_x, const uint16_t* w, int64_t
 }
 #endif
 
-// Output rows [o0, o0 + count) for R rows of x: J at a time (8, or 4 with more than two rows of x: J x R
-// accumulators must fit the 32 vector registers), then one at a time.
+// Output rows [o0, o0 + count) for R rows of x: J at a time (J x R accumulators must fit the registers: on
+// AVX-512 8 for one or two rows of x, 4 for more; on AVX2 8, 4, 2, 2), then one at a time.
 template <int R, class XT, class WT>
 void gemv_rows(const XT* x, int64_t ld_x, const WT* w, int64_t in, int64_t o0, int64_t count, float* out) {
-  constexpr int J = R <= 2 ? kOutBlock : kOutBlock / 2;
+  constexpr int fit = kAccumulators / R;
+  constexpr int J = fit >= kOutBlock ? kOutBlock : fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
   for (int64_t j = 0; j < count;) {
     const WT* wj = w + (o0 + j) * in;
     float* oj = out + j;
@@ -277,22 +375,21 @@ void add_rms_norm(typename D::T* h, const typename D::T* delta, const typename D
   std::vector<float> row(dim);
   for (int64_t i = 0; i < rows; ++i) {
     typename D::T* hi = h + i * dim;
-#if defined(__AVX512F__)
-    if (dim % 16 == 0) {
-      __m512 squares = _mm512_setzero_ps();
-      for (int64_t j = 0; j < dim; j += 16) {
-        __m512 v = load16<D>(hi + j);
+#if defined(MALORA_LANES)
+    if (dim % kLanes == 0) {
+      VF squares{};
+      for (int64_t j = 0; j < dim; j += kLanes) {
+        VF v = vload_rows<D>(hi + j);
         if (delta != nullptr) {
-          v = round16<D>(_mm512_add_ps(v, load16<D>(delta + i * dim + j)));
-          store16<D>(hi + j, v);
+          v = vround_rows<D>(v + vload_rows<D>(delta + i * dim + j));
+          vstore_rows<D>(hi + j, v);
         }
-        _mm512_storeu_ps(row.data() + j, v);
-        squares = _mm512_fmadd_ps(v, v, squares);
+        vstore(row.data() + j, v);
+        squares = vfma(v, v, squares);
       }
-      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(dim) + eps));
-      for (int64_t j = 0; j < dim; j += 16)
-        store16<D>(out + i * dim + j,
-                   _mm512_mul_ps(load16<D>(weight + j), round16<D>(_mm512_mul_ps(_mm512_loadu_ps(row.data() + j), inv))));
+      const float inv = 1.f / std::sqrt(vsum(squares) / static_cast<float>(dim) + eps);
+      for (int64_t j = 0; j < dim; j += kLanes)
+        vstore_rows<D>(out + i * dim + j, vload_rows<D>(weight + j) * vround_rows<D>(vload(row.data() + j) * inv));
       continue;
     }
 #endif
@@ -315,19 +412,17 @@ void add_rms_norm(typename D::T* h, const typename D::T* delta, const typename D
 template <class D>
 void rotate(typename D::T* x, const typename D::T* cos, const typename D::T* sin, int64_t heads, int64_t head_dim) {
   const int64_t half = head_dim / 2;
-#if defined(__AVX512F__)
-  if (half % 16 == 0) {
+#if defined(MALORA_LANES)
+  if (half % kLanes == 0) {
     for (int64_t h = 0; h < heads; ++h) {
       typename D::T* xh = x + h * head_dim;
-      for (int64_t j = 0; j < half; j += 16) {
-        const __m512 lo = load16<D>(xh + j), hi = load16<D>(xh + half + j);
-        const __m512 new_lo = _mm512_add_ps(round16<D>(_mm512_mul_ps(lo, load16<D>(cos + j))),
-                                            round16<D>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi),
-                                                                     load16<D>(sin + j))));
-        const __m512 new_hi = _mm512_add_ps(round16<D>(_mm512_mul_ps(hi, load16<D>(cos + half + j))),
-                                            round16<D>(_mm512_mul_ps(lo, load16<D>(sin + half + j))));
-        store16<D>(xh + j, new_lo);
-        store16<D>(xh + half + j, new_hi);
+      for (int64_t j = 0; j < half; j += kLanes) {
+        const VF lo = vload_rows<D>(xh + j), hi = vload_rows<D>(xh + half + j);
+        const VF new_lo = vround_rows<D>(lo * vload_rows<D>(cos + j)) + vround_rows<D>(-hi * vload_rows<D>(sin + j));
+        const VF new_hi = vround_rows<D>(hi * vload_rows<D>(cos + half + j))
+                          + vround_rows<D>(lo * vload_rows<D>(sin + half + j));
+        vstore_rows<D>(xh + j, new_lo);
+        vstore_rows<D>(xh + half + j, new_hi);
       }
     }
     return;
@@ -358,66 +453,65 @@ void rope_store(typename D::T* q, typename D::T* k, const typename D::T* v, cons
   }
 }
 
-#if defined(__AVX512F__)
-// attend_group with head_dim a multiple of 16 (<= 256): keys and values read as vectors, exps 16 at a time.
+#if defined(MALORA_LANES)
+// attend_group with head_dim a multiple of kLanes (<= 256): keys and values read as vectors, exps kLanes at a time.
 template <class D>
 void attend_group_vectors(const typename D::T* q, const typename D::T* k_cache, const typename D::T* v_cache,
                           const int32_t* table, int64_t block_size, int64_t first, int64_t length, int64_t g,
                           int64_t group, int64_t kv_heads, int64_t head_dim, float scale, typename D::T* out,
                           std::vector<float>& scores) {
-  const int64_t kv_width = kv_heads * head_dim, span = length - first, nv = head_dim / 16;
-  const int64_t padded = (span + 15) / 16 * 16;
+  constexpr int kMaxVectors = 256 / kLanes;
+  const int64_t kv_width = kv_heads * head_dim, span = length - first, nv = head_dim / kLanes;
+  const int64_t padded = (span + kLanes - 1) / kLanes * kLanes;
   scores.resize(static_cast<size_t>(group * padded));
-  __m512 query[8][16];
+  VF query[8][kMaxVectors];
   for (int64_t h = 0; h < group; ++h)
-    for (int64_t v = 0; v < nv; ++v)
-      query[h][v] = _mm512_mul_ps(load16<D>(q + (g * group + h) * head_dim + 16 * v), _mm512_set1_ps(scale));
+    for (int64_t v = 0; v < nv; ++v) query[h][v] = vload_rows<D>(q + (g * group + h) * head_dim + kLanes * v) * scale;
   for (int64_t p = first; p < length; ++p) {
     const typename D::T* key = k_cache + (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size)
                                              * kv_width + g * head_dim;
-    __m512 kv[16];
-    for (int64_t v = 0; v < nv; ++v) kv[v] = load16<D>(key + 16 * v);
+    VF kv[kMaxVectors];
+    for (int64_t v = 0; v < nv; ++v) kv[v] = vload_rows<D>(key + kLanes * v);
     for (int64_t h = 0; h < group; ++h) {
-      __m512 acc = _mm512_mul_ps(query[h][0], kv[0]);
-      for (int64_t v = 1; v < nv; ++v) acc = _mm512_fmadd_ps(query[h][v], kv[v], acc);
-      scores[h * padded + p - first] = _mm512_reduce_add_ps(acc);
+      VF acc = query[h][0] * kv[0];
+      for (int64_t v = 1; v < nv; ++v) acc = vfma(query[h][v], kv[v], acc);
+      scores[h * padded + p - first] = vsum(acc);
     }
   }
   float totals[8];
   for (int64_t h = 0; h < group; ++h) {
     float* s = scores.data() + h * padded;
     for (int64_t p = span; p < padded; ++p) s[p] = -INFINITY;
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    for (int64_t p = 0; p < padded; p += 16) best = _mm512_max_ps(best, _mm512_loadu_ps(s + p));
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t p = 0; p < padded; p += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + p), top));  // the padding's -inf gives 0
-      sum = _mm512_add_ps(sum, e);
+    VF best = vset(-INFINITY);
+    for (int64_t p = 0; p < padded; p += kLanes) best = vmax(best, vload(s + p));
+    const VF top = vset(vmaximum(best));
+    VF sum{};
+    for (int64_t p = 0; p < padded; p += kLanes) {
+      const VF e = vexp(vload(s + p) - top);  // the padding's -inf gives 0
+      sum += e;
       // SDPA's CPU kernel rounds the unnormalised weights to the rows' dtype before their product with V.
-      _mm512_storeu_ps(s + p, round16<D>(e));
+      vstore(s + p, vround_rows<D>(e));
     }
-    totals[h] = _mm512_reduce_add_ps(sum);
+    totals[h] = vsum(sum);
   }
-  __m512 acc[8][16];
+  VF acc[8][kMaxVectors];
   for (int64_t h = 0; h < group; ++h)
-    for (int64_t v = 0; v < nv; ++v) acc[h][v] = _mm512_setzero_ps();
+    for (int64_t v = 0; v < nv; ++v) acc[h][v] = VF{};
   for (int64_t p = first; p < length; ++p) {
     const typename D::T* value = v_cache + (static_cast<int64_t>(table[p / block_size]) * block_size
                                             + p % block_size) * kv_width + g * head_dim;
-    __m512 vv[16];
-    for (int64_t v = 0; v < nv; ++v) vv[v] = load16<D>(value + 16 * v);
+    VF vv[kMaxVectors];
+    for (int64_t v = 0; v < nv; ++v) vv[v] = vload_rows<D>(value + kLanes * v);
     for (int64_t h = 0; h < group; ++h) {
-      const __m512 w = _mm512_set1_ps(scores[h * padded + p - first]);
-      for (int64_t v = 0; v < nv; ++v) acc[h][v] = _mm512_fmadd_ps(w, vv[v], acc[h][v]);
+      const VF w = vset(scores[h * padded + p - first]);
+      for (int64_t v = 0; v < nv; ++v) acc[h][v] = vfma(w, vv[v], acc[h][v]);
     }
   }
   for (int64_t h = 0; h < group; ++h) {
-    const __m512 inv = _mm512_set1_ps(1.f / totals[h]);
-    float row[16];
+    const float inv = 1.f / totals[h];
     for (int64_t v = 0; v < nv; ++v) {
-      _mm512_storeu_ps(row, _mm512_mul_ps(acc[h][v], inv));
-      for (int j = 0; j < 16; ++j) out[(g * group + h) * head_dim + 16 * v + j] = D::put(row[j]);
+      const VF row = acc[h][v] * inv;
+      for (int j = 0; j < kLanes; ++j) out[(g * group + h) * head_dim + kLanes * v + j] = D::put(row[j]);
     }
   }
 }
@@ -490,8 +584,8 @@ void decode_attention(const typename D::T* q, const typename D::T* k_cache, cons
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t i = t / kv_heads, g = t % kv_heads, length = lengths[i];
       const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
-#if defined(__AVX512F__)
-      if (head_dim % 16 == 0) {
+#if defined(MALORA_LANES)
+      if (head_dim % kLanes == 0) {
         attend_group_vectors<D>(q + i * ld_q, k_cache, v_cache, tables + i * ld_table, block_size, first, length,
                                 g, group, kv_heads, head_dim, scale, out + i * heads * head_dim, scores);
         continue;
@@ -508,14 +602,12 @@ void silu_mul(const typename D::T* gate, const typename D::T* up, typename D::T*
               int64_t ld_in) {
   for (int64_t i = 0; i < rows; ++i) {
     int64_t j = 0;
-#if defined(__AVX512F__)
-    for (; j + 16 <= width; j += 16) {  // silu(g) = g / (1 + e^-g), rounded, then times up, rounded
-      const __m512 g = load16<D>(gate + i * ld_in + j);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-      const __m512 activated = round16<D>(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
-      float row[16];
-      _mm512_storeu_ps(row, _mm512_mul_ps(activated, load16<D>(up + i * ld_in + j)));
-      for (int k = 0; k < 16; ++k) out[i * width + j + k] = D::put(row[k]);
+#if defined(MALORA_LANES)
+    for (; j + kLanes <= width; j += kLanes) {  // silu(g) = g / (1 + e^-g), rounded, then times up, rounded
+      const VF g = vload_rows<D>(gate + i * ld_in + j);
+      const VF activated = vround_rows<D>(g / (1.f + vexp(-g)));
+      const VF row = activated * vload_rows<D>(up + i * ld_in + j);
+      for (int k = 0; k < kLanes; ++k) out[i * width + j + k] = D::put(row[k]);
     }
 #endif
     for (; j < width; ++j) {

@@ -10,9 +10,10 @@
 // where torch's batched ops pay for gathering x, scattering into y and a dozen intermediate tensors.
 // Here each token's row of x is read once, [S; G] x is a register-blocked product over the gathered
 // rows, routing and P z stay in a small per-thread buffer, and only the k chosen experts' rows of
-// B^T are read, added straight into y's row. Plain C++ with GCC vector types: the compiler emits
-// AVX-512 where the CPU has it, AVX2 pairs elsewhere. Threads come from the OpenMP runtime torch
-// already loaded (libgomp.so.1), so there is one thread team, not two; where torch's runtime is
+// B^T are read, added straight into y's row. Plain C++ with GCC vector types of one register of the level the
+// library is built for (-march per level, cpu_features.py): 16 floats on AVX-512, 8 on AVX2, 4 on NEON; the
+// register blocking follows the register count (32 on AVX-512 and NEON, 16 on AVX2). Threads come from the
+// OpenMP runtime torch already loaded (libgomp.so.1), so there is one thread team, not two; where torch's runtime is
 // another one, kernels/native.py builds this file without -fopenmp and the pragmas are ignored.
 //
 // Weights are read where they lie: each slot's adapter module is one packed buffer of its own (see
@@ -30,11 +31,19 @@
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t vh_unaligned __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8, kRegisters = 16;
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+constexpr int kLanes = 4, kRegisters = 32;
+#else
+constexpr int kLanes = 16, kRegisters = 32;  // the portable build: GCC lowers the vectors to what the target has
+#endif
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef float vf_unaligned __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef uint16_t vh_unaligned __attribute__((vector_size(kLanes * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
@@ -64,7 +73,7 @@ inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, subnorma
   return f;
 }
 
-// How each weight dtype is read: a vector of 16 (from any address) and one element, as float32.
+// How each weight dtype is read: a vector of kLanes (from any address) and one element, as float32.
 struct Float32 {
   using T = float;
   static vf vec(const float* p) { return load(p); }
@@ -85,7 +94,7 @@ struct BFloat16 {  // the high half of a float32
   }
 };
 
-// float32 -> bfloat16, round to nearest even (NaN stays a quiet NaN), 16 at a time.
+// float32 -> bfloat16, round to nearest even (NaN stays a quiet NaN), kLanes at a time.
 inline void store_bf16(uint16_t* p, vf v) {
   const vu bits = reinterpret_cast<const vu&>(v);
   const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
@@ -107,11 +116,9 @@ struct Float16 {
 #if defined(__AVX512F__)
     const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return reinterpret_cast<const vf&>(v);
-#elif defined(__F16C__) && defined(__AVX__)
-    alignas(64) float out[kLanes];
-    _mm256_store_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    _mm256_store_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
-    return load(out);
+#elif defined(__AVX2__) && defined(__F16C__)
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return reinterpret_cast<const vf&>(v);
 #else
     vf v;
     for (int i = 0; i < kLanes; ++i) v[i] = half_to_float(p[i]);
@@ -127,7 +134,7 @@ inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; 
 struct Bank {
   // Per slot, the addresses of its packed module's parts (kernels/packed.py): [S; G]^T [d_in, d + n],
   // P^T [d, n r], B^T [n r, d_out] and the router bias [n], rows unpadded. A product reads whole vectors
-  // of 16 from each row's start, running into the next row (or the next part, or the buffer's tail)
+  // of kLanes (<= 16) from each row's start, running into the next row (or the next part, or the buffer's tail)
   // and ignoring those columns of its output: rows of exactly the real width are what decode needs.
   const int64_t* addresses;  // [num_slots, 4]: sgt, pt, bt, bias
   const int32_t* meta;       // [num_slots, 5]: d, r, n, top_k (0: inactive slot), dtype (0 f32, 1 bf16, 2 f16)
@@ -165,8 +172,10 @@ inline void project_block(const float* const* xr, const typename W::T* w, int64_
 template <class W, int CV>
 void project_rows(const float* const* xr, int rows, const typename W::T* w, int64_t ldw, int64_t K, float* out,
                   int64_t ldo) {
-  // 24 accumulators at most: 8 rows of up to 3 vectors, 6 rows of 4.
-  constexpr int kRows = CV <= 3 ? 8 : 6;
+  // As many rows as accumulators fit beside the CV weight vectors and a broadcast: with 32 registers 8 rows of
+  // up to 3 vectors, 6 of 4; with 16 (AVX2) 8 rows of 1, 6 of 2, 3 of 3, 2 of 4.
+  constexpr int kFit = (kRegisters - CV - 2) / CV;
+  constexpr int kRows = kFit >= 8 ? 8 : kFit;
   int i = 0;
   for (; i + kRows <= rows; i += kRows) project_block<W, kRows, CV>(xr + i, w, ldw, K, out + i * ldo, ldo);
   switch (rows - i) {
@@ -234,7 +243,7 @@ void route(const float* scores, int n, int k, bool softmax_first, int* chosen, f
 // Each row of B_t^T is loaded once for R tokens (the product is bound by reading B, not by FMAs).
 template <class W, int R>
 void up_project(float* const* y_rows, const float* const* coef, const typename W::T* bt, int64_t r, int64_t d_out) {
-  constexpr int kChunk = 4;  // vectors of each y row per pass: R * kChunk accumulators
+  constexpr int kChunk = kRegisters >= 32 ? 4 : 2;  // vectors of each y row per pass: R * kChunk accumulators
   int64_t c = 0;
   for (; c + kChunk * kLanes <= d_out; c += kChunk * kLanes) {
     vf acc[R][kChunk];
@@ -271,7 +280,7 @@ void up_project(float* const* y_rows, const float* const* coef, const typename W
 #pragma GCC unroll 4
     for (int t = 0; t < R; ++t) store(y_rows[t] + c, acc[t]);
   }
-  for (; c < d_out; ++c) {  // the last d_out % 16 columns: B's last row ends the buffer's bt part exactly
+  for (; c < d_out; ++c) {  // the last d_out % kLanes columns: B's last row ends the buffer's bt part exactly
     for (int t = 0; t < R; ++t) {
       float acc = y_rows[t][c];
       for (int64_t rho = 0; rho < r; ++rho) acc += coef[t][rho] * W::one(bt[rho * d_out + c]);
