@@ -99,7 +99,6 @@ class VllmMetrics:
         for value in seconds:
             self.load_seconds.labels(level).observe(value)
 
-
     def families(self, snapshot: VllmSnapshot) -> list[GaugeMetricFamily]:
         """The families of `snapshot`, `vllm:lora_requests_info` with the last series that named an adapter."""
         labels = snapshot.lora_labels
