@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(VENV)/bin/malora-serve --host $(HOST) --port $(PORT) --adapter-root examples/adapters
 
+# The whole suite, then its CPU-specific tests once more at each instruction-set level below this CPU's own
+# (tests/isa_levels.py: an AVX-512 machine also runs the AVX2 and scalar paths).
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+	$(PY) -m tests.isa_levels
 
 lint: setup
 	$(VENV)/bin/ruff check .

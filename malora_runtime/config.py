@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_features import cpu_features
 from .dtype_choice import choose_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,6 +61,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
+        if torch.device(self.device).type == "cpu":
+            cpu_features()  # a MALORA_MAX_ISA naming no level of this CPU is refused here, with the levels
         if self.dtype == "auto" or not self.dtype_reason:
             choice = choose_dtype(self.dtype, self.device)
             self.dtype, self.dtype_reason = choice.name, choice.reason

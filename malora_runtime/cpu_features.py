@@ -76,6 +76,12 @@ class CpuFeatures:
             return []
         return [flag for flag in ("avx512_bf16", "amx_bf16") if flag in self.flags]
 
+    def describe(self) -> str:
+        """One line for the start-up log and /version: the served level, and the CPU's own where capped."""
+        if self.capped:
+            return f"{self.level} ({ENV_CAP}; the CPU has {self.native_level})"
+        return self.level
+
     def march(self, level: str | None = None) -> list[str]:
         """The compiler flags that target `level` (default: the served one)."""
         level = level or self.level

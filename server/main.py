@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from malora_runtime.adapters.manager import AdapterManager
+from malora_runtime.cpu_features import IsaError
 
 from .app import create_app
 from .settings import ServerSettings, parse_settings
@@ -49,7 +50,12 @@ def build_engine(settings: ServerSettings) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(argv)
+    try:
+        settings = parse_settings(argv)
+    except IsaError as exc:  # MALORA_MAX_ISA is read while the defaults are built
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        log.error("cannot start: %s", exc)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..adapters.format import MaloraAdapter
 from ..config import EngineConfig
+from ..cpu_features import cpu_features
 from ..sampling_params import SamplingParams
 from .adapter_slots import NoFreeSlotError
 from .detokenizer import IncrementalDetokenizer
@@ -105,6 +106,8 @@ class LLMEngine:
         from ..models.loader import load_model
 
         log.info("serving in %s: %s", config.dtype, config.dtype_reason)
+        if torch.device(config.device).type == "cpu":
+            log.info("CPU instruction set for the native kernels: %s", cpu_features().describe())
         model, tokenizer, source = load_model(config.model, dtype=config.torch_dtype, device=config.device)
         return cls(model, tokenizer, config, source.name)
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from malora_runtime.cpu_features import cpu_features
+
 from .. import __version__
 from ..errors import APIError
 from ..protocol import EngineStatsResponse, StatusResponse, VersionResponse
@@ -39,7 +41,8 @@ async def version(request: Request) -> VersionResponse:
     server = state(request)
     engine = server.settings.engine
     return VersionResponse(version=__version__, model=server.base_model if server.engine is not None else None,
-                           dtype=engine.dtype, dtype_reason=engine.dtype_reason)
+                           dtype=engine.dtype, dtype_reason=engine.dtype_reason,
+                           cpu_isa=cpu_features().describe() if engine.device.startswith("cpu") else None)
 
 
 @router.get("/v1/engine/stats", response_model=EngineStatsResponse, responses=ERROR_RESPONSES)

@@ -18,6 +18,8 @@ from malora_runtime.patching import linear_shapes, set_adapter
 from malora_runtime.sampling_params import SamplingParams
 from tests.conftest import BF16_PACKING_REFUSAL
 
+pytestmark = pytest.mark.isa  # run again at every lower instruction-set level (tests/isa_levels.py)
+
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Water boils at",
            "The quick brown fox", "SELECT * FROM", "Roses are red,", "My favourite colour is"]
 MAX_TOKENS = 10
@@ -55,6 +57,7 @@ def bf16_model():
     return model, tokenizer, source
 
 
+@pytest.mark.slow
 def test_the_default_model_in_bfloat16_matches_generate(bf16_model):
     model, tokenizer, source = bf16_model
     adapter = random_adapter(linear_shapes(model), source.name, ["q_proj", "v_proj"], 4, 8, 16, 2, seed=3,
@@ -109,6 +112,7 @@ def test_the_default_model_in_bfloat16_matches_generate(bf16_model):
         assert_same_up_to_a_near_tie(i, tokens)
 
 
+@pytest.mark.slow
 def test_the_default_model_is_cached_in_the_dtype_it_is_served_in():
     """One converted copy per dtype: bfloat16's is half the bytes and holds exactly float32's weights rounded once."""
     from safetensors.torch import load_file

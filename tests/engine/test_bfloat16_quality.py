@@ -15,6 +15,8 @@ from malora_runtime.models.packed_linear import pack_linears
 from malora_runtime.models.quantized_linear import quantize_linears
 from tests.conftest import requires_bf16_packing
 
+pytestmark = [pytest.mark.isa, pytest.mark.slow]  # run again at every lower instruction-set level (tests/isa_levels.py)
+
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = 2048
 CHUNK = 512  # tokens per forward (the model's context is longer; chunks keep the memory small)

@@ -28,8 +28,11 @@ from malora_runtime.models import fast_decode
 from malora_runtime.models.loader import load_model
 from malora_runtime.patching import linear_shapes
 from malora_runtime.sampling_params import SamplingParams
+from tests.conftest import requires_bf16_packing
 from tests.engine.test_bfloat16_quality import text_tokens
 from tests.engine.test_model_families import save_tiny_model
+
+pytestmark = pytest.mark.isa  # run again at every lower instruction-set level (tests/isa_levels.py)
 
 FAST_FAMILIES = ["llama", "qwen2", "mistral"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -123,7 +126,8 @@ DECODED_TOKENS = 384
 BOUNDS = {None: (0.95, 0.06), "int8": (0.89, 0.12)}
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", [None, pytest.param("int8", marks=requires_bf16_packing)])
 def test_the_decode_path_keeps_the_real_models_quality(default_model, quantization):
     model32, tokenizer, _ = default_model
     ids = text_tokens(tokenizer)[:DECODED_TOKENS]

@@ -13,7 +13,8 @@ from malora_runtime.layers import MaloraLinear
 from malora_runtime.models.packed_linear import PackedLinear, onednn_linear_available, pack_linears
 from tests.conftest import make_tiny_llama
 
-pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+pytestmark = [pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN"),
+              pytest.mark.isa]
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -14,6 +14,8 @@ from malora_runtime.models.packed_linear import PackedLinear, pack_linears
 from malora_runtime.models.quantized_linear import Int8DecodeLinear, int8_per_channel, quantize_linears
 from tests.conftest import BF16_PACKING_REFUSAL, make_tiny_llama, requires_bf16_packing
 
+pytestmark = pytest.mark.isa  # run again at every lower instruction-set level (tests/isa_levels.py)
+
 
 @requires_bf16_packing
 @pytest.mark.parametrize("d_in,d_out,bias", [(576, 576, False), (64, 1024, True), (1536, 192, False)])

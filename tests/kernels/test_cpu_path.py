@@ -28,6 +28,8 @@ from tests.kernels.conftest import (
     release,
 )
 
+pytestmark = pytest.mark.isa  # run again at every lower instruction-set level (tests/isa_levels.py)
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -21,6 +21,8 @@ from malora_runtime.kernels.native.decode_ops import (
 )
 from malora_runtime.models.quantized_linear import int8_per_channel
 
+pytestmark = pytest.mark.isa  # run again at every lower instruction-set level (tests/isa_levels.py)
+
 DTYPES = [torch.float32, torch.bfloat16]
 # Relative bounds: float32 sums in another order; bfloat16 rows hold 8 significant bits (one rounding of the
 # result, and of the inputs for the references below).

@@ -15,7 +15,7 @@ from malora_runtime.kernels.token_slots import NO_SLOT, TokenSlots
 from tests.conftest import requires_native
 from tests.kernels.conftest import MIXED_SPECS, make_bank, make_weights, out_of_place, reference_batch
 
-pytestmark = requires_native
+pytestmark = [requires_native, pytest.mark.isa]
 malora_delta_native = out_of_place(add_malora_delta_native)
 
 # [S; G] wider than 64 columns and N r wider than 64 (several column chunks), next to small adapters.

@@ -33,10 +33,12 @@ def test_health_ready_version(http):
     version = http.get("/version").json()
     assert version["version"] and version["model"]
     # The live server runs with the default --dtype auto: what it chose, and why, as detected here.
+    from malora_runtime.cpu_features import cpu_features
     from malora_runtime.dtype_choice import choose_dtype
 
     expected = choose_dtype("auto", "cpu")
     assert (version["dtype"], version["dtype_reason"]) == (expected.name, expected.reason)
+    assert version["cpu_isa"] == cpu_features().describe() and version["cpu_isa"].startswith(cpu_features().level)
 
 
 def test_openapi_describes_the_bodies(http):
