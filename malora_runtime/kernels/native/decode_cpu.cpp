@@ -845,4 +845,13 @@ int malora_decode_layer(const LayerArgs* layer, const StepArgs* step, const void
 
 int malora_decode_abi_version() { return 4; }
 
+// Floats per vector of the build's vector paths; 0 for the scalar build (its plain loops).
+int malora_decode_lanes() {
+#if defined(MALORA_LANES)
+  return MALORA_LANES;
+#else
+  return 0;
+#endif
+}
+
 }  // extern "C"

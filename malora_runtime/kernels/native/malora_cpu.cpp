@@ -479,4 +479,7 @@ int malora_delta(const Bank* bank, const void* x, int64_t ldx, void* y, int64_t 
 
 int malora_kernel_abi_version() { return 6; }
 
+// Floats per vector of the build (GCC vector types of one register of its level).
+int malora_kernel_lanes() { return kLanes; }
+
 }  // extern "C"
