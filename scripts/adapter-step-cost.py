@@ -2,7 +2,7 @@
 of the offline benchmark's shape): one greedy stream on the base model, then one on the adapter, alternately in one
 process, `--rounds` times; the median step time of each run, and their ratio per round.
 
-    .venv/bin/python scripts/adapter-step-cost.py [--quantization int8] [--rounds 6] [--tokens 64]
+    .venv/bin/python scripts/adapter-step-cost.py [--quantization int8] [--rounds 6] [--tokens 64] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from malora_runtime.adapters.init import random_adapter  # noqa: E402
 from malora_runtime.bench.adapter_shapes import OFFLINE_SHAPE  # noqa: E402
@@ -44,9 +43,11 @@ def main() -> int:
     parser.add_argument("--quantization", choices=["int8"], default=None)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or auto (the CPU level's choice)")
     args = parser.parse_args()
-    model, tokenizer, source = load_model(None, dtype=torch.bfloat16)
-    engine = LLMEngine(model, tokenizer, EngineConfig(dtype="bfloat16", quantization=args.quantization), source.name)
+    config = EngineConfig(dtype=args.dtype, quantization=args.quantization)
+    model, tokenizer, source = load_model(None, dtype=config.torch_dtype)
+    engine = LLMEngine(model, tokenizer, config, source.name)
     targets, n, r, d, k = OFFLINE_SHAPE
     engine.add_adapter("bench", random_adapter(linear_shapes(model), source.name, targets, n, r, d, k, seed=0))
     median_step_ms(engine, "bench", 8)  # warm both paths
@@ -55,7 +56,7 @@ def main() -> int:
         base, adapted = median_step_ms(engine, None, args.tokens), median_step_ms(engine, "bench", args.tokens)
         ratios.append(adapted / base)
         sys.stdout.write(f"round {round_}: base {base:.2f} ms, adapter {adapted:.2f} ms, ratio {ratios[-1]:.3f}\n")
-    sys.stdout.write(f"median ratio {statistics.median(ratios):.3f} (bfloat16 {args.quantization or ''}, "
+    sys.stdout.write(f"median ratio {statistics.median(ratios):.3f} ({config.dtype} {args.quantization or ''}, "
                      f"fast decode {'on' if engine.runner.fast_decoder is not None else 'off'})\n")
     return 0
 

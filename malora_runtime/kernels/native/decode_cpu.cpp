@@ -89,7 +89,15 @@ typedef __m256 Native;
 typedef float32x4_t Native;
 #endif
 
-inline VF vset(float v) { return VF{} + v; }
+inline VF vset(float v) {  // a broadcast (`VF{} + v` is an add: 0 + v is not v for v = -0, so it is not folded)
+#if MALORA_LANES == 16
+  return (VF)_mm512_set1_ps(v);
+#elif MALORA_LANES == 8
+  return (VF)_mm256_set1_ps(v);
+#else
+  return (VF)vdupq_n_f32(v);
+#endif
+}
 inline VF vload(const float* p) {
   VF v;
   std::memcpy(&v, p, sizeof v);
@@ -163,14 +171,24 @@ inline VF vexp(VF x) {
 #endif
 }
 
+// kLanes bfloat16 values as float32. The intrinsics where GCC's own code for the generic form measured slower
+// (decode attention 9% slower on AVX-512 through __builtin_convertvector).
+inline VF widen_bf16(const uint16_t* p) {
+#if MALORA_LANES == 16
+  return (VF)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif MALORA_LANES == 8
+  return (VF)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
+  return (VF)vshll_n_u16(vld1_u16(p), 16);
+#endif
+}
+
 template <class D>
 inline VF vload_rows(const typename D::T* p) {  // kLanes elements of the rows' dtype, as float32
   if constexpr (std::is_same_v<typename D::T, float>) {
     return vload(p);
   } else {
-    VH h;
-    std::memcpy(&h, p, sizeof h);
-    return (VF)(__builtin_convertvector(h, VU) << 16);
+    return widen_bf16(p);
   }
 }
 
@@ -213,13 +231,17 @@ inline VF load_weights(const WT* p) {  // kLanes weights as float32
   if constexpr (std::is_same_v<WT, float>) {
     return vload(p);
   } else if constexpr (std::is_same_v<WT, uint16_t>) {
-    VH h;
-    std::memcpy(&h, p, sizeof h);
-    return (VF)(__builtin_convertvector(h, VU) << 16);
+    return widen_bf16(p);
   } else {
+#if MALORA_LANES == 16
+    return (VF)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif MALORA_LANES == 8
+    return (VF)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
     VB b;
     std::memcpy(&b, p, sizeof b);
     return __builtin_convertvector(b, VF);
+#endif
   }
 }
 
