@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from ..cpu_features import cpu_features
 from ..kernels.onednn import onednn_linear_available
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,12 @@ def pack_linears(model: nn.Module) -> int:
     `MaloraLinear`) to `PackedLinear`; returns how many. No-op where oneDNN is unavailable."""
     if not onednn_linear_available():
         log.info("oneDNN is not available: base linears use torch's default matmul")
+        return 0
+    features = cpu_features()
+    if features.architecture == "x86_64" and features.level == "scalar":
+        # oneDNN's SSE4.1 kernels sum a row in another order depending on how many rows the product has, and the
+        # engine promises rows that do not change with the batch (seeded sampling relies on it).
+        log.info("base linears use torch's default matmul: oneDNN's products below AVX2 are not batch-invariant")
         return 0
     refused = {dtype: packing_refusal(dtype) for dtype in PACKABLE_DTYPES}
     for dtype, reason in refused.items():

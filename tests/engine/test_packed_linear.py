@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from malora_runtime.config import EngineConfig
+from malora_runtime.cpu_features import cpu_features
 from malora_runtime.engine.model_runner import ModelRunner
 from malora_runtime.layers import MaloraLinear
 from malora_runtime.models.packed_linear import PackedLinear, onednn_linear_available, pack_linears
@@ -36,6 +37,11 @@ def test_non_contiguous_input() -> None:
     torch.testing.assert_close(linear(x), nn.functional.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
 
 
+X86_BELOW_AVX2 = cpu_features().architecture == "x86_64" and cpu_features().level == "scalar"
+
+
+@pytest.mark.skipif(X86_BELOW_AVX2, reason="oneDNN's SSE4.1 products are not batch-invariant: the engine does not "
+                                           "pack below AVX2 (test_no_packing_below_avx2)")
 def test_rows_do_not_depend_on_the_batch() -> None:
     """A token's result must not change with what else is in the step (batch-invariant rows)."""
     linear = PackedLinear.convert(nn.Linear(576, 1536, bias=False))
@@ -45,6 +51,15 @@ def test_rows_do_not_depend_on_the_batch() -> None:
         assert torch.equal(linear(x[:rows]), full[:rows])
 
 
+@pytest.mark.skipif(not X86_BELOW_AVX2, reason="packing is refused only on x86 below AVX2")
+def test_no_packing_below_avx2() -> None:
+    """Measured under MALORA_MAX_ISA=scalar: a packed product's first row differed between 1 and 64 rows."""
+    model = make_tiny_llama()
+    assert pack_linears(model) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+@pytest.mark.skipif(X86_BELOW_AVX2, reason="the engine does not pack below AVX2 (test_no_packing_below_avx2)")
 def test_pack_linears_converts_the_model_and_keeps_its_outputs() -> None:
     model = make_tiny_llama()
     ids = torch.randint(0, 256, (1, 12))
@@ -66,7 +81,7 @@ def test_engine_switch(pack: bool) -> None:
     runner = ModelRunner(model, EngineConfig(num_kv_blocks=8, pack_cpu_linears=pack))
     q_proj = model.model.layers[0].self_attn.q_proj
     base = q_proj.base if isinstance(q_proj, MaloraLinear) else q_proj
-    assert isinstance(base, PackedLinear) is pack
+    assert isinstance(base, PackedLinear) is (pack and not X86_BELOW_AVX2)
     assert runner.model is model
 
 

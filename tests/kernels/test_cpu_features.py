@@ -83,7 +83,7 @@ def test_the_cap_reaches_onednn_aten_and_the_native_build(cli_env):
     """In a fresh process (both read the cap once): an avx2 cap on any CPU with AVX2 serves float32 through
     oneDNN's and ATen's AVX2 kernels, and builds the native libraries for x86-64-v3."""
     if "avx2" not in cpu_features().levels:
-        pytest.skip(f"this CPU has no avx2 level ({cpu_features().native_level})")
+        pytest.skip(f"this CPU serves below avx2 ({cpu_features().describe()})")
     code = ("import malora_runtime, torch, os\n"
             "from malora_runtime.cpu_features import cpu_features\n"
             "from malora_runtime.config import EngineConfig\n"

@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = REPO_ROOT / "examples" / "adapters"
 CARDS = sorted(ADAPTERS.glob("*/card.json"))
 DEVICE = os.environ.get("MALORA_TEST_DEVICE", "cpu")
+OFFLINE_RECORDS = 12  # per adapter: 48 answers compared token for token with the offline path
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DEVICE != "cpu" and not torch.cuda.is_available(),
                                                     reason=f"MALORA_TEST_DEVICE={DEVICE}: no GPU here")]
@@ -116,7 +117,9 @@ def test_served_example_beats_base_with_offline_answers(card_path, server, offli
     base = EvalReport(server_answers(url, base_name, records, max_tokens, concurrency=32), references)
     model, tokenizer = offline_model
     adapter = load_adapter(directory, linear_shapes(model), dtype=torch.float32)
-    offline = evaluate_offline(model, tokenizer, adapter, records, max_tokens)
+    # The offline reference generates one record at a time (most of this test's time): its answers are compared
+    # one for one with the served ones on the first OFFLINE_RECORDS, the accuracy bounds use every served answer.
+    offline = evaluate_offline(model, tokenizer, adapter, records[:OFFLINE_RECORDS], max_tokens)
 
     differ = [(r["prompt"], s, o) for r, s, o in zip(records, served.answers, offline.answers) if s != o]
     assert not differ, f"served and offline answers differ: {differ[:5]}"
