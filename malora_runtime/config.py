@@ -10,6 +10,7 @@ from .cpu_features import cpu_features
 from .dtype_choice import choose_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("gguf", "int8")
 
 
 @dataclass(slots=True)
@@ -51,8 +52,9 @@ class EngineConfig:
     """On CPU in float32 or bfloat16, run the base linears through oneDNN on pre-packed weights (2.2-2.7x faster
     than torch's default matmul here; one more copy of the linear weights in memory)."""
     quantization: str | None = None
-    """"int8": weight-only int8 copies of the packed base linears for one-row decode (models.quantized_linear);
-    None: none. Needs the packed CPU linears."""
+    """"gguf": a GGUF model's quantized tensors served as stored, through the block kernels (models.gguf_blocks);
+    "int8": weight-only int8 copies of the packed base linears for one-row decode (models.quantized_linear; needs
+    the packed CPU linears); None: float weights (a GGUF file de-quantized once)."""
     fast_decode: bool = True
     """Steps of single-token chunks of a Llama-style model on CPU run through the native decode path
     (models.fast_decode: one native call per small op of a layer) where the start-up probe finds it agrees with
@@ -72,9 +74,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adapter_bank_memory is not None and self.adapter_bank_memory < 1:
             raise ValueError(f"adapter_bank_memory must be >= 1, got {self.adapter_bank_memory}")
-        if self.quantization is not None and self.quantization not in ("int8",):
-            raise ValueError(f"quantization must be int8 or None, got {self.quantization!r}")
-        if self.quantization is not None and not self.pack_cpu_linears:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, got "
+                             f"{self.quantization!r}")
+        if self.quantization == "gguf" and torch.device(self.device).type != "cpu":
+            raise ValueError("--quantization gguf runs the CPU block kernels: it needs --device cpu")
+        if self.quantization == "int8" and not self.pack_cpu_linears:
             raise ValueError("quantization needs the packed CPU linears (pack_cpu_linears)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

@@ -40,13 +40,13 @@ def median_step_ms(engine: LLMEngine, adapter: str | None, tokens: int) -> float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quantization", choices=["int8"], default=None)
+    parser.add_argument("--quantization", choices=["gguf", "int8"], default=None)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or auto (the CPU level's choice)")
     args = parser.parse_args()
     config = EngineConfig(dtype=args.dtype, quantization=args.quantization)
-    model, tokenizer, source = load_model(None, dtype=config.torch_dtype)
+    model, tokenizer, source = load_model(None, dtype=config.torch_dtype, quantization=args.quantization)
     engine = LLMEngine(model, tokenizer, config, source.name)
     targets, n, r, d, k = OFFLINE_SHAPE
     engine.add_adapter("bench", random_adapter(linear_shapes(model), source.name, targets, n, r, d, k, seed=0))

@@ -35,14 +35,14 @@ def main() -> int:
     parser.add_argument("dtype", choices=["float32", "bfloat16"])
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--quantization", choices=["int8"], default=None)
+    parser.add_argument("--quantization", choices=["gguf", "int8"], default=None)
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
                         help="decode through transformers' forward (the reference path)")
     parser.add_argument("--adapter", action="store_true",
                         help="every stream on one random MALoRA adapter of the offline benchmark's shape (q/k/v/o, "
                              "N 4, r 8, d 16, top-2, fp16)")
     args = parser.parse_args()
-    model, tokenizer, source = load_model(None, dtype=getattr(torch, args.dtype))
+    model, tokenizer, source = load_model(None, dtype=getattr(torch, args.dtype), quantization=args.quantization)
     engine = LLMEngine(model, tokenizer, EngineConfig(dtype=args.dtype, quantization=args.quantization,
                                                             fast_decode=args.fast_decode), source.name)
     params = SamplingParams(max_tokens=12 + 2 * args.steps + 8, temperature=0.0, ignore_eos=True)

@@ -202,8 +202,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         engine.adapter_bank_memory, int)
     add("--enable-prefix-caching", "reuse KV blocks of shared prompt prefixes", engine.enable_prefix_caching,
         _bool)
-    add("--quantization", "int8: weight-only int8 copies of the base linears for one-row decode (CPU; single-stream "
-        "latency), none: off", "none", str, choices=["none", "int8"])
+    add("--quantization", "gguf: a GGUF model's quantized tensors served as stored through the block kernels (CPU); "
+        "int8: weight-only int8 copies of the base linears for one-row decode (CPU, bfloat16); none: float weights",
+        "none", str, choices=["none", "gguf", "int8"])
     add("--fast-decode", "decode steps of Llama-style models on CPU through the native decode path (false: "
         "transformers' forward, the reference)", engine.fast_decode, _bool)
     add("--pack-cpu-linears", "on CPU in float32, run the base linears through oneDNN on pre-packed weights",

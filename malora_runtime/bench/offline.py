@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-shapes", action="store_true", help="d: adapters of four different shapes")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="the model's dtype for every path (bfloat16 adds c32, the engine in float32)")
-    parser.add_argument("--quantization", default="none", choices=("none", "int8"),
+    parser.add_argument("--quantization", default="none", choices=("none", "gguf", "int8"),
                         help="the engine's --quantization (bfloat16 only; the c32 engine runs without)")
     parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="d: the adapters' dtype (`malora adapter init` writes float16)")
@@ -123,11 +123,14 @@ def run(args: argparse.Namespace) -> int:
     from malora_runtime.patching import linear_shapes
 
     skip = set(filter(None, args.skip.split(",")))
+    if args.quantization == "gguf":
+        skip.add("a")  # PEFT wraps float linear layers; the block-served model has none
     if args.device == "cuda" and not torch.cuda.is_available():
         log.error("--device cuda: torch sees no GPU here")
         return 1
     dtype = getattr(torch, args.dtype)
-    model, tokenizer, source = load_model(None, dtype=dtype, device=args.device)
+    model, tokenizer, source = load_model(None, dtype=dtype, device=args.device,
+                                          quantization="gguf" if args.quantization == "gguf" else None)
     prompts = _prompts(tokenizer, args.batch, args.prompt_tokens)
     warmup = _prompts(tokenizer, args.batch, args.prompt_tokens, seed=1)
     n_new = args.output_tokens

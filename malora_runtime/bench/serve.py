@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "repacking crashes: it did on this project's sandboxed Xeon)")
     target.add_argument("--compare-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="start malora-serve in --dtype and again in this dtype, the same load on each")
-    target.add_argument("--quantization", choices=["none", "int8"], default="none",
+    target.add_argument("--quantization", choices=["none", "gguf", "int8"], default="none",
                         help="the started malora-serve's --quantization (the --compare-dtype one runs without)")
     target.add_argument("--server-args", default="", metavar="ARGS",
                         help="more flags for the started malora-serve, e.g. '--fast-decode false'")

@@ -108,7 +108,8 @@ class LLMEngine:
         log.info("serving in %s: %s", config.dtype, config.dtype_reason)
         if torch.device(config.device).type == "cpu":
             log.info("CPU instruction set for the native kernels: %s", cpu_features().describe())
-        model, tokenizer, source = load_model(config.model, dtype=config.torch_dtype, device=config.device)
+        model, tokenizer, source = load_model(config.model, dtype=config.torch_dtype, device=config.device,
+                                              quantization=config.quantization)
         return cls(model, tokenizer, config, source.name)
 
     # ---- adapters ----

@@ -101,11 +101,11 @@ class ModelRunner:
                                      memory_budget=config.adapter_bank_memory)
         if config.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
-        if config.quantization is not None:
+        if config.quantization == "int8":
             check_quantization(config.quantization, self.device, self.dtype)
         if config.pack_cpu_linears and self.device.type == "cpu" and self.dtype in PACKABLE_DTYPES:
             log.info("packed %d base linear layers for oneDNN", pack_linears(model))
-            if config.quantization is not None:
+            if config.quantization == "int8":
                 log.info("%s copies of %d base linear layers for one-row decode", config.quantization,
                          quantize_linears(model, config.quantization))
 

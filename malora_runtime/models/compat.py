@@ -67,7 +67,7 @@ PROBE_TOLERANCE = 0.1
 def probe_tokens(model: nn.Module) -> list[int]:
     """Three ordinary token ids for the probe (the BOS id first when the config has one)."""
     bos = getattr(model.config, "bos_token_id", None)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().num_embeddings
     first = bos if isinstance(bos, int) and 0 <= bos < vocab else 0
     return [first] + [min(i, vocab - 1) for i in (1, 2)]
 

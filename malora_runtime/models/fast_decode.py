@@ -30,9 +30,9 @@ from ..kernels.native.decode_ops import (
     MAX_HEAD_DIM,
     PROJECTIONS,
     DecodeBatch,
+    GemvWeight,
     LayerArgs,
     LayerDeltas,
-    ProductArgs,
     StepArgs,
     add_rms_norm,
     decode_attention,
@@ -41,13 +41,14 @@ from ..kernels.native.decode_ops import (
     silu_mul,
 )
 from ..layers import MaloraLinear
-from .fused_products import FusedProduct
+from .fused_products import BlockProduct, FusedProduct
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 DELTA_CALLS_CACHED = 16  # (slot generation, rows' slots) keys: a steady decode reuses one
 GEMV_MAX_ROWS = 4
 """Steps of up to this many rows run the base products through the native GEMV (fused q/k/v and gate/up); larger
-ones through the projections' packed oneDNN weights, whose cost grows little with rows (docs/BENCHMARKS.md)."""
+ones through the projections' packed oneDNN weights, whose cost grows little with rows (docs/BENCHMARKS.md). A model
+served from GGUF blocks has no other weights: its steps take the fused block products at every row count."""
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,12 @@ class FastDecoder:
         self.final_eps = self.inner.norm.variance_epsilon
         self.windows = [self._window(layer) for layer in self.inner.layers]
         self.products = [LayerProducts.of(layer) for layer in self.inner.layers]
+        self.block_weights = isinstance(self.products[0].qkv.weight, BlockProduct)
         # The output head (49152 x 576 on the default model, the step's largest weight) through the GEMV only where
         # that measured faster: int8 (1.0-1.5x torch's int8 kernel at 1-2 rows); in bfloat16 and float32 oneDNN's
         # packed product streams it ~1.6x faster (scripts/quant-linear-time.py).
         head = FusedProduct.of(model, ["lm_head"])
-        self.head = head if head.weight.weight.dtype == torch.int8 else None
+        self.head = head if isinstance(head.weight, GemvWeight) and head.weight.weight.dtype == torch.int8 else None
         self.q_width = self.heads * self.inner.layers[0].self_attn.head_dim
         self.kv_width = self.kv_heads * self.inner.layers[0].self_attn.head_dim
         self.layer_args = [self._layer_args(index, layer) for index, layer in enumerate(self.inner.layers)]
@@ -134,7 +136,7 @@ class FastDecoder:
         return LayerArgs(
             layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
             self.pool.keys[index].data_ptr(), self.pool.values[index].data_ptr(),
-            *(ProductArgs.of(p.weight) for p in (products.qkv, products.o, products.gate_up, products.down)),
+            *(p.args for p in (products.qkv, products.o, products.gate_up, products.down)),
             *self.eps[index], layer.self_attn.scaling, self.heads, self.kv_heads, layer.self_attn.head_dim,
             products.gate_up.weight.out_features // 2, self.windows[index] or 0)
 
@@ -157,7 +159,7 @@ class FastDecoder:
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [rows, hd], in the model's dtype
         normed = torch.empty_like(hidden)
-        native = ids.shape[0] <= GEMV_MAX_ROWS
+        native = self.block_weights or ids.shape[0] <= GEMV_MAX_ROWS
         deltas = self._delta_calls(row_slots) if native else None
         if native and deltas is not False:
             delta = self._whole_layers(hidden, cos, sin, batch, normed, deltas, threads)

@@ -130,11 +130,21 @@ def load_model(
     model: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ):
-    """Load (model, tokenizer, source) for `--model`; the model is in eval mode with grads off."""
+    """Load (model, tokenizer, source) for `--model`; the model is in eval mode with grads off. `quantization`
+    "gguf": a GGUF file's quantized tensors kept as stored (`gguf_blocks`); otherwise float weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(model)
+    if quantization == "gguf":
+        from .gguf_blocks import load_block_model
+
+        if source.gguf_file is None:
+            raise ValueError(f"--quantization gguf serves a GGUF file's blocks; {source.path} is a Hugging Face "
+                             "directory (serve it with --quantization none or int8)")
+        hf_model, tokenizer, _ = load_block_model(source, dtype)
+        return hf_model, tokenizer, source
     directory = materialize(source, dtype if dtype in CACHED_DTYPES else torch.float32)
     log.info("loading %s from %s", source.name, directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)

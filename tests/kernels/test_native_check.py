@@ -46,20 +46,68 @@ def build_and_run(compiler: str, march: list[str], binary: Path, runner: list[st
 def test_each_level_this_cpu_runs_builds_its_own_vector_width(level):
     """The libraries Python loads, per level (their results are checked by the `isa` tests at every level)."""
     from malora_runtime.kernels.native import require_native_kernel
+    from malora_runtime.kernels.native.block_ops import block_ops
     from malora_runtime.kernels.native.decode_ops import decode_ops
 
     want_decode, want_delta = LANES[level]
     assert decode_ops(level).library.malora_decode_lanes() == want_decode
+    assert block_ops(level).library.malora_blocks_lanes() == want_decode  # the GGUF block kernels: the same widths
     if want_delta is not None:
         assert require_native_kernel(level).library.malora_kernel_lanes() == want_delta
 
 
-@pytest.mark.parametrize("level", ["neon", "scalar"])
-def test_arm_under_qemu(level, tmp_path):
+def skip_without_cross_tools() -> None:
     missing = [tool for tool in (CROSS_COMPILER, QEMU) if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not installed (Debian: g++-aarch64-linux-gnu, qemu-user; "
                     ".ci/run installs them)")
+
+
+@pytest.mark.parametrize("level", ["neon", "scalar"])
+def test_arm_under_qemu(level, tmp_path):
+    skip_without_cross_tools()
     if cpu_features().architecture == "aarch64":
         pytest.skip("an ARM machine runs its levels natively (test_each_level_this_cpu_runs)")
     build_and_run(CROSS_COMPILER, [f"-march={ARM_MARCH[level]}"], tmp_path / f"check-arm-{level}", [QEMU], level)
+
+
+def write_block_cases(path: Path) -> None:
+    """Random blocks of every format, rows of x, and gguf-py's float64 products and de-quantized row 0 (the file
+    tests/kernels/blocks_check.cpp reads)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from malora_runtime.kernels.native.block_ops import FORMATS
+    from tests.kernels.test_block_kernels import random_blocks
+
+    rng = np.random.default_rng()
+    chunks = [np.array([len(FORMATS)], dtype=np.int64).tobytes()]
+    for index, fmt in enumerate(FORMATS.values()):
+        rows, in_features, out, has_bias = 6, 512 + 32 * (fmt.values == 32), 11, index % 2
+        raw = random_blocks(fmt, out, in_features, rng)
+        weight = dequantize(raw, GGMLQuantizationType[fmt.name]).astype(np.float64)
+        x = rng.standard_normal((rows, in_features)).astype(np.float32)
+        bias = rng.standard_normal(out).astype(np.float32)
+        want = x.astype(np.float64) @ weight.T + (bias.astype(np.float64) if has_bias else 0)
+        chunks += [np.array([fmt.ggml_type, rows, in_features, out, has_bias], dtype=np.int64).tobytes(),
+                   raw.tobytes(), x.tobytes(), bias.tobytes() if has_bias else b"", want.tobytes(),
+                   weight[0].tobytes()]
+    path.write_bytes(b"".join(chunks))
+
+
+@pytest.mark.parametrize("level", ["neon", "scalar"])
+def test_block_kernels_on_arm_under_qemu(level, tmp_path):
+    skip_without_cross_tools()
+    if cpu_features().architecture == "aarch64":
+        pytest.skip("an ARM machine runs its levels natively (tests/kernels/test_block_kernels.py)")
+    cases, binary = tmp_path / "cases.bin", tmp_path / f"blocks-check-{level}"
+    write_block_cases(cases)
+    built = subprocess.run([CROSS_COMPILER, "-O1", f"-march={ARM_MARCH[level]}", "-std=c++17", "-fopenmp",
+                            str(HERE / "blocks_check.cpp"), str(NATIVE / "blocks_cpu.cpp"), "-o", str(binary),
+                            "-static"], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([QEMU, str(binary), str(cases)], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and "0 failed" in ran.stdout, ran.stdout[-4000:] + ran.stderr[-2000:]
+    lanes = int(ran.stdout.splitlines()[0].split()[-2])  # "blocks_check: N cases, L lanes"
+    assert lanes == LANES[level][0]

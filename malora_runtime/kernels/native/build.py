@@ -1,7 +1,7 @@
-"""Building the native libraries (the MALoRA delta kernel, the decode ops): each compiled once per machine and
-instruction-set level by the system's C++ compiler (`$CXX`, else `c++`) into `$MALORA_CACHE/kernels/`, under a name
-that hashes the source, the flags, the compiler's version and the CPU's feature flags; concurrent builders rename a
-finished library into place.
+"""Building the native libraries (the MALoRA delta kernel, the decode ops, the GGUF block kernels): each compiled once
+per machine and instruction-set level by the system's C++ compiler (`$CXX`, else `c++`) into `$MALORA_CACHE/kernels/`,
+under a name that hashes the source (with the headers beside it), the flags, the compiler's version and the CPU's
+feature flags; concurrent builders rename a finished library into place.
 
 The served level (`cpu_features`) is built with -march=native; a lower level (a `MALORA_MAX_ISA` cap, or a test
 that checks every level this CPU can run against the scalar one) with that level's -march, so its preprocessor
@@ -106,7 +106,8 @@ def build_library(source_path: Path, directory: Path | None = None, level: str |
     flags = (*flags, "-fopenmp") if _torch_uses_libgomp() else (*flags, "-Wno-unknown-pragmas")
     if "-fopenmp" not in flags:
         log.warning("torch's OpenMP runtime is not libgomp.so.1: the native MALoRA kernel runs single-threaded")
-    source = source_path.read_bytes()
+    # The source and every header beside it (numeric.h): a change to either must rebuild.
+    source = b"\0".join(path.read_bytes() for path in (source_path, *sorted(source_path.parent.glob("*.h"))))
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      " ".join(sorted(features.flags)).encode()])).hexdigest()[:16]
     directory = directory or cache_root() / "kernels"

@@ -22,72 +22,20 @@
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#elif defined(__ARM_NEON)
-#include <arm_neon.h>
-#endif
 
-// The vector paths: one register of the widest instruction set this library is built for (the build picks the
-// level: -march per level, `cpu_features.py`), as GCC vector types, so one source serves AVX-512 (16 floats), AVX2
-// with FMA (8) and NEON (4); the few operations GCC has no operator for (fused multiply-add, rounding to an
-// integer, reductions) are intrinsics below. The scalar build (no MALORA_LANES) takes the plain loops: the reference
-// every vector level is tested against.
-#if defined(__AVX512F__)
-#define MALORA_LANES 16
-#elif defined(__AVX2__) && defined(__FMA__)
-#define MALORA_LANES 8
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-#define MALORA_LANES 4
-#endif
+#include "numeric.h"
+#include "vectors.h"
 
 namespace {
 
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// How rows of each dtype are read, written and rounded (to what a tensor of that dtype would hold).
-struct F32 {
-  using T = float;
-  static float get(float v) { return v; }
-  static float put(float v) { return v; }
-  static float round(float v) { return v; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  static float get(uint16_t v) { return bf16_to_float(v); }
-  static uint16_t put(float v) { return float_to_bf16(v); }
-  static float round(float v) { return bf16_to_float(float_to_bf16(v)); }
-};
-
+using malora::BF16;
+using malora::bf16_to_float;
+using malora::F32;
+using malora::float_to_bf16;
 
 #if defined(MALORA_LANES)
-constexpr int kLanes = MALORA_LANES;
-typedef float VF __attribute__((vector_size(kLanes * 4)));
-typedef int32_t VI __attribute__((vector_size(kLanes * 4)));
-typedef uint32_t VU __attribute__((vector_size(kLanes * 4)));
 typedef uint16_t VH __attribute__((vector_size(kLanes * 2)));
 typedef int8_t VB __attribute__((vector_size(kLanes)));
-#if MALORA_LANES == 16
-typedef __m512 Native;
-#elif MALORA_LANES == 8
-typedef __m256 Native;
-#else
-typedef float32x4_t Native;
-#endif
 
 inline VF vset(float v) {  // a broadcast (`VF{} + v` is an add: 0 + v is not v for v = -0, so it is not folded)
 #if MALORA_LANES == 16
@@ -98,24 +46,8 @@ inline VF vset(float v) {  // a broadcast (`VF{} + v` is an add: 0 + v is not v 
   return (VF)vdupq_n_f32(v);
 #endif
 }
-inline VF vload(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
 inline VF vmax(VF a, VF b) { return a > b ? a : b; }
 inline VF vmin(VF a, VF b) { return a < b ? a : b; }
-
-inline VF vfma(VF a, VF b, VF c) {  // a * b + c, rounded once
-#if MALORA_LANES == 16
-  return (VF)_mm512_fmadd_ps((Native)a, (Native)b, (Native)c);
-#elif MALORA_LANES == 8
-  return (VF)_mm256_fmadd_ps((Native)a, (Native)b, (Native)c);
-#else
-  return (VF)vfmaq_f32((Native)c, (Native)a, (Native)b);
-#endif
-}
 
 inline VF vround(VF v) {  // to the nearest integer, ties to even
 #if MALORA_LANES == 16
@@ -662,12 +594,23 @@ struct DeltaCall {  // one adapted projection's delta this step: mirrors decode_
 
 enum Projection { kQ, kK, kV, kO, kGate, kUp, kDown, kProjections };
 
-struct Product {  // a GEMV weight: [out, in] of weight_dtype (0 float32, 1 bfloat16, 2 int8 with scales), bias or null
+// A block product's kernel: `malora_block_matmul` of the block library (blocks_cpu.cpp), passed by address.
+typedef int (*BlockKernel)(const void* x, int64_t ld_x, const void* w, int64_t format, const float* bias, void* y,
+                           int64_t ld_y, int64_t rows, int64_t in, int64_t out, int dtype, int threads);
+constexpr int64_t kBlockWeights = 16;  // weight_dtype of a block weight: kBlockWeights + its ggml type id
+
+// A product's weight: [out, in] of weight_dtype (0 float32, 1 bfloat16, 2 int8 with scales, kBlockWeights + t a
+// GGUF block format t through block_kernel), bias or null; or, where n_parts > 0, parts side by side (a fused
+// product over projections stored in different block formats), each writing its own columns.
+struct Product {
   const void* weight;
   const float* scales;
   const float* bias;
   int64_t in, out;
   int64_t weight_dtype;
+  BlockKernel block_kernel;
+  const Product* parts;
+  int64_t n_parts;
 };
 
 struct LayerArgs {  // fixed for the model's life: mirrors decode_ops.LayerArgs
@@ -698,13 +641,23 @@ struct StepArgs {  // per step: mirrors decode_ops.StepArgs
 };
 
 template <class D>
-void product(const Product& p, const typename D::T* x, typename D::T* y, int64_t rows, int threads) {
-  if (p.weight_dtype == 0)
-    gemv<D>(x, p.in, static_cast<const float*>(p.weight), p.scales, p.bias, y, p.out, rows, p.in, p.out, threads);
-  else if (p.weight_dtype == 1)
-    gemv<D>(x, p.in, static_cast<const uint16_t*>(p.weight), p.scales, p.bias, y, p.out, rows, p.in, p.out, threads);
-  else
-    gemv<D>(x, p.in, static_cast<const int8_t*>(p.weight), p.scales, p.bias, y, p.out, rows, p.in, p.out, threads);
+void product(const Product& p, const typename D::T* x, typename D::T* y, int64_t ld_y, int64_t rows, int threads) {
+  if (p.n_parts > 0) {
+    int64_t column = 0;
+    for (int64_t i = 0; i < p.n_parts; ++i) {
+      product<D>(p.parts[i], x, y + column, ld_y, rows, threads);
+      column += p.parts[i].out;
+    }
+  } else if (p.weight_dtype >= kBlockWeights) {  // shapes and formats were checked when the product was built
+    p.block_kernel(x, p.in, p.weight, p.weight_dtype - kBlockWeights, p.bias, y, ld_y, rows, p.in, p.out,
+                   std::is_same_v<typename D::T, float> ? 0 : 1, threads);
+  } else if (p.weight_dtype == 0) {
+    gemv<D>(x, p.in, static_cast<const float*>(p.weight), p.scales, p.bias, y, ld_y, rows, p.in, p.out, threads);
+  } else if (p.weight_dtype == 1) {
+    gemv<D>(x, p.in, static_cast<const uint16_t*>(p.weight), p.scales, p.bias, y, ld_y, rows, p.in, p.out, threads);
+  } else {
+    gemv<D>(x, p.in, static_cast<const int8_t*>(p.weight), p.scales, p.bias, y, ld_y, rows, p.in, p.out, threads);
+  }
 }
 
 // Each adapted projection's delta into its columns of the product's output y (row stride ld_y), x its input.
@@ -738,7 +691,7 @@ int decode_layer(const LayerArgs& a, const StepArgs& s, const typename D::T* del
   T* attended = static_cast<T*>(s.attended);
   T* gate_up = static_cast<T*>(s.gate_up);
   add_rms_norm<D>(hidden, delta, static_cast<const T*>(a.input_norm), normed, rows, s.dim, static_cast<float>(a.eps_in));
-  product<D>(a.qkv, normed, qkv, rows, threads);
+  product<D>(a.qkv, normed, qkv, a.qkv.out, rows, threads);
   int status = add_deltas<D>(calls, {kQ, kK, kV}, normed, s.dim, qkv, a.qkv.out, threads);
   if (status != 0) return status;
   rope_store<D>(qkv, qkv + q_width, qkv + q_width + kv_width, static_cast<const T*>(s.cos),
@@ -747,16 +700,16 @@ int decode_layer(const LayerArgs& a, const StepArgs& s, const typename D::T* del
   decode_attention<D>(qkv, static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache), s.tables, s.ld_table,
                       s.lengths, rows, a.heads, a.kv_heads, a.head_dim, s.block_size, a.window,
                       static_cast<float>(a.scale), a.qkv.out, attended, threads);
-  product<D>(a.o, attended, static_cast<T*>(s.o), rows, threads);
+  product<D>(a.o, attended, static_cast<T*>(s.o), a.o.out, rows, threads);
   status = add_deltas<D>(calls, {kO}, attended, q_width, static_cast<T*>(s.o), a.o.out, threads);
   if (status != 0) return status;
   add_rms_norm<D>(hidden, static_cast<const T*>(s.o), static_cast<const T*>(a.post_norm), normed, rows, s.dim,
                   static_cast<float>(a.eps_post));
-  product<D>(a.gate_up, normed, gate_up, rows, threads);
+  product<D>(a.gate_up, normed, gate_up, a.gate_up.out, rows, threads);
   status = add_deltas<D>(calls, {kGate, kUp}, normed, s.dim, gate_up, a.gate_up.out, threads);
   if (status != 0) return status;
   silu_mul<D>(gate_up, gate_up + a.intermediate, static_cast<T*>(s.activated), rows, a.intermediate, a.gate_up.out);
-  product<D>(a.down, static_cast<const T*>(s.activated), out_delta, rows, threads);
+  product<D>(a.down, static_cast<const T*>(s.activated), out_delta, a.down.out, rows, threads);
   return add_deltas<D>(calls, {kDown}, static_cast<const T*>(s.activated), a.intermediate, out_delta, a.down.out,
                        threads);
 }
@@ -865,7 +818,7 @@ int malora_decode_layer(const LayerArgs* layer, const StepArgs* step, const void
   return -1;
 }
 
-int malora_decode_abi_version() { return 4; }
+int malora_decode_abi_version() { return 5; }
 
 // Floats per vector of the build's vector paths; 0 for the scalar build (its plain loops).
 int malora_decode_lanes() {

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from .block_ops import BlockWeight, block_ops
 from .build import NativeKernelError, build_library, load_or_error, loaded_or_raise
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
-ABI_VERSION = 4
+ABI_VERSION = 5
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_GROUP = 8  # query heads per KV head the attention takes
 MAX_HEAD_DIM = 256
@@ -245,17 +246,28 @@ def gemv(x: torch.Tensor, weight: GemvWeight, out: torch.Tensor, threads: int) -
                                      weight.in_features, weight.out_features, code, threads)
 
 
+BLOCK_WEIGHTS = 16  # a block weight's weight_dtype in `struct Product`: this + its ggml type id
+
+
 class ProductArgs(ctypes.Structure):
-    """Mirrors `struct Product` in decode_cpu.cpp: a GemvWeight by address."""
+    """Mirrors `struct Product` in decode_cpu.cpp: a GemvWeight or a BlockWeight by address, or parts side by side
+    (`parts`: the address of a ProductArgs array its owner keeps alive)."""
 
     _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64), ("weight_dtype", ctypes.c_int64)]
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64), ("weight_dtype", ctypes.c_int64),
+                ("block_kernel", ctypes.c_void_p), ("parts", ctypes.c_void_p), ("n_parts", ctypes.c_int64)]
 
     @classmethod
     def of(cls, weight: GemvWeight) -> ProductArgs:
         return cls(weight.weight.data_ptr(), None if weight.scales is None else weight.scales.data_ptr(),
                    None if weight.bias is None else weight.bias.data_ptr(), weight.in_features, weight.out_features,
-                   WEIGHT_DTYPES[weight.weight.dtype])
+                   WEIGHT_DTYPES[weight.weight.dtype], None, None, 0)
+
+    @classmethod
+    def of_blocks(cls, weight: BlockWeight) -> ProductArgs:
+        return cls(weight.blocks.data_ptr(), None, None if weight.bias is None else weight.bias.data_ptr(),
+                   weight.in_features, weight.out_features, BLOCK_WEIGHTS + weight.format.ggml_type,
+                   block_ops().matmul_address, None, 0)
 
 
 class LayerArgs(ctypes.Structure):

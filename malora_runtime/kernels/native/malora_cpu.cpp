@@ -25,6 +25,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "numeric.h"
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -51,29 +53,7 @@ inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
 // cost an add per use, and a loop of lane stores measured 4x slower on AVX-512.
 inline vf splat(float v) { return v - vf{}; }
 
-inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, subnormals and specials included
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-  uint32_t bits;
-  if (exponent == 0) {
-    if (mantissa == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      exponent = 127 - 15 + 1;
-      while (!(mantissa & 0x400u)) {
-        mantissa <<= 1;
-        --exponent;
-      }
-      bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
-    }
-  } else if (exponent == 31) {
-    bits = sign | 0x7f800000u | (mantissa << 13);
-  } else {
-    bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using malora::half_to_float;
 
 // How each weight dtype is read: a vector of kLanes (from any address) and one element, as float32.
 struct Float32 {
