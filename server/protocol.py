@@ -450,6 +450,9 @@ class VersionResponse(BaseModel):
     model: str | None = None
     dtype: str | None = Field(None, description="The dtype the engine serves in (`--dtype`, auto resolved).")
     dtype_reason: str | None = Field(None, description="Why: the flag, or what `auto` detected.")
+    weights: str | None = Field(None, description="The base model's weights as served: GGUF blocks by format "
+                                "(`--quantization gguf`), or float weights in the served dtype (packed for oneDNN, "
+                                "int8 one-row copies); null before the model is loaded.")
     cpu_isa: str | None = Field(None, description="The instruction-set level the native CPU kernels are built for "
                                 "(scalar, neon, avx2, avx512, avx512_bf16, amx), and the CPU's own where "
                                 "MALORA_MAX_ISA caps it; null when serving on a GPU.")

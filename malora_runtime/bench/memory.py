@@ -12,6 +12,10 @@ distinct adapters check that they share the engine's batches.
                offline benchmark's shape (`--shape offline`: N 4, r 8, d 16 on q/k/v/o)
 
 Goal (issue 21): RSS growth <= 1.2 x the adapters' file bytes + 64 MiB.
+
+  --base       the base model instead (issue 29): a started server's RSS, after a few requests, above a process
+               that only imports it, against the GGUF file's bytes x 1.15 + the KV pool + 300 MiB; the server's
+               flags from --server-args (e.g. "--quantization gguf"), several runs one after the other
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
+import re
+import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="then this many concurrent requests over as many distinct adapters (default: "
                              "min(64, adapters))")
     parser.add_argument("--json", type=Path, default=None, help="write adapter_bytes, rss_growth_bytes and the rest")
+    parser.add_argument("--base", action="store_true", help="measure the base model's memory instead (see above)")
+    parser.add_argument("--server-args", action="append", default=None,
+                        help="with --base: the server's flags, one string per configuration (repeatable; default: "
+                             "none, the defaults)")
 
 
 def _rss(pid: int) -> int:
@@ -152,7 +164,68 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+BASE_RATIO, BASE_SLACK = 1.15, 300 << 20
+IMPORTS = "import torch, transformers, fastapi, server.main, malora_runtime.engine.llm_engine"
+
+
+def _imported_rss() -> int:
+    """RSS of a process that has imported the server and everything it loads, and nothing else."""
+    script = f"{IMPORTS}\nimport pathlib\nprint(next(l for l in pathlib.Path('/proc/self/status').read_text()" \
+             ".splitlines() if l.startswith('VmRSS:')).split()[1])"
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return int(out.stdout.split()[-1]) * 1024
+
+
+def measure_base(server_args: str) -> dict:
+    """One server with `server_args`: its RSS after three 32-token requests, against the bar."""
+    from ..models.loader import default_gguf_path
+
+    workdir = Path(tempfile.mkdtemp(prefix="malora-bench-memory-base-"))
+    cmd = [sys.executable, "-m", "server.main", "--log-level", "info", *shlex.split(server_args)]
+    imported = _imported_rss()
+    process, url = start_server(cmd, "/ready", workdir / "server.log", {"PYTHONPATH": str(REPO_ROOT)})
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            base = client.get("/v1/models").json()["data"][0]["id"]
+            for _ in range(3):
+                client.post("/v1/completions", json={"model": base, "prompt": "Tell me a story", "max_tokens": 32,
+                                                     "ignore_eos": True}).raise_for_status()
+            version = client.get("/version").json()
+            rss = _rss(process.pid)
+    finally:
+        stop_server(process)
+    pool = re.search(r"KV pool: \d+ blocks of \d+ tokens \((\d+) MiB\)", (workdir / "server.log").read_text())
+    pool_bytes = int(pool.group(1)) << 20 if pool else 0
+    file_bytes = default_gguf_path().stat().st_size
+    goal = BASE_RATIO * file_bytes + pool_bytes + BASE_SLACK
+    growth = rss - imported
+    return {"server_args": server_args, "weights": version.get("weights"), "dtype": version.get("dtype"),
+            "cpu_isa": version.get("cpu_isa"), "gguf_bytes": file_bytes, "kv_pool_bytes": pool_bytes,
+            "imported_rss_bytes": imported, "server_rss_bytes": rss, "rss_above_import_bytes": growth,
+            "goal_bytes": goal, "meets_goal": growth <= goal, "logs": str(workdir / "server.log")}
+
+
+def run_base(args: argparse.Namespace) -> int:
+    mib = 1 << 20
+    results = []
+    for server_args in args.server_args or [""]:
+        result = measure_base(server_args)
+        results.append(result)
+        sys.stdout.write(
+            f"[{server_args or 'defaults'}] weights {result['weights']}, {result['dtype']}, {result['cpu_isa']}: "
+            f"RSS {result['server_rss_bytes'] / mib:.0f} MiB, {result['rss_above_import_bytes'] / mib:.0f} MiB above "
+            f"an importing process ({result['imported_rss_bytes'] / mib:.0f}); goal <= "
+            f"{result['goal_bytes'] / mib:.0f} MiB (GGUF {result['gguf_bytes'] / mib:.0f} MiB x {BASE_RATIO} + KV "
+            f"pool {result['kv_pool_bytes'] / mib:.0f} + 300): {'met' if result['meets_goal'] else 'NOT met'}\n")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.base:
+        return run_base(args)
     if args.count < 0 or args.batch < 0:
         raise SystemExit("--count and --batch must be >= 0")
     result = measure(args)

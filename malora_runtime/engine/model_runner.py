@@ -15,6 +15,7 @@ from ..kernels.dispatch import choose_backend
 from ..kernels.native.build import NativeKernelError
 from ..kernels.native.decode_ops import DecodeBatch, decode_ops
 from ..kernels.token_slots import NO_SLOT, TokenSlots
+from ..models.block_linear import describe_weights
 from ..models.compat import check_config, conv1d_to_linear, probe_failure, probe_tokens, reference_forward
 from ..models.fast_decode import FastDecoder, unsupported_reason
 from ..models.packed_linear import PACKABLE_DTYPES, pack_linears
@@ -109,6 +110,8 @@ class ModelRunner:
                 log.info("%s copies of %d base linear layers for one-row decode", config.quantization,
                          quantize_linears(model, config.quantization))
 
+        self.weights = describe_weights(model)
+        log.info("base weights: %s", self.weights)
         # Resolved now, not at the first request: builds the native kernel once per machine (a second or
         # two) and refuses a bad MALORA_KERNEL_BACKEND at start-up.
         log.info("MALoRA delta kernels: %s", choose_backend(torch.empty(0, device=self.device)))

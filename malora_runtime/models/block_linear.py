@@ -63,6 +63,36 @@ class BlockEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, format={self.block_weight.format.name}"
 
 
+def describe_weights(model: nn.Module) -> str:
+    """The base model's weight formats as served, for the start-up line and /version: e.g. "gguf blocks (210 Q4_1,
+    1 Q8_0)", "float32 (211 packed for oneDNN)", "bfloat16 + int8 one-row copies (211)"."""
+    from .packed_linear import PackedLinear
+    from .quantized_linear import Int8DecodeLinear
+
+    blocks: dict[str, int] = {}
+    seen: set[int] = set()  # a tied output head reads the embedding's blocks: one weight
+    packed = int8 = plain = 0
+    dtype = None
+    for module in model.modules():
+        weight = getattr(module, "block_weight", None)
+        if isinstance(weight, BlockWeight) and weight.blocks.data_ptr() not in seen:
+            seen.add(weight.blocks.data_ptr())
+            blocks[weight.format.name] = blocks.get(weight.format.name, 0) + 1
+        elif isinstance(module, nn.Linear) and module.weight is not None:
+            dtype = str(module.weight.dtype).removeprefix("torch.")
+            int8 += isinstance(module, Int8DecodeLinear)
+            packed += isinstance(module, PackedLinear)
+            plain += not isinstance(module, PackedLinear)
+    parts = []
+    if blocks:
+        parts.append("gguf blocks (" + ", ".join(f"{n} {name}" for name, n in sorted(blocks.items())) + ")")
+    if dtype is not None:
+        kinds = [f"{packed} packed for oneDNN"] if packed else []
+        kinds += [f"{plain} plain"] if plain else []
+        parts.append(f"{dtype} ({', '.join(kinds)})" + (f" + int8 one-row copies ({int8})" if int8 else ""))
+    return " + ".join(parts) or "none"
+
+
 def block_bytes(model: nn.Module) -> int:
     """Bytes of every block weight the model reads (a weight shared by two modules counted once)."""
     seen: dict[int, int] = {}

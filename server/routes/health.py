@@ -42,6 +42,7 @@ async def version(request: Request) -> VersionResponse:
     engine = server.settings.engine
     return VersionResponse(version=__version__, model=server.base_model if server.engine is not None else None,
                            dtype=engine.dtype, dtype_reason=engine.dtype_reason,
+                           weights=server.engine.engine.runner.weights if server.engine is not None else None,
                            cpu_isa=cpu_features().describe() if engine.device.startswith("cpu") else None)
 
 

@@ -39,6 +39,7 @@ def test_health_ready_version(http):
     expected = choose_dtype("auto", "cpu")
     assert (version["dtype"], version["dtype_reason"]) == (expected.name, expected.reason)
     assert version["cpu_isa"] == cpu_features().describe() and version["cpu_isa"].startswith(cpu_features().level)
+    assert version["weights"].startswith(f"{expected.name} (")  # float weights in the served dtype by default
 
 
 def test_openapi_describes_the_bodies(http):

@@ -35,8 +35,15 @@ def test_vllm_compatible_metrics_default_on_and_turned_off_by_flag_or_env():
     assert on.vllm_compatible_metrics is True
 
 
+def test_quantization_flag():
+    assert parse_settings(["--quantization", "gguf"], env={}).engine.quantization == "gguf"
+    assert parse_settings([], env={"MALORA_QUANTIZATION": "gguf"}).engine.quantization == "gguf"
+    assert parse_settings(["--quantization", "none"], env={}).engine.quantization is None
+
+
 @pytest.mark.parametrize("argv", [["--adapter", "nodir"], ["--adapter", "a=/x", "--adapter", "a=/y"],
-                                  ["--port", "-1"], ["--max-num-seqs", "0"], ["--port", "abc"]])
+                                  ["--port", "-1"], ["--max-num-seqs", "0"], ["--port", "abc"],
+                                  ["--quantization", "gguf", "--device", "cuda"], ["--quantization", "int4"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         parse_settings(argv, env={})
