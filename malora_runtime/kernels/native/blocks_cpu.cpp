@@ -305,12 +305,6 @@ constexpr int kAccumulators = 8;  // AVX2: 16 registers, half of them for accumu
 constexpr int kAccumulators = 16;  // AVX-512 and NEON: 32 registers
 #endif
 
-inline float vsum(VF v) {  // a fixed order of lanes: pairs of halves
-  for (int width = kLanes / 2; width >= 1; width /= 2)
-    for (int l = 0; l < width; ++l) v[l] += v[l + width];
-  return v[0];
-}
-
 // acc[r][j] += w[j][0..k) * x[r][0..k), J rows of the de-quantized tile (row stride kTileK) times R rows of x.
 template <int J, int R>
 inline void dot_tile(const float* w, const float* x, int64_t ld_x, int64_t k, VF* acc, int ld_acc) {
@@ -443,10 +437,18 @@ template <class D, class F>
 void block_matmul(const typename D::T* x, int64_t ld_x, const uint8_t* w, const float* bias,
                   typename D::T* y, int64_t ld_y, int64_t rows, int64_t in, int64_t out, int threads) {
   const int64_t row_bytes = in / F::values * F::bytes;
-  // x as float32 once, rows contiguous: every tile reads it as vectors (rows x in floats: small beside the weight).
-  std::vector<float> xf(static_cast<size_t>(rows * in));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < in; ++i) xf[r * in + i] = D::get(x[r * ld_x + i]);
+  // x as contiguous float32 rows, which every tile reads as vectors: as it is where it already is, else one copy.
+  std::vector<float> copy;
+  const float* xf = nullptr;
+  if constexpr (std::is_same_v<typename D::T, float>) {
+    if (ld_x == in) xf = x;
+  }
+  if (xf == nullptr) {
+    copy.resize(static_cast<size_t>(rows * in));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < in; ++i) copy[r * in + i] = D::get(x[r * ld_x + i]);
+    xf = copy.data();
+  }
   const int64_t tiles = (out + kTileRows - 1) / kTileRows;
   // A team only where the work pays for the fork (a few us).
   const int team = out * in * std::max<int64_t>(rows, 1) >= (1 << 17) ? threads : 1;
@@ -461,11 +463,11 @@ void block_matmul(const typename D::T* x, int64_t ld_x, const uint8_t* w, const 
         const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, out - n0));
 #if defined(MALORA_LANES)
         if (count <= 4) {
-          fused_product<D, F>(xf.data(), in, w, row_bytes, bias, y, ld_y, m0, count, n0, tile_rows);
+          fused_product<D, F>(xf, in, w, row_bytes, bias, y, ld_y, m0, count, n0, tile_rows);
           continue;
         }
 #endif
-        tile_product<D, F>(xf.data(), in, w, row_bytes, bias, y, ld_y, m0, count, n0, tile_rows, tile.data());
+        tile_product<D, F>(xf, in, w, row_bytes, bias, y, ld_y, m0, count, n0, tile_rows, tile.data());
       }
     }
   }

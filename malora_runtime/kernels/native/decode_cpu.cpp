@@ -37,15 +37,6 @@ using malora::float_to_bf16;
 typedef uint16_t VH __attribute__((vector_size(kLanes * 2)));
 typedef int8_t VB __attribute__((vector_size(kLanes)));
 
-inline VF vset(float v) {  // a broadcast (`VF{} + v` is an add: 0 + v is not v for v = -0, so it is not folded)
-#if MALORA_LANES == 16
-  return (VF)_mm512_set1_ps(v);
-#elif MALORA_LANES == 8
-  return (VF)_mm256_set1_ps(v);
-#else
-  return (VF)vdupq_n_f32(v);
-#endif
-}
 inline VF vmax(VF a, VF b) { return a > b ? a : b; }
 inline VF vmin(VF a, VF b) { return a < b ? a : b; }
 
@@ -56,18 +47,6 @@ inline VF vround(VF v) {  // to the nearest integer, ties to even
   return (VF)_mm256_round_ps((Native)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
   return (VF)vrndnq_f32((Native)v);
-#endif
-}
-
-inline float vsum(VF v) {
-#if MALORA_LANES == 16
-  return _mm512_reduce_add_ps((Native)v);
-#elif MALORA_LANES == 8
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128((Native)v), _mm256_extractf128_ps((Native)v, 1));
-  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
-#else
-  return vaddvq_f32((Native)v);
 #endif
 }
 

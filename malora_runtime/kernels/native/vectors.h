@@ -55,5 +55,29 @@ inline VF vfma(VF a, VF b, VF c) {  // a * b + c, rounded once
 #endif
 }
 
+
+inline VF vset(float v) {  // a broadcast (`VF{} + v` is an add: 0 + v is not v for v = -0, so it is not folded)
+#if MALORA_LANES == 16
+  return (VF)_mm512_set1_ps(v);
+#elif MALORA_LANES == 8
+  return (VF)_mm256_set1_ps(v);
+#else
+  return (VF)vdupq_n_f32(v);
+#endif
+}
+
+// The lanes' sum, in one fixed order (an output's rounding does not depend on anything but its inputs).
+inline float vsum(VF v) {
+#if MALORA_LANES == 16
+  return _mm512_reduce_add_ps((Native)v);
+#elif MALORA_LANES == 8
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128((Native)v), _mm256_extractf128_ps((Native)v, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+#else
+  return vaddvq_f32((Native)v);
+#endif
+}
+
 }  // namespace
 #endif
