@@ -295,7 +295,7 @@ bool with_format(int64_t type, Run&& run) {
 
 // ---- the product ------------------------------------------------------------------------------------------------
 constexpr int kTileRows = 8;     // output rows de-quantized together
-constexpr int64_t kTileK = 512;  // columns per de-quantized tile: 8 x 512 floats = 16 KiB, in L1
+constexpr int64_t kTileK = 1024;  // columns per de-quantized tile at most: 8 x 1024 floats = 32 KiB
 constexpr int64_t kRowBlock = 64;  // rows of x per pass over a tile (their float32 copy stays in L2)
 
 #if defined(MALORA_LANES)
@@ -305,6 +305,17 @@ constexpr int kAccumulators = 8;  // AVX2: 16 registers, half of them for accumu
 constexpr int kAccumulators = 16;  // AVX-512 and NEON: 32 registers
 #endif
 
+// Keeps v in a register from here on: GCC otherwise folds a vector it loaded into each multiply-add that reads it
+// as a memory operand, loading it again for each (J x R loads a step where R + J do), which made the tile's
+// products wait on loads.
+inline void in_register(VF& v) {
+#if defined(__x86_64__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
 // acc[r][j] += w[j][0..k) * x[r][0..k), J rows of the de-quantized tile (row stride kTileK) times R rows of x.
 template <int J, int R>
 inline void dot_tile(const float* w, const float* x, int64_t ld_x, int64_t k, VF* acc, int ld_acc) {
@@ -313,9 +324,13 @@ inline void dot_tile(const float* w, const float* x, int64_t ld_x, int64_t k, VF
     for (int r = 0; r < R; ++r) a[j][r] = acc[r * ld_acc + j];
   for (int64_t i = 0; i < k; i += kLanes) {
     VF xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = vload(x + r * ld_x + i);
+    for (int r = 0; r < R; ++r) {
+      xv[r] = vload(x + r * ld_x + i);
+      in_register(xv[r]);
+    }
     for (int j = 0; j < J; ++j) {
-      const VF wv = vload(w + j * kTileK + i);
+      VF wv = vload(w + j * kTileK + i);
+      in_register(wv);
       for (int r = 0; r < R; ++r) a[j][r] = vfma(wv, xv[r], a[j][r]);
     }
   }
@@ -344,8 +359,12 @@ void tile_product(const float* xf, int64_t in, const uint8_t* w, int64_t row_byt
 #else
   float acc[kRowBlock * kTileRows] = {};
 #endif
-  for (int64_t k0 = 0; k0 < in; k0 += kTileK) {
-    const int64_t k = std::min(kTileK, in - k0);
+  // Columns in even chunks of at most kTileK, each a whole number of blocks: a short last chunk would pay the
+  // accumulators' loads and stores for a few products. The order of the sums does not depend on the chunks.
+  const int64_t chunks = (in + kTileK - 1) / kTileK;
+  const int64_t chunk = ((in + chunks - 1) / chunks + F::values - 1) / F::values * F::values;
+  for (int64_t k0 = 0; k0 < in; k0 += chunk) {
+    const int64_t k = std::min(chunk, in - k0);
     for (int j = 0; j < tile_rows; ++j) F::span(w + (n0 + j) * row_bytes, k0, k, tile + j * kTileK);
     const float* x = xf + m0 * in + k0;
 #if defined(MALORA_LANES)
