@@ -41,6 +41,7 @@ from ..kernels.native.decode_ops import (
     silu_mul,
 )
 from ..layers import MaloraLinear
+from .block_linear import wide_product
 from .fused_products import BlockProduct, FusedProduct
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
@@ -48,7 +49,8 @@ DELTA_CALLS_CACHED = 16  # (slot generation, rows' slots) keys: a steady decode 
 GEMV_MAX_ROWS = 4
 """Steps of up to this many rows run the base products through the native GEMV (fused q/k/v and gate/up); larger
 ones through the projections' packed oneDNN weights, whose cost grows little with rows (docs/BENCHMARKS.md). A model
-served from GGUF blocks has no other weights: its steps take the fused block products at every row count."""
+served from GGUF blocks takes the fused block products at every row count, except the wide bfloat16 products
+(`block_linear.WIDE_MIN_ROWS`), which go through its modules."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,8 @@ class FastDecoder:
         cos, sin = self.inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [rows, hd], in the model's dtype
         normed = torch.empty_like(hidden)
-        native = self.block_weights or ids.shape[0] <= GEMV_MAX_ROWS
+        native = ids.shape[0] <= GEMV_MAX_ROWS or (
+            self.block_weights and not wide_product(ids.shape[0], hidden.dtype))
         deltas = self._delta_calls(row_slots) if native else None
         if native and deltas is not False:
             delta = self._whole_layers(hidden, cos, sin, batch, normed, deltas, threads)

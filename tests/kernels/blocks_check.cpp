@@ -19,7 +19,7 @@ extern "C" {
 int malora_block_matmul(const void* x, int64_t ld_x, const void* w, int64_t format, const float* bias, void* y,
                         int64_t ld_y, int64_t rows, int64_t in, int64_t out, int dtype, int threads);
 int malora_block_rows(const void* w, int64_t format, int64_t in, int64_t out_rows, const int64_t* ids,
-                      int64_t count, void* out, int dtype);
+                      int64_t count, void* out, int dtype, int threads);
 int malora_block_format(int64_t format, int64_t* values, int64_t* bytes);
 int malora_blocks_lanes();
 }
@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
     }
     std::vector<float> looked(static_cast<size_t>(in), NAN);
     const int64_t id = 0;
-    const int status = malora_block_rows(blocks.data(), format, in, out, &id, 1, looked.data(), 0);
+    const int status = malora_block_rows(blocks.data(), format, in, out, &id, 1, looked.data(), 0, 2);
     double error = status == 0 ? 0 : INFINITY, top = 1e-6;
     for (double v : row0) top = std::max(top, std::fabs(v));
     bool unwritten = false;

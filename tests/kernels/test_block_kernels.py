@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from malora_runtime.kernels.native.block_ops import FORMATS, BlockFormat, BlockWeight, block_matmul, block_rows
+from malora_runtime.models.block_linear import WIDE_MIN_ROWS, BlockLinear
 
 pytestmark = pytest.mark.isa
 
@@ -142,3 +143,19 @@ def test_bad_input_is_refused(rng):
         block_rows(weight, torch.tensor([4]), torch.float32)
     with pytest.raises(IndexError):
         block_rows(weight, torch.tensor([-1]), torch.float32)
+
+
+@pytest.mark.parametrize("rows", [3, WIDE_MIN_ROWS, 40])
+def test_block_linear_at_every_width(rows, rng):
+    """BlockLinear in bfloat16: the block kernels for few rows, and from WIDE_MIN_ROWS on CPUs with native bfloat16
+    a transient bfloat16 copy through torch: both the de-quantized weight's product, bias included."""
+    fmt = FORMATS["Q4_K"]
+    raw = random_blocks(fmt, 48, 512, rng)
+    bias = torch.randn(48)
+    linear = BlockLinear(BlockWeight(torch.from_numpy(raw), fmt, 512, bias))
+    x = torch.randn(2, rows, 512).bfloat16()
+    y = linear(x)
+    assert y.shape == (2, rows, 48) and y.dtype == torch.bfloat16
+    w = reference(raw, fmt)
+    flat = x.reshape(-1, 512).double()
+    assert_close(y.reshape(-1, 48), flat @ w.T + bias.double(), torch.bfloat16, flat.abs() @ w.abs().T)

@@ -18,7 +18,7 @@ import torch
 from .build import NativeKernelError, build_library, load_or_error, loaded_or_raise
 
 SOURCE = Path(__file__).with_name("blocks_cpu.cpp")
-ABI_VERSION = 1
+ABI_VERSION = 2
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -53,7 +53,7 @@ class BlockOps:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         signatures = {
             "malora_block_matmul": [p, i64, p, i64, p, p, i64, i64, i64, i64, i32, i32],
-            "malora_block_rows": [p, i64, i64, i64, p, i64, p, i32],
+            "malora_block_rows": [p, i64, i64, i64, p, i64, p, i32, i32],
             "malora_block_format": [i64, p, p],
         }
         for name, argtypes in signatures.items():
@@ -137,16 +137,17 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, out: torch.Tensor, thread
         raise ValueError(f"block_matmul refused {weight.format.name} [{weight.out_features}, {weight.in_features}]")
 
 
-def block_rows(weight: BlockWeight, ids: torch.Tensor, dtype: torch.dtype, level: str | None = None) -> torch.Tensor:
-    """The rows `ids` (any shape, int64) of W de-quantized: [*ids.shape, in] in `dtype` (an embedding lookup).
-    IndexError for an id outside [0, out_features)."""
+def block_rows(weight: BlockWeight, ids: torch.Tensor, dtype: torch.dtype, threads: int = 1,
+               level: str | None = None) -> torch.Tensor:
+    """The rows `ids` (any shape, int64) of W de-quantized: [*ids.shape, in] in `dtype` (an embedding lookup, or the
+    whole weight for a wide product). IndexError for an id outside [0, out_features)."""
     if dtype not in DTYPES:
         raise ValueError(f"block_rows gives float32 or bfloat16, not {dtype}")
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty(flat.shape[0], weight.in_features, dtype=dtype)
     status = block_ops(level).library.malora_block_rows(
         weight.blocks.data_ptr(), weight.format.ggml_type, weight.in_features, weight.out_features, flat.data_ptr(),
-        flat.shape[0], out.data_ptr(), DTYPES[dtype])
+        flat.shape[0], out.data_ptr(), DTYPES[dtype], threads)
     if status == -2:
         raise IndexError(f"an id outside the {weight.out_features} rows")
     if status != 0:

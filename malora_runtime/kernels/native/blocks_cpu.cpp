@@ -523,7 +523,7 @@ int malora_block_matmul(const void* x, int64_t ld_x, const void* w, int64_t form
 // out [count, in] (dtype) = the stored rows ids[0..count) of W [out_rows, in], de-quantized: an embedding lookup.
 // Ids outside [0, out_rows) return -2 before anything is written.
 int malora_block_rows(const void* w, int64_t format, int64_t in, int64_t out_rows, const int64_t* ids,
-                      int64_t count, void* out, int dtype) {
+                      int64_t count, void* out, int dtype, int threads) {
   if (in < 1 || (dtype != 0 && dtype != 1)) return -1;
   for (int64_t i = 0; i < count; ++i)
     if (ids[i] < 0 || ids[i] >= out_rows) return -2;
@@ -535,13 +535,18 @@ int malora_block_rows(const void* w, int64_t format, int64_t in, int64_t out_row
       return;
     }
     const int64_t row_bytes = in / F::values * F::bytes;
-    std::vector<float> row(static_cast<size_t>(in));
-    for (int64_t i = 0; i < count; ++i) {
-      F::span(static_cast<const uint8_t*>(w) + ids[i] * row_bytes, 0, in, row.data());
-      if (dtype == 0)
-        std::memcpy(static_cast<float*>(out) + i * in, row.data(), in * sizeof(float));
-      else
-        for (int64_t c = 0; c < in; ++c) static_cast<uint16_t*>(out)[i * in + c] = float_to_bf16(row[c]);
+    const int team = count * in >= (1 << 16) ? threads : 1;  // a whole weight (the wide products) in parallel
+#pragma omp parallel num_threads(team)
+    {
+      std::vector<float> row(static_cast<size_t>(in));
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < count; ++i) {
+        F::span(static_cast<const uint8_t*>(w) + ids[i] * row_bytes, 0, in, row.data());
+        if (dtype == 0)
+          std::memcpy(static_cast<float*>(out) + i * in, row.data(), in * sizeof(float));
+        else
+          for (int64_t c = 0; c < in; ++c) static_cast<uint16_t*>(out)[i * in + c] = float_to_bf16(row[c]);
+      }
     }
   });
   return known ? status : -1;
@@ -558,7 +563,7 @@ int malora_block_format(int64_t format, int64_t* values, int64_t* bytes) {
   return known ? 0 : -1;
 }
 
-int malora_blocks_abi_version() { return 1; }
+int malora_blocks_abi_version() { return 2; }
 
 int malora_blocks_lanes() {
 #if defined(MALORA_LANES)
