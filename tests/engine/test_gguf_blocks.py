@@ -102,11 +102,10 @@ def test_the_engine_serves_the_blocks_with_the_float_engines_tokens():
     from malora_runtime.adapters.init import random_adapter
     from malora_runtime.patching import linear_shapes
 
-    model, tokenizer, source = load_model(None, quantization="gguf")
-    float_model, float_tokenizer, _ = load_model(None)
-    blocks = LLMEngine(model, tokenizer, EngineConfig(dtype="float32", quantization="gguf",
-                                                      kv_cache_memory=64 << 20), source.name)
+    blocks = LLMEngine.from_config(EngineConfig(dtype="float32", quantization="gguf", kv_cache_memory=64 << 20))
     assert blocks.runner.fast_decoder is not None and blocks.runner.fast_decoder.block_weights
+    assert blocks.runner.weights.startswith("gguf blocks (")
+    float_model, float_tokenizer, source = load_model(None)
     floats = LLMEngine(float_model, float_tokenizer, EngineConfig(dtype="float32", kv_cache_memory=64 << 20),
                        source.name)
     adapter = random_adapter(linear_shapes(float_model), source.name, ["q_proj", "v_proj", "down_proj"], 4, 4, 8, 2,
