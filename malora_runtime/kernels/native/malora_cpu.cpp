@@ -66,16 +66,14 @@ struct BFloat16 {  // the high half of a float32
   using T = uint16_t;
   static vf vec(const uint16_t* p) {  // intrinsics where GCC's code for the generic form is slower (1.45x, AVX2)
 #if defined(__AVX512F__)
-    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(p))), 16);
-    return reinterpret_cast<const vf&>(bits);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                                 16);
 #elif defined(__AVX2__)
-    const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-                                           16);
-    return reinterpret_cast<const vf&>(bits);
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
 #else
-    const vu bits = __builtin_convertvector(*reinterpret_cast<const vh_unaligned*>(p), vu) << 16;
-    return reinterpret_cast<const vf&>(bits);
+    vh_unaligned half;
+    std::memcpy(&half, p, sizeof half);
+    return (vf)(__builtin_convertvector(half, vu) << 16);  // a vector cast: the same bits, no aliasing
 #endif
   }
   static float one(uint16_t v) {
@@ -88,7 +86,7 @@ struct BFloat16 {  // the high half of a float32
 
 // float32 -> bfloat16, round to nearest even (NaN stays a quiet NaN), kLanes at a time.
 inline void store_bf16(uint16_t* p, vf v) {
-  const vu bits = reinterpret_cast<const vu&>(v);
+  const vu bits = (vu)v;
   const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   const vu nan = (bits & 0x7fffffffu) > 0x7f800000u;  // all ones where v is NaN
   const vu out = (nan & ((bits >> 16) | 0x40u)) | (~nan & rounded);
