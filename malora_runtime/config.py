@@ -79,6 +79,8 @@ class EngineConfig:
                              f"{self.quantization!r}")
         if self.quantization == "gguf" and torch.device(self.device).type != "cpu":
             raise ValueError("--quantization gguf runs the CPU block kernels: it needs --device cpu")
+        if self.quantization == "gguf" and self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--quantization gguf computes in float32 or bfloat16, not {self.dtype}")
         if self.quantization == "int8" and not self.pack_cpu_linears:
             raise ValueError("quantization needs the packed CPU linears (pack_cpu_linears)")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

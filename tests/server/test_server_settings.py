@@ -43,7 +43,8 @@ def test_quantization_flag():
 
 @pytest.mark.parametrize("argv", [["--adapter", "nodir"], ["--adapter", "a=/x", "--adapter", "a=/y"],
                                   ["--port", "-1"], ["--max-num-seqs", "0"], ["--port", "abc"],
-                                  ["--quantization", "gguf", "--device", "cuda"], ["--quantization", "int4"]])
+                                  ["--quantization", "gguf", "--device", "cuda"], ["--quantization", "int4"],
+                                  ["--quantization", "gguf", "--dtype", "float16"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         parse_settings(argv, env={})
