@@ -52,92 +52,121 @@ inline uint32_t u32_at(const uint8_t* p) {
 }
 
 #if defined(MALORA_LANES)
+// In vectors of the level's own width: GCC lowers wider generic vectors (16 floats on AVX2) through the stack, which
+// ran the AVX2 products 20x slower than these.
+constexpr int kPerHalf = 16 / kLanes;  // vectors per 16 values of a block
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
-typedef int32_t I32x16 __attribute__((vector_size(64)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-typedef float F32x16 __attribute__((vector_size(64)));
-constexpr U32x16 kLowBits = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+inline VU lane_index() {  // {0, 1, ..., kLanes - 1}: folded to a constant
+  VU v{};
+  for (int l = 0; l < kLanes; ++l) v[l] = static_cast<uint32_t>(l);
+  return v;
+}
 
 inline U8x16 bytes_at(const uint8_t* p) {
   U8x16 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store16(float* p, F32x16 v) { std::memcpy(p, &v, sizeof v); }
-// 16 bytes as 16 int32, zero- or sign-extended. Intrinsics: GCC's generic conversion of these went through scalar
-// code (vcvtsi2ss per value) and ran the Q8_0 product 2x slower than a float32 one.
+
+// 16 bytes as kPerHalf vectors of int32, zero- or sign-extended. Intrinsics: GCC's generic conversion of bytes went
+// through scalar code (vcvtsi2ss per value) and ran the Q8_0 product 2x slower than a float32 one.
 template <bool kSigned>
-inline I32x16 widen_bytes(U8x16 v) {
-  I32x16 out;
+inline void widen(U8x16 v, VI* out) {
 #if MALORA_LANES == 16
-  const __m128i b = (__m128i)v;
-  const __m512i w = kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
-  std::memcpy(&out, &w, sizeof out);
+  out[0] = (VI)(kSigned ? _mm512_cvtepi8_epi32((__m128i)v) : _mm512_cvtepu8_epi32((__m128i)v));
 #elif MALORA_LANES == 8
-  const __m128i b = (__m128i)v, upper = _mm_srli_si128(b, 8);
-  const __m256i halves[2] = {kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b),
-                             kSigned ? _mm256_cvtepi8_epi32(upper) : _mm256_cvtepu8_epi32(upper)};
-  std::memcpy(&out, halves, sizeof out);
+  const __m128i low = (__m128i)v, high = _mm_srli_si128(low, 8);
+  out[0] = (VI)(kSigned ? _mm256_cvtepi8_epi32(low) : _mm256_cvtepu8_epi32(low));
+  out[1] = (VI)(kSigned ? _mm256_cvtepi8_epi32(high) : _mm256_cvtepu8_epi32(high));
 #else
   const uint8x16_t b = (uint8x16_t)v;
-  int32x4_t quarters[4];
   if (kSigned) {
     const int16x8_t low = vmovl_s8(vget_low_s8(vreinterpretq_s8_u8(b))), high = vmovl_s8(vget_high_s8(vreinterpretq_s8_u8(b)));
-    quarters[0] = vmovl_s16(vget_low_s16(low));
-    quarters[1] = vmovl_s16(vget_high_s16(low));
-    quarters[2] = vmovl_s16(vget_low_s16(high));
-    quarters[3] = vmovl_s16(vget_high_s16(high));
+    out[0] = (VI)vmovl_s16(vget_low_s16(low));
+    out[1] = (VI)vmovl_s16(vget_high_s16(low));
+    out[2] = (VI)vmovl_s16(vget_low_s16(high));
+    out[3] = (VI)vmovl_s16(vget_high_s16(high));
   } else {
     const uint16x8_t low = vmovl_u8(vget_low_u8(b)), high = vmovl_u8(vget_high_u8(b));
-    quarters[0] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(low)));
-    quarters[1] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(low)));
-    quarters[2] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(high)));
-    quarters[3] = vreinterpretq_s32_u32(vmovl_u16(vget_high_u16(high)));
+    out[0] = (VI)vmovl_u16(vget_low_u16(low));
+    out[1] = (VI)vmovl_u16(vget_high_u16(low));
+    out[2] = (VI)vmovl_u16(vget_low_u16(high));
+    out[3] = (VI)vmovl_u16(vget_high_u16(high));
   }
-  std::memcpy(&out, quarters, sizeof out);
 #endif
-  return out;
 }
-inline I32x16 widen(U8x16 v) { return widen_bytes<false>(v); }
-// The fifth bits of a Q5 block's values [first, first + 16), as 0 or 16.
-inline I32x16 fifth_bits(uint32_t high, uint32_t first) {
-  return (I32x16)((((U32x16{} + high) >> (kLowBits + first)) & 1u) << 4);  // first + 15 < 32
+
+// out[0..16) = d * q + m from 16 integers in kPerHalf vectors.
+inline void store_affine(float* out, const VI* q, float d, float m) {
+  for (int i = 0; i < kPerHalf; ++i) vstore(out + i * kLanes, __builtin_convertvector(q[i], VF) * d + m);
+}
+
+// A 32-value block's nibbles: values [0, 16) in the low ones, [16, 32) in the high ones.
+inline void nibbles(const uint8_t* p, VI* low, VI* high) {
+  const U8x16 q = bytes_at(p);
+  widen<false>(q & 15, low);
+  widen<false>(q >> 4, high);
+}
+
+// The fifth bits of a Q5 block's values [first, first + 16), as 0 or 16, added into q.
+inline void add_fifth_bits(uint32_t bits, uint32_t first, VI* q) {
+  for (int i = 0; i < kPerHalf; ++i)
+    q[i] |= (VI)((((VU{} + bits) >> (lane_index() + (first + i * kLanes))) & 1u) << 4);  // shifts < 32
 }
 
 inline void dequantize_q4_0(const uint8_t* b, float* out) {
+  VI low[kPerHalf], high[kPerHalf];
+  nibbles(b + 2, low, high);
+  for (int i = 0; i < kPerHalf; ++i) {
+    low[i] -= 8;
+    high[i] -= 8;
+  }
   const float d = fp16_at(b);
-  const U8x16 q = bytes_at(b + 2);
-  store16(out, __builtin_convertvector(widen(q & 15) - 8, F32x16) * d);
-  store16(out + 16, __builtin_convertvector(widen(q >> 4) - 8, F32x16) * d);
+  store_affine(out, low, d, 0.f);
+  store_affine(out + 16, high, d, 0.f);
 }
 
 inline void dequantize_q4_1(const uint8_t* b, float* out) {
+  VI low[kPerHalf], high[kPerHalf];
+  nibbles(b + 4, low, high);
   const float d = fp16_at(b), m = fp16_at(b + 2);
-  const U8x16 q = bytes_at(b + 4);
-  store16(out, __builtin_convertvector(widen(q & 15), F32x16) * d + m);
-  store16(out + 16, __builtin_convertvector(widen(q >> 4), F32x16) * d + m);
+  store_affine(out, low, d, m);
+  store_affine(out + 16, high, d, m);
 }
 
 inline void dequantize_q5_0(const uint8_t* b, float* out) {
+  VI low[kPerHalf], high[kPerHalf];
+  nibbles(b + 6, low, high);
+  const uint32_t bits = u32_at(b + 2);
+  add_fifth_bits(bits, 0, low);
+  add_fifth_bits(bits, 16, high);
+  for (int i = 0; i < kPerHalf; ++i) {
+    low[i] -= 16;
+    high[i] -= 16;
+  }
   const float d = fp16_at(b);
-  const uint32_t high = u32_at(b + 2);
-  const U8x16 q = bytes_at(b + 6);
-  store16(out, __builtin_convertvector((widen(q & 15) | fifth_bits(high, 0)) - 16, F32x16) * d);
-  store16(out + 16, __builtin_convertvector((widen(q >> 4) | fifth_bits(high, 16)) - 16, F32x16) * d);
+  store_affine(out, low, d, 0.f);
+  store_affine(out + 16, high, d, 0.f);
 }
 
 inline void dequantize_q5_1(const uint8_t* b, float* out) {
+  VI low[kPerHalf], high[kPerHalf];
+  nibbles(b + 8, low, high);
+  const uint32_t bits = u32_at(b + 4);
+  add_fifth_bits(bits, 0, low);
+  add_fifth_bits(bits, 16, high);
   const float d = fp16_at(b), m = fp16_at(b + 2);
-  const uint32_t high = u32_at(b + 4);
-  const U8x16 q = bytes_at(b + 8);
-  store16(out, __builtin_convertvector(widen(q & 15) | fifth_bits(high, 0), F32x16) * d + m);
-  store16(out + 16, __builtin_convertvector(widen(q >> 4) | fifth_bits(high, 16), F32x16) * d + m);
+  store_affine(out, low, d, m);
+  store_affine(out + 16, high, d, m);
 }
 
 inline void dequantize_q8_0(const uint8_t* b, float* out) {
+  VI low[kPerHalf], high[kPerHalf];
+  widen<true>(bytes_at(b + 2), low);
+  widen<true>(bytes_at(b + 18), high);
   const float d = fp16_at(b);
-  store16(out, __builtin_convertvector(widen_bytes<true>(bytes_at(b + 2)), F32x16) * d);
-  store16(out + 16, __builtin_convertvector(widen_bytes<true>(bytes_at(b + 18)), F32x16) * d);
+  store_affine(out, low, d, 0.f);
+  store_affine(out + 16, high, d, 0.f);
 }
 #else
 inline void dequantize_q4_0(const uint8_t* b, float* out) {
