@@ -15,12 +15,13 @@ from torch import nn
 from ..cpu_features import cpu_features
 from ..kernels.native.block_ops import BlockWeight, block_matmul, block_rows
 
-WIDE_MIN_ROWS = 16
+WIDE_MIN_ROWS = 64
 """From this many rows, a bfloat16 product on a CPU with native bfloat16 de-quantizes the whole weight into a
 bfloat16 copy for the call and multiplies through torch (oneDNN's AVX512-BF16 / AMX kernels, twice the float32
-multiply-adds per instruction): gate_proj at 256 rows 2.6 ms against 6.0 through the block tiles (one thread). The
-copy lives for the call only (out x in x 2 bytes), so the model's memory stays the file's; its rounding is the
-bfloat16 engine's on the de-quantized weights."""
+multiply-adds per instruction): gate_proj at 256 rows 2.6 ms against 6.0 through the block tiles (one thread). Below,
+the copy costs more than it saves: 32-stream decode steps 80 ms through it, 71 ms through the tiles (Zen 4,
+scripts/weights-step-time.py). The copy lives for the call only (out x in x 2 bytes), so the model's memory stays the
+file's; its rounding is the bfloat16 engine's on the de-quantized weights."""
 
 
 def wide_product(rows: int, dtype: torch.dtype) -> bool:
