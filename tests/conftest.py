@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # No GPU here: Triton kernels are tested on the CPU by its interpreter. The mode is read when triton
@@ -53,6 +55,19 @@ def _native_bf16_missing() -> bool:
 # native bfloat16 dot products): skipped elsewhere, with the reason.
 requires_native_bf16 = pytest.mark.skipif(_native_bf16_missing(),
                                           reason="the CPU (or its MALORA_MAX_ISA cap) has no native bfloat16")
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """For offline references generated one token at a time: batch-1 products are too small to share, and two
+    OpenMP threads on a CPU whose other core is busy (a server under test, another process) wait on each other at
+    every product, 5-10x slower than one thread here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

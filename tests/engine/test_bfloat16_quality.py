@@ -48,16 +48,21 @@ MIN_INT8_TOP1_AGREEMENT = 0.92
 MAX_INT8_MEAN_ABS_LOGPROB_DIFF = 0.11
 
 
+@pytest.fixture(scope="module")
+def float32_reference() -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, float32 log-probabilities): the same for every case below, so computed once for the module."""
+    model32, tokenizer, _ = load_model(None)
+    pack_linears(model32)
+    ids = text_tokens(tokenizer)
+    return ids, logprobs(model32, ids)
+
+
 @pytest.mark.parametrize("quantization,min_top1,max_difference", [
     (None, MIN_TOP1_AGREEMENT, MAX_MEAN_ABS_LOGPROB_DIFF),
     pytest.param("int8", MIN_INT8_TOP1_AGREEMENT, MAX_INT8_MEAN_ABS_LOGPROB_DIFF, marks=requires_bf16_packing),
 ])
-def test_bfloat16_agrees_with_float32_on_real_text(quantization, min_top1, max_difference):
-    model32, tokenizer, _ = load_model(None)
-    pack_linears(model32)
-    ids = text_tokens(tokenizer)
-    reference = logprobs(model32, ids)
-    del model32
+def test_bfloat16_agrees_with_float32_on_real_text(float32_reference, quantization, min_top1, max_difference):
+    ids, reference = float32_reference
     model16, _, _ = load_model(None, dtype=torch.bfloat16)
     pack_linears(model16)
     if quantization is not None:

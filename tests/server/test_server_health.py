@@ -55,8 +55,10 @@ def test_health_fails_when_a_step_hangs_and_when_the_engine_thread_dies(tokenize
                                                                               max_model_len=64), "tiny"))
     settings = ServerSettings(health_stall_seconds=1.0, shutdown_timeout=1.0)
     port = free_port()
+    # The last request never gets an answer (its engine is dead): without a graceful-shutdown bound, uvicorn's
+    # shutdown would wait for that client to time out.
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+                                           log_level="warning", timeout_graceful_shutdown=1))
     serving = threading.Thread(target=server.run, daemon=True)
     serving.start()
     gate = threading.Event()

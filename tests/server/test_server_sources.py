@@ -81,9 +81,13 @@ class Server:
         self.process, self.url = start_server(
             ["--model", str(model), "--admin-key", ADMIN, "--api-key", API_KEY, "--dtype", "float32",
              "--shutdown-timeout", "5", *args], self.log, env={"MALORA_CACHE": str(self.cache), **env})
-        wait_ready(self.process, self.url, self.log)
         self.user = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
         self.admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
+
+    def ready(self) -> Server:
+        """Wait until it serves (separate from starting, so that several servers start side by side)."""
+        wait_ready(self.process, self.url, self.log)
+        return self
 
     def complete(self, model: str) -> httpx.Response:
         return self.user.post("/v1/completions", json={"model": model, "prompt": "hello there", "max_tokens": 4,
@@ -114,9 +118,13 @@ def fleet(s3, tiny_model, tmp_path_factory):
     # the cap lets the small adapters through and not one with 16x the experts
     cap = 4 * sum(len(b) for b in adapter_files(shapes, tmp / "probe", seed=0).values())
     servers = [Server(tmp, model, [*args, "--max-adapter-bytes", str(cap)], CREDENTIALS, name) for name in "ab"]
-    yield servers, client, shapes, tmp
-    for server in servers:
-        server.stop()
+    try:
+        for server in servers:  # both started before either is waited for: they load at the same time
+            server.ready()
+        yield servers, client, shapes, tmp
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def test_first_request_fetches_lazily_and_the_card_and_metrics_show_the_source(fleet):
@@ -203,14 +211,14 @@ def test_offline_a_cached_adapter_keeps_serving_and_an_uncached_one_names_the_so
     upload(client, "team/sql", adapter_files(shapes, tmp_path / "sql", seed=1))
     upload(client, "team/later", adapter_files(shapes, tmp_path / "later", seed=2))
     args = ["--adapter-source", f"team=s3://{BUCKET}/team", "--s3-endpoint-url", endpoint]
-    online = Server(tmp_path, model, args, CREDENTIALS, "online")
+    online = Server(tmp_path, model, args, CREDENTIALS, "online").ready()
     try:
         assert online.complete("sql").status_code == 200
     finally:
         online.stop()
         moto.stop()
     env = {**CREDENTIALS, "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
-    offline = Server(tmp_path, model, args, env, "online")  # same name: the same cache directory
+    offline = Server(tmp_path, model, args, env, "online").ready()  # same name: the same cache directory
     try:
         answer = offline.complete("sql")
         assert answer.status_code == 200, answer.text
@@ -242,7 +250,7 @@ def test_hub_sources_resolve_revisions_from_the_offline_cache(tiny_model, tmp_pa
     hub = tmp_path / "hub"
     write_hub_cache(hub, shapes)
     args = ["--adapter-source", "hub=hf://org/adapters/loras", "--adapter-source", "pinned=hf://org/adapters@v1/loras"]
-    server = Server(tmp_path, model, args, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}, "hub")
+    server = Server(tmp_path, model, args, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}, "hub").ready()
     try:
         assert server.complete("sql").status_code == 200
         assert server.complete("old").status_code == 200  # not in main: found in the pinned revision

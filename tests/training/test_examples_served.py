@@ -4,6 +4,7 @@ MALORA_TEST_DEVICE=cuda serves and runs the offline path on the GPU (scripts/gpu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,7 +23,7 @@ from malora_runtime.adapters import load_adapter
 from malora_runtime.patching import linear_shapes
 from malora_runtime.training.data import read_jsonl, reference_answer
 from malora_runtime.training.evaluate import EvalReport, evaluate_offline, server_answers
-from tests.conftest import BF16_PACKING_REFUSAL
+from tests.conftest import BF16_PACKING_REFUSAL, one_torch_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = REPO_ROOT / "examples" / "adapters"
@@ -119,7 +120,8 @@ def test_served_example_beats_base_with_offline_answers(card_path, server, offli
     adapter = load_adapter(directory, linear_shapes(model), dtype=torch.float32)
     # The offline reference generates one record at a time (most of this test's time): its answers are compared
     # one for one with the served ones on the first OFFLINE_RECORDS, the accuracy bounds use every served answer.
-    offline = evaluate_offline(model, tokenizer, adapter, records[:OFFLINE_RECORDS], max_tokens)
+    with one_torch_thread() if DEVICE == "cpu" else contextlib.nullcontext():
+        offline = evaluate_offline(model, tokenizer, adapter, records[:OFFLINE_RECORDS], max_tokens)
 
     differ = [(r["prompt"], s, o) for r, s, o in zip(records, served.answers, offline.answers) if s != o]
     assert not differ, f"served and offline answers differ: {differ[:5]}"
