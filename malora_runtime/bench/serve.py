@@ -218,15 +218,20 @@ def contenders(args: argparse.Namespace, dtype: str) -> list[Contender]:
     from malora_runtime.models.loader import default_gguf_path, materialize, resolve_model
 
     model_dir = str(materialize(resolve_model(None)))
-    malora = [sys.executable, "-m", "server.main", "--model", model_dir, "--log-level", "warning"]
+
+    def malora(flags: list[str]) -> list[str]:
+        # The converted float model starts faster than the GGUF file; the blocks (--quantization gguf) need the file.
+        model = str(default_gguf_path()) if "gguf" in flags else model_dir
+        return [sys.executable, "-m", "server.main", "--model", model, "--log-level", "warning", *flags]
+
     main_flags = [*(["--quantization", args.quantization] if args.quantization != "none" else []),
                   *shlex.split(args.server_args)]
-    found = [Contender(" ".join([f"malora-{dtype}", *main_flags]), [*malora, "--dtype", dtype, *main_flags], "/ready",
+    found = [Contender(" ".join([f"malora-{dtype}", *main_flags]), [*malora(main_flags), "--dtype", dtype], "/ready",
                        {"PYTHONPATH": str(REPO_ROOT)})]
     if args.compare_dtype:
         compare_flags = shlex.split(args.compare_server_args)
         found.append(Contender(" ".join([f"malora-{args.compare_dtype}", *compare_flags]),
-                               [*malora, "--dtype", args.compare_dtype, *compare_flags], "/ready",
+                               [*malora(compare_flags), "--dtype", args.compare_dtype], "/ready",
                                {"PYTHONPATH": str(REPO_ROOT)}))
     if args.compare_transformers:
         transformers_cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
