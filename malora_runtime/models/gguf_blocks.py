@@ -47,9 +47,6 @@ class BlockModelInfo:
     formats: dict[str, int]
     block_bytes: int
 
-    def describe(self) -> str:
-        return "+".join(f"{name}" for name, _ in sorted(self.formats.items(), key=lambda kv: -kv[1]))
-
 
 def _metadata_dir(source: ModelSource) -> Path:
     """The cached config and tokenizer of a GGUF file (parsing them from the file takes seconds)."""
